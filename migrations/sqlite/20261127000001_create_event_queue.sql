@@ -1,0 +1,56 @@
+-- One row per accepted event: the event exactly as it will be sent (hashed values only) and its
+-- place in the delivery queue. Writing both in one row makes "stored" and "queued" one fact.
+create table event (
+    id integer primary key,
+    pixel_id text not null,
+    event_id text not null,
+    event_name text not null,
+    -- The data[i] object sent to Meta, as JSON.
+    payload text not null,
+    test_event_code text,
+    -- queued | delivered | dead | dry_run ("delivering" is a queued row with a live lease).
+    state text not null,
+    attempts integer not null default 0,
+    -- Unix milliseconds, so the same SQL works on SQLite and Postgres.
+    next_attempt_at integer not null,
+    leased_until integer,
+    -- Meta refuses events older than 7 days (62 for physical_store): retries stop here.
+    deadline_at integer not null,
+    last_error text,
+    received_at integer not null,
+    updated_at integer not null,
+    delivered_at integer
+);
+
+-- Workers look for due, unleased events of one pixel, oldest first.
+create index event_due on event (pixel_id, next_attempt_at) where state = 'queued';
+-- GET /v1/events/{event_id}.
+create index event_by_event_id on event (event_id);
+-- Replay of dead letters.
+create index event_dead on event (updated_at) where state = 'dead';
+
+-- Every Graph request an event took part in, with Meta's answer.
+create table attempt (
+    id integer primary key,
+    event_row_id integer not null references event (id) on delete cascade,
+    attempted_at integer not null,
+    -- delivered | retry | rejected | paused | split
+    outcome text not null,
+    http_status integer,
+    code integer,
+    subcode integer,
+    fbtrace_id text,
+    error_title text,
+    error_message text
+);
+create index attempt_by_event on attempt (event_row_id);
+
+-- The (pixel, event_name, event_id) keys seen in the last 48 hours, Meta's dedup window:
+-- a webhook redelivery is acknowledged as a duplicate and not queued again.
+create table dedup_key (
+    pixel_id text not null,
+    event_name text not null,
+    event_id text not null,
+    first_seen_at integer not null,
+    primary key (pixel_id, event_name, event_id)
+) without rowid;

@@ -1,0 +1,77 @@
+//! `POST /v1/events` and `GET /v1/events/{event_id}`.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::Json;
+
+use super::{ApiError, AppState};
+use crate::delivery::now_ms;
+use crate::ingest::IngestError;
+use crate::store::EventDetail;
+
+/// Validates, normalizes and durably queues events; answers 202 after the commit.
+pub(super) async fn ingest(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge(format!(
+                "the request body is larger than {} bytes (BODY_LIMIT_BYTES)",
+                state.config.body_limit_bytes
+            ))
+        } else {
+            ApiError::BadRequest(rejection.body_text())
+        }
+    })?;
+    let value: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|err| ApiError::MalformedJson {
+            line: err.line(),
+            column: err.column(),
+            // The parser's own description names the syntax problem, not the data.
+            message: describe_json_error(&err),
+        })?;
+    let now_secs = now_ms() / 1000;
+    let report = state
+        .ingestor
+        .ingest(value, now_secs)
+        .await
+        .map_err(|err| match err {
+            IngestError::BadRequest(message) => ApiError::BadRequest(message),
+            IngestError::TooMany(message) => ApiError::PayloadTooLarge(message),
+            IngestError::Invalid(problems) => ApiError::Invalid(problems),
+            IngestError::Store(err) => ApiError::from(err),
+        })?;
+    tracing::info!(
+        accepted = report.accepted,
+        duplicates = report.duplicates,
+        warnings = report.warnings.len(),
+        "events accepted"
+    );
+    Ok((StatusCode::ACCEPTED, Json(report)))
+}
+
+fn describe_json_error(err: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    match err.classify() {
+        Category::Eof => "the body ends before the JSON is complete".to_owned(),
+        Category::Syntax => "invalid JSON syntax".to_owned(),
+        Category::Data | Category::Io => "unreadable JSON".to_owned(),
+    }
+}
+
+/// An event's state, its attempts with Meta's answers, and the exact payload sent.
+pub(super) async fn show(
+    State(state): State<AppState>,
+    Path(event_id): Path<String>,
+) -> Result<Json<EventDetail>, ApiError> {
+    state
+        .store
+        .find_event(&event_id, now_ms())
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("no event with event_id {event_id:?}")))
+}

@@ -1,0 +1,54 @@
+//! Liveness, readiness and the credential check automation tools call.
+
+use std::sync::atomic::Ordering;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::Json;
+use serde_json::json;
+
+use super::AppState;
+
+/// The process is up.
+pub(super) async fn healthz() -> impl IntoResponse {
+    Json(json!({ "status": "ok" }))
+}
+
+/// Storage reachable and delivery workers alive; pixel states and queue depth for people.
+/// A paused pixel does not make the instance unready: ingest still works and nothing is lost.
+pub(super) async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    let storage = state.store.ping().await;
+    let stats = state.store.stats().await.ok();
+    let workers_alive = state.workers_alive.load(Ordering::Relaxed);
+    let ready = storage.is_ok() && (state.config.dry_run() || workers_alive);
+    let pixels: Vec<_> = state.delivery.iter().map(|d| d.status()).collect();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(json!({
+            "status": if !ready { "unavailable" } else if pixels.iter().any(|p| p.state == "paused") { "degraded" } else { "ok" },
+            "storage": if storage.is_ok() { "ok" } else { "unreachable" },
+            "workers": if state.config.dry_run() { "dry_run" } else if workers_alive { "running" } else { "stopped" },
+            "dry_run": state.config.dry_run(),
+            "pixels": pixels,
+            "queue": stats,
+        })),
+    )
+}
+
+/// A cheap authenticated call to test credentials from n8n, Make or Zapier.
+pub(super) async fn me(State(state): State<AppState>) -> impl IntoResponse {
+    Json(json!({
+        "ok": true,
+        "service": "capi-bridge",
+        "version": env!("CARGO_PKG_VERSION"),
+        "pixel_id": state.config.meta.as_ref().map(|m| m.pixel_id.as_str()),
+        "dry_run": state.config.dry_run(),
+        "api_version": state.config.api_version,
+    }))
+}

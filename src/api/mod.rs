@@ -1,0 +1,122 @@
+//! The HTTP adapter (axum): routes, authentication, the JSON error shape. Handlers translate
+//! HTTP to calls of [`crate::ingest::Ingestor`] and [`crate::store::Store`]; no Meta rules live
+//! here.
+
+pub mod error;
+mod events;
+mod health;
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::HeaderMap;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::config::Config;
+use crate::delivery::Delivery;
+use crate::ingest::Ingestor;
+use crate::store::Store;
+pub use error::ApiError;
+
+/// What handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    /// Validated configuration.
+    pub config: Arc<Config>,
+    /// Storage.
+    pub store: Arc<dyn Store>,
+    /// The ingest pipeline.
+    pub ingestor: Ingestor,
+    /// Delivery (absent in dry-run), for pixel status.
+    pub delivery: Option<Delivery>,
+    /// Set while the delivery workers run.
+    pub workers_alive: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// All routes.
+pub fn router(state: AppState) -> Router {
+    let body_limit = state.config.body_limit_bytes;
+    let protected = Router::new()
+        .route("/v1/events", post(events::ingest))
+        .route("/v1/events/{event_id}", get(events::show))
+        .route("/v1/me", get(health::me))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    Router::new()
+        .merge(protected)
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .layer(axum::extract::DefaultBodyLimit::max(body_limit))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(
+            // Spans carry the method, the matched route and the request id: never the body,
+            // the query string or headers (they may hold secrets or personal data).
+            TraceLayer::new_for_http().make_span_with(|request: &Request| {
+                let route = request
+                    .extensions()
+                    .get::<axum::extract::MatchedPath>()
+                    .map_or("unmatched", |p| p.as_str())
+                    .to_owned();
+                let request_id = request
+                    .headers()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned();
+                tracing::info_span!("request", method = %request.method(), route, request_id)
+            }),
+        )
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .with_state(state)
+}
+
+/// Accepts `Authorization: Bearer <secret>`, `X-Webhook-Secret` or `X-API-Key`, compared in
+/// constant time against every configured secret (several allow rotation).
+async fn authenticate(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    if state.config.unauthenticated() {
+        return Ok(next.run(request).await);
+    }
+    let presented = presented_secret(request.headers()).ok_or(ApiError::Unauthorized)?;
+    // Hashing first makes the comparison constant-time in the length too.
+    let presented = Sha256::digest(presented.as_bytes());
+    let mut matched = subtle::Choice::from(0);
+    for secret in &state.config.webhook_secrets {
+        matched |= Sha256::digest(secret.as_bytes()).ct_eq(&presented);
+    }
+    if bool::from(matched) {
+        Ok(next.run(request).await)
+    } else {
+        Err(ApiError::Unauthorized)
+    }
+}
+
+fn presented_secret(headers: &HeaderMap) -> Option<String> {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+    };
+    if let Some(auth) = header("authorization") {
+        let mut parts = auth.splitn(2, ' ');
+        if let (Some(scheme), Some(token)) = (parts.next(), parts.next()) {
+            if scheme.eq_ignore_ascii_case("bearer") {
+                return Some(token.trim().to_owned());
+            }
+        }
+    }
+    header("x-webhook-secret")
+        .or_else(|| header("x-api-key"))
+        .map(str::to_owned)
+}

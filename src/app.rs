@@ -1,0 +1,138 @@
+//! Wiring: opens storage, starts the group-commit task, the HTTP server and the delivery
+//! workers, and stops them in order on shutdown (stop accepting, finish in-flight requests and
+//! deliveries, exit).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, AppState};
+use crate::config::Config;
+use crate::delivery::{now_ms, Delivery, GraphClient};
+use crate::ingest::Ingestor;
+use crate::store::{self, GroupCommit, Store};
+
+/// A built, bound, not yet running service.
+pub struct App {
+    listener: TcpListener,
+    router: axum::Router,
+    delivery: Option<Delivery>,
+    workers_alive: Arc<AtomicBool>,
+    /// The store, for tests and tools.
+    pub store: Arc<dyn Store>,
+}
+
+impl App {
+    /// Opens storage and binds the listener.
+    ///
+    /// # Errors
+    /// Storage that cannot be opened, an address that cannot be bound, a TLS setup failure.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let store = store::open(&config.database_url)
+            .await
+            .with_context(|| format!("cannot open storage {}", crate::config::redact_url(&config.database_url)))?;
+        let listener = TcpListener::bind(config.listen_addr)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen_addr))?;
+        let wake = Arc::new(Notify::new());
+        let commit = GroupCommit::start(store.clone(), now_ms);
+        let ingestor = Ingestor::new(
+            config.ingest.clone(),
+            config.pixel_id().to_owned(),
+            config.dry_run(),
+            commit,
+            wake.clone(),
+        );
+        let delivery = match &config.meta {
+            Some(meta) => {
+                let client = GraphClient::new(&config, meta).context("cannot build the HTTP client")?;
+                Some(Delivery::new(store.clone(), client, config.delivery.clone(), wake))
+            }
+            None => None,
+        };
+        let workers_alive = Arc::new(AtomicBool::new(false));
+        let state = AppState {
+            config: Arc::new(config),
+            store: store.clone(),
+            ingestor,
+            delivery: delivery.clone(),
+            workers_alive: workers_alive.clone(),
+        };
+        Ok(Self {
+            listener,
+            router: api::router(state),
+            delivery,
+            workers_alive,
+            store,
+        })
+    }
+
+    /// The bound address (useful with port 0).
+    ///
+    /// # Errors
+    /// When the socket has no local address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains and returns.
+    ///
+    /// # Errors
+    /// When the server fails.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let workers = self.delivery.map(|delivery| {
+            let alive = self.workers_alive.clone();
+            let shutdown = shutdown.clone();
+            alive.store(true, Ordering::Relaxed);
+            tokio::spawn(async move {
+                delivery.run(shutdown).await;
+                alive.store(false, Ordering::Relaxed);
+            })
+        });
+        let server_shutdown = shutdown.clone();
+        let server = axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(async move { server_shutdown.cancelled().await });
+        let served = server.await.context("the HTTP server failed");
+        // Whatever stopped the server also stops delivery; in-flight batches finish first.
+        shutdown.cancel();
+        if let Some(workers) = workers {
+            if let Err(err) = workers.await {
+                tracing::error!(error = %err, "delivery workers ended abnormally");
+            }
+        }
+        served
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(err) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %err, "cannot listen for ctrl-c");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}

@@ -1,0 +1,385 @@
+//! The command line: `serve` (default), `check`, `hash`, `send`, `replay`, `migrate`.
+
+use std::io::Read as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::{json, Map, Value};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::{shutdown_signal, App};
+use crate::config::{self, Config, Env};
+use crate::delivery::{now_ms, Delivery, GraphClient};
+use crate::domain::normalize::{self, Context, HashedKey};
+use crate::ingest::{IngestError, Ingestor};
+use crate::store::{self, GroupCommit, ReplayFilter};
+
+/// Delivers conversion events to Meta's Conversions API: validated, normalized, hashed,
+/// durably queued, batched, retried and deduplicated.
+#[derive(Debug, Parser)]
+#[command(name = "capi-bridge", version)]
+pub struct Cli {
+    /// TOML configuration file (also CAPI_BRIDGE_CONFIG).
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    /// What to do; `serve` when omitted.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP server and the delivery workers (the default).
+    Serve,
+    /// Validate the configuration and, with credentials, prove the token can reach the pixel.
+    Check,
+    /// Show how one value is normalized and hashed, or why it is refused.
+    Hash {
+        /// Meta's key: em, ph, fn, ln, ct, st, zp, country, db, ge, external_id.
+        field: String,
+        /// The raw value.
+        value: String,
+        /// Country for phone numbers without a country code (default: DEFAULT_COUNTRY).
+        #[arg(long)]
+        country: Option<String>,
+    },
+    /// Send one event through the same pipeline (flags, or JSON on stdin without --event-name).
+    Send(SendArgs),
+    /// Queue dead events again.
+    Replay(ReplayArgs),
+    /// Apply storage migrations and exit.
+    Migrate,
+}
+
+/// `send` flags.
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// Event name (Lead, Purchase, Schedule, …). Without it, a JSON event is read from stdin.
+    #[arg(long)]
+    pub event_name: Option<String>,
+    /// Event id (generated when omitted).
+    #[arg(long)]
+    pub event_id: Option<String>,
+    /// Email address.
+    #[arg(long)]
+    pub email: Option<String>,
+    /// Phone number.
+    #[arg(long)]
+    pub phone: Option<String>,
+    /// First name.
+    #[arg(long)]
+    pub first_name: Option<String>,
+    /// Last name.
+    #[arg(long)]
+    pub last_name: Option<String>,
+    /// Country.
+    #[arg(long)]
+    pub country: Option<String>,
+    /// Your id for the person.
+    #[arg(long)]
+    pub external_id: Option<String>,
+    /// Monetary value.
+    #[arg(long)]
+    pub value: Option<f64>,
+    /// ISO 4217 currency.
+    #[arg(long)]
+    pub currency: Option<String>,
+    /// action_source (default: DEFAULT_ACTION_SOURCE).
+    #[arg(long)]
+    pub action_source: Option<String>,
+    /// Page URL (website events).
+    #[arg(long)]
+    pub event_source_url: Option<String>,
+    /// Test event code for Events Manager's Test Events tab.
+    #[arg(long)]
+    pub test_event_code: Option<String>,
+    /// Queue only; do not wait for delivery.
+    #[arg(long)]
+    pub no_wait: bool,
+}
+
+/// `replay` flags.
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// Event ids to replay (repeatable).
+    #[arg(long = "id")]
+    pub ids: Vec<String>,
+    /// Replay every dead event that matches the other filters.
+    #[arg(long)]
+    pub all: bool,
+    /// Only events with this name.
+    #[arg(long)]
+    pub event_name: Option<String>,
+    /// Only events whose last error contains this text.
+    #[arg(long)]
+    pub reason_contains: Option<String>,
+}
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> ExitCode {
+    let env = match Env::from_process(&PathBuf::from(".")) {
+        Ok(env) => env,
+        Err(problems) => return config_failure(&problems),
+    };
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Hash {
+            field,
+            value,
+            country,
+        } => hash(&field, &value, country.or_else(|| env.get("DEFAULT_COUNTRY"))),
+        command => {
+            let config = match config::load(&env, cli.config.as_deref()) {
+                Ok(config) => config,
+                Err(problems) => return config_failure(&problems),
+            };
+            crate::telemetry::init(config.log_format);
+            let result = match command {
+                Command::Serve => serve(config).await,
+                Command::Check => check(config).await,
+                Command::Send(args) => send(config, args).await,
+                Command::Replay(args) => replay(config, args).await,
+                Command::Migrate => migrate(config).await,
+                Command::Hash { .. } => Ok(ExitCode::SUCCESS),
+            };
+            result.unwrap_or_else(|err| {
+                eprintln!("error: {err:#}");
+                ExitCode::FAILURE
+            })
+        }
+    }
+}
+
+fn config_failure(problems: &[String]) -> ExitCode {
+    eprintln!("invalid configuration:");
+    for problem in problems {
+        eprintln!("  - {problem}");
+    }
+    ExitCode::from(2)
+}
+
+async fn serve(config: Config) -> anyhow::Result<ExitCode> {
+    if config.dry_run() {
+        tracing::warn!(
+            "dry-run: META_ACCESS_TOKEN and META_PIXEL_ID are not set, so events are validated, hashed and stored but never sent"
+        );
+    }
+    if config.unauthenticated() {
+        tracing::warn!(
+            listen_addr = %config.listen_addr,
+            "NO AUTHENTICATION: WEBHOOK_SECRET is not set; accepting unauthenticated requests because the address is loopback only"
+        );
+    }
+    let app = App::build(config.clone()).await?;
+    tracing::info!(
+        listen_addr = %app.local_addr()?,
+        pixel_id = config.pixel_id(),
+        api_version = %config.api_version,
+        "capi-bridge listening"
+    );
+    let shutdown = CancellationToken::new();
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down: no new requests; finishing in-flight work");
+        trigger.cancel();
+    });
+    app.run_until_stopped(shutdown).await?;
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn check(config: Config) -> anyhow::Result<ExitCode> {
+    println!("configuration: ok");
+    println!("  listen address: {}", config.listen_addr);
+    println!(
+        "  storage: {}",
+        config::redact_url(&config.database_url)
+    );
+    println!(
+        "  authentication: {}",
+        if config.unauthenticated() {
+            "none (loopback only)".to_owned()
+        } else {
+            format!("{} webhook secret(s)", config.webhook_secrets.len())
+        }
+    );
+    match store::open(&config.database_url).await {
+        Ok(_) => println!("storage: ok"),
+        Err(err) => {
+            println!("storage: FAILED: {err}");
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    let Some(meta) = &config.meta else {
+        println!("meta: dry-run (META_ACCESS_TOKEN and META_PIXEL_ID not set); nothing will be sent");
+        return Ok(ExitCode::SUCCESS);
+    };
+    let client = GraphClient::new(&config, meta)?;
+    match client.check_pixel().await {
+        Ok(name) => {
+            println!(
+                "meta: ok: the token can reach pixel {} ({name}) on {}",
+                meta.pixel_id, config.api_version
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(err) => {
+            println!("meta: FAILED: {}", err.summary());
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn hash(field: &str, value: &str, country: Option<String>) -> ExitCode {
+    let Some(key) = HashedKey::parse(field) else {
+        eprintln!(
+            "unknown field {field:?}: use one of {}",
+            HashedKey::ALL.map(HashedKey::as_str).join(", ")
+        );
+        return ExitCode::from(2);
+    };
+    let country = match country {
+        Some(raw) => match normalize::country_code(&raw) {
+            Some(code) => Some(code),
+            None => {
+                eprintln!("unknown country {raw:?}");
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
+    match normalize::prepare(key, value, &Context { country }) {
+        Ok(Some(prepared)) => {
+            match prepared.normalized {
+                Some(normalized) => println!("normalized: {normalized}"),
+                None => println!("normalized: (already hashed; sent as is)"),
+            }
+            println!("sha256:     {}", prepared.sent);
+            ExitCode::SUCCESS
+        }
+        Ok(None) => {
+            eprintln!("refused: the value is empty");
+            ExitCode::FAILURE
+        }
+        Err(refusal) => {
+            eprintln!("refused: {}", refusal.reason);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn event_from_args(args: &SendArgs) -> anyhow::Result<Value> {
+    let Some(event_name) = &args.event_name else {
+        let mut text = String::new();
+        std::io::stdin().read_to_string(&mut text)?;
+        return serde_json::from_str(&text).map_err(|err| {
+            anyhow::anyhow!(
+                "stdin is not JSON (line {}, column {}); pass --event-name or pipe an event object",
+                err.line(),
+                err.column()
+            )
+        });
+    };
+    let mut event = Map::new();
+    event.insert("event_name".to_owned(), json!(event_name));
+    let fields = [
+        ("event_id", &args.event_id),
+        ("email", &args.email),
+        ("phone", &args.phone),
+        ("first_name", &args.first_name),
+        ("last_name", &args.last_name),
+        ("country", &args.country),
+        ("external_id", &args.external_id),
+        ("currency", &args.currency),
+        ("action_source", &args.action_source),
+        ("event_source_url", &args.event_source_url),
+    ];
+    for (name, value) in fields {
+        if let Some(value) = value {
+            event.insert(name.to_owned(), json!(value));
+        }
+    }
+    if let Some(value) = args.value {
+        event.insert("value".to_owned(), json!(value));
+    }
+    Ok(Value::Object(event))
+}
+
+async fn send(config: Config, args: SendArgs) -> anyhow::Result<ExitCode> {
+    let mut body = event_from_args(&args)?;
+    if let Some(code) = &args.test_event_code {
+        body = json!({ "data": [body], "test_event_code": code });
+    }
+    let store = store::open(&config.database_url).await?;
+    let wake = Arc::new(Notify::new());
+    let ingestor = Ingestor::new(
+        config.ingest.clone(),
+        config.pixel_id().to_owned(),
+        config.dry_run(),
+        GroupCommit::start(store.clone(), now_ms),
+        wake.clone(),
+    );
+    let report = match ingestor.ingest(body, now_ms() / 1000).await {
+        Ok(report) => report,
+        Err(IngestError::Invalid(problems)) => {
+            eprintln!("refused:");
+            for p in problems {
+                eprintln!("  - {}: {}", p.field, p.reason);
+            }
+            return Ok(ExitCode::FAILURE);
+        }
+        Err(err) => return Err(err.into()),
+    };
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    let Some(receipt) = report.events.first() else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    let (Some(meta), false) = (&config.meta, args.no_wait) else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    // Deliver now through the same delivery code the server uses.
+    let client = GraphClient::new(&config, meta)?;
+    let delivery = Delivery::new(store.clone(), client, config.delivery.clone(), wake);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        delivery.run_once().await?;
+        let detail = store.find_event(&receipt.event_id, now_ms()).await?;
+        let state = detail.as_ref().map(|d| d.state.clone()).unwrap_or_default();
+        if state != "queued" && state != "delivering" || tokio::time::Instant::now() > deadline {
+            println!("{}", serde_json::to_string_pretty(&detail)?);
+            return Ok(if state == "delivered" {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn replay(config: Config, args: ReplayArgs) -> anyhow::Result<ExitCode> {
+    if args.ids.is_empty() && !args.all {
+        eprintln!("say which dead events to replay: --id EVENT_ID (repeatable) or --all (with optional --event-name / --reason-contains)");
+        return Ok(ExitCode::from(2));
+    }
+    let store = store::open(&config.database_url).await?;
+    let filter = ReplayFilter {
+        event_ids: args.ids,
+        event_name: args.event_name,
+        reason_contains: args.reason_contains,
+    };
+    let n = store.requeue_dead(&filter, now_ms()).await?;
+    println!("requeued {n} dead event(s); a running server delivers them within its poll interval");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn migrate(config: Config) -> anyhow::Result<ExitCode> {
+    store::open(&config.database_url).await?;
+    println!("storage migrated: {}", config::redact_url(&config.database_url));
+    Ok(ExitCode::SUCCESS)
+}

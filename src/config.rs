@@ -1,0 +1,683 @@
+//! Configuration: built-in defaults, then an optional TOML file, then `.env`, `.env.local` and
+//! the real environment (the real environment wins). Validated once at start; every problem is
+//! reported on its own line. Nothing else in the crate reads the environment.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::domain::{ActionSource, IngestRules};
+
+/// Everything the service needs to run, validated.
+#[derive(Clone)]
+pub struct Config {
+    /// Address the HTTP server binds to.
+    pub listen_addr: SocketAddr,
+    /// Storage location, e.g. `sqlite://capi-bridge.db`.
+    pub database_url: String,
+    /// Meta credentials; `None` means dry-run.
+    pub meta: Option<MetaConfig>,
+    /// Graph API version, e.g. `v25.0`.
+    pub api_version: String,
+    /// Base URL of the Graph API (tests point it at a local stand-in).
+    pub graph_url: String,
+    /// Accepted webhook secrets (several allow rotation). Empty means unauthenticated.
+    pub webhook_secrets: Vec<String>,
+    /// Rules applied to every incoming event.
+    pub ingest: IngestRules,
+    /// Largest accepted request body in bytes.
+    pub body_limit_bytes: usize,
+    /// Delivery tuning.
+    pub delivery: DeliveryConfig,
+    /// `json` or `text` log lines.
+    pub log_format: LogFormat,
+}
+
+/// Credentials for one pixel (dataset).
+#[derive(Clone)]
+pub struct MetaConfig {
+    /// Pixel or dataset id.
+    pub pixel_id: String,
+    /// System-user access token. Never logged, never put in a URL.
+    pub access_token: String,
+    /// App secret used for `appsecret_proof`.
+    pub app_secret: Option<String>,
+    /// Routes every event to Events Manager's Test Events tab.
+    pub test_event_code: Option<String>,
+}
+
+/// How the delivery workers behave.
+#[derive(Debug, Clone)]
+pub struct DeliveryConfig {
+    /// Events per Graph request (Meta's limit is 1000).
+    pub max_batch_events: usize,
+    /// Graph requests in flight at once per pixel.
+    pub max_in_flight: usize,
+    /// How long a claimed batch belongs to a worker before others may take it.
+    pub lease: Duration,
+    /// How often an idle worker looks for due events when nothing woke it.
+    pub poll_interval: Duration,
+    /// Whole-request timeout for Graph calls.
+    pub request_timeout: Duration,
+    /// TCP/TLS connect timeout for Graph calls.
+    pub connect_timeout: Duration,
+    /// First retry delay; doubles with each attempt.
+    pub retry_base: Duration,
+    /// Longest retry delay.
+    pub retry_max: Duration,
+    /// How long a paused pixel waits before it is probed again.
+    pub pause_probe_interval: Duration,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl std::fmt::Debug for Config {
+    // Hand-written so that secrets can never reach a log through `{:?}`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("listen_addr", &self.listen_addr)
+            .field("database_url", &redact_url(&self.database_url))
+            .field("pixel_id", &self.meta.as_ref().map(|m| m.pixel_id.as_str()))
+            .field("api_version", &self.api_version)
+            .field("graph_url", &self.graph_url)
+            .field("webhook_secrets", &self.webhook_secrets.len())
+            .field("delivery", &self.delivery)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Config {
+    /// True when no Meta credentials are configured: events are stored, never sent.
+    pub fn dry_run(&self) -> bool {
+        self.meta.is_none()
+    }
+
+    /// The pixel events are stored under (empty in dry-run).
+    pub fn pixel_id(&self) -> &str {
+        self.meta.as_ref().map_or("", |m| m.pixel_id.as_str())
+    }
+
+    /// True when requests may arrive without a secret (only allowed on loopback).
+    pub fn unauthenticated(&self) -> bool {
+        self.webhook_secrets.is_empty()
+    }
+}
+
+/// The optional TOML file; every key is optional and overrides the default.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen_addr: Option<String>,
+    database_url: Option<String>,
+    default_country: Option<String>,
+    default_action_source: Option<String>,
+    body_limit_bytes: Option<usize>,
+    max_future_skew_secs: Option<u64>,
+    log_format: Option<String>,
+    #[serde(default)]
+    meta: FileMeta,
+    #[serde(default)]
+    delivery: FileDelivery,
+    /// Incoming event name (case-insensitive) → name sent to Meta.
+    #[serde(default)]
+    event_aliases: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileMeta {
+    pixel_id: Option<String>,
+    api_version: Option<String>,
+    graph_url: Option<String>,
+    test_event_code: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDelivery {
+    max_batch_events: Option<usize>,
+    max_in_flight: Option<usize>,
+    lease_ms: Option<u64>,
+    poll_interval_ms: Option<u64>,
+    request_timeout_ms: Option<u64>,
+    connect_timeout_ms: Option<u64>,
+    retry_base_ms: Option<u64>,
+    retry_max_ms: Option<u64>,
+    pause_probe_interval_ms: Option<u64>,
+}
+
+/// Variables looked up by name: the real environment first, then `.env.local`, then `.env`.
+#[derive(Debug, Default, Clone)]
+pub struct Env {
+    files: BTreeMap<String, String>,
+    real: BTreeMap<String, String>,
+}
+
+impl Env {
+    /// Reads the process environment and the `.env`/`.env.local` files in `dir`.
+    ///
+    /// # Errors
+    /// When a `.env` file exists but cannot be parsed.
+    pub fn from_process(dir: &Path) -> Result<Self, Vec<String>> {
+        let mut files = BTreeMap::new();
+        let mut problems = Vec::new();
+        // `.env.local` overrides `.env`, as in Next.js and the original service.
+        for name in [".env", ".env.local"] {
+            let path = dir.join(name);
+            if !path.exists() {
+                continue;
+            }
+            match dotenvy::from_path_iter(&path) {
+                Ok(iter) => {
+                    for item in iter {
+                        match item {
+                            Ok((key, value)) => {
+                                files.insert(key, value);
+                            }
+                            Err(err) => problems.push(format!("{name}: {err}")),
+                        }
+                    }
+                }
+                Err(err) => problems.push(format!("{name}: {err}")),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        Ok(Self {
+            files,
+            real: std::env::vars().collect(),
+        })
+    }
+
+    /// An environment made of the given pairs only (for tests and embedding).
+    pub fn from_pairs<I, K, V>(pairs: I) -> Self
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: Into<String>,
+        V: Into<String>,
+    {
+        Self {
+            files: BTreeMap::new(),
+            real: pairs
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        }
+    }
+
+    /// The value of `key`, with blank values treated as unset.
+    pub fn get(&self, key: &str) -> Option<String> {
+        self.real
+            .get(key)
+            .or_else(|| self.files.get(key))
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+    }
+}
+
+/// Builds the configuration from `env` and the optional TOML file.
+///
+/// The file comes from `config_path`, else `CAPI_BRIDGE_CONFIG`.
+///
+/// # Errors
+/// One line per problem found.
+pub fn load(env: &Env, config_path: Option<&Path>) -> Result<Config, Vec<String>> {
+    let mut problems = Vec::new();
+    let path: Option<PathBuf> = config_path
+        .map(Path::to_path_buf)
+        .or_else(|| env.get("CAPI_BRIDGE_CONFIG").map(PathBuf::from));
+    let file = match path {
+        Some(path) => match std::fs::read_to_string(&path) {
+            Ok(text) => match toml::from_str::<FileConfig>(&text) {
+                Ok(file) => file,
+                Err(err) => {
+                    problems.push(format!(
+                        "{}: {}",
+                        path.display(),
+                        err.message().trim_end()
+                    ));
+                    FileConfig::default()
+                }
+            },
+            Err(err) => {
+                problems.push(format!("cannot read config file {}: {err}", path.display()));
+                FileConfig::default()
+            }
+        },
+        None => FileConfig::default(),
+    };
+
+    let listen_addr = match (env.get("LISTEN_ADDR"), env.get("PORT"), file.listen_addr) {
+        (Some(addr), _, _) => parse_addr("LISTEN_ADDR", &addr, &mut problems),
+        // The usual PaaS convention: a bare PORT means listen on every interface.
+        (None, Some(port), _) => match port.parse::<u16>() {
+            Ok(port) => SocketAddr::from(([0, 0, 0, 0], port)),
+            Err(_) => {
+                problems.push(format!("PORT must be a number from 0 to 65535, got {port:?}"));
+                default_addr()
+            }
+        },
+        (None, None, Some(addr)) => parse_addr("listen_addr", &addr, &mut problems),
+        (None, None, None) => default_addr(),
+    };
+
+    let database_url = env
+        .get("DATABASE_URL")
+        .or(file.database_url)
+        .unwrap_or_else(|| "sqlite://capi-bridge.db".to_owned());
+    if !database_url.starts_with("sqlite:")
+        && !database_url.starts_with("postgres://")
+        && !database_url.starts_with("postgresql://")
+    {
+        problems.push(format!(
+            "DATABASE_URL must start with sqlite:// (or postgres:// once supported), got {:?}",
+            redact_url(&database_url)
+        ));
+    }
+
+    let token = env.get("META_ACCESS_TOKEN");
+    let pixel_id = env.get("META_PIXEL_ID").or(file.meta.pixel_id);
+    let meta = match (token, pixel_id) {
+        (Some(access_token), Some(pixel_id)) => {
+            if !pixel_id.chars().all(|c| c.is_ascii_digit()) {
+                problems.push("META_PIXEL_ID must be the numeric pixel (dataset) id".to_owned());
+            }
+            Some(MetaConfig {
+                pixel_id,
+                access_token,
+                app_secret: env.get("META_APP_SECRET"),
+                test_event_code: env.get("META_TEST_EVENT_CODE").or(file.meta.test_event_code),
+            })
+        }
+        (Some(_), None) => {
+            problems.push(
+                "META_ACCESS_TOKEN is set but META_PIXEL_ID is not: set both, or neither for dry-run"
+                    .to_owned(),
+            );
+            None
+        }
+        (None, Some(_)) => {
+            problems.push(
+                "META_PIXEL_ID is set but META_ACCESS_TOKEN is not: set both, or neither for dry-run"
+                    .to_owned(),
+            );
+            None
+        }
+        (None, None) => None,
+    };
+
+    let api_version = env
+        .get("META_API_VERSION")
+        .or(file.meta.api_version)
+        .unwrap_or_else(|| "v25.0".to_owned());
+    if !is_api_version(&api_version) {
+        problems.push(format!(
+            "META_API_VERSION must look like v25.0, got {api_version:?}"
+        ));
+    }
+
+    let graph_url = env
+        .get("META_GRAPH_URL")
+        .or(file.meta.graph_url)
+        .unwrap_or_else(|| "https://graph.facebook.com".to_owned())
+        .trim_end_matches('/')
+        .to_owned();
+    if let Err(problem) = check_graph_url(&graph_url) {
+        problems.push(problem);
+    }
+
+    let webhook_secrets: Vec<String> = env
+        .get("WEBHOOK_SECRET")
+        .map(|s| {
+            s.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default();
+    if webhook_secrets.iter().any(|s| s.len() < 16) {
+        problems.push("every WEBHOOK_SECRET must be at least 16 characters long".to_owned());
+    }
+
+    let default_country = match env.get("DEFAULT_COUNTRY").or(file.default_country) {
+        Some(raw) => match crate::domain::normalize::country_code(&raw) {
+            Some(code) => Some(code.to_owned()),
+            None => {
+                problems.push(format!(
+                    "DEFAULT_COUNTRY must be an ISO 3166-1 country code such as BR or US, got {raw:?}"
+                ));
+                None
+            }
+        },
+        None => None,
+    };
+
+    let default_action_source = match env
+        .get("DEFAULT_ACTION_SOURCE")
+        .or(file.default_action_source)
+    {
+        Some(raw) => match ActionSource::parse(&raw) {
+            Some(source) => source,
+            None => {
+                problems.push(format!(
+                    "DEFAULT_ACTION_SOURCE must be one of {}, got {raw:?}",
+                    ActionSource::ALL.map(ActionSource::as_str).join(", ")
+                ));
+                ActionSource::Other
+            }
+        },
+        None => ActionSource::Other,
+    };
+
+    let mut event_aliases = BTreeMap::from([("appointment".to_owned(), "Schedule".to_owned())]);
+    for (from, to) in file.event_aliases {
+        if to.trim().is_empty() {
+            problems.push(format!("event_aliases.{from} must not be empty"));
+        }
+        event_aliases.insert(from.to_lowercase(), to);
+    }
+
+    let max_future_skew_secs = number(env, "MAX_FUTURE_SKEW_SECS", &mut problems)
+        .or(file.max_future_skew_secs)
+        .unwrap_or(300);
+    let body_limit_bytes = number(env, "BODY_LIMIT_BYTES", &mut problems)
+        .map(|n| n as usize)
+        .or(file.body_limit_bytes)
+        .unwrap_or(5 * 1024 * 1024);
+
+    let d = file.delivery;
+    let ms = |name: &str, file_value: Option<u64>, default: u64, problems: &mut Vec<String>| {
+        Duration::from_millis(number(env, name, problems).or(file_value).unwrap_or(default))
+    };
+    let delivery = DeliveryConfig {
+        max_batch_events: number(env, "DELIVERY_MAX_BATCH_EVENTS", &mut problems)
+            .map(|n| n as usize)
+            .or(d.max_batch_events)
+            .unwrap_or(1000),
+        max_in_flight: number(env, "DELIVERY_MAX_IN_FLIGHT", &mut problems)
+            .map(|n| n as usize)
+            .or(d.max_in_flight)
+            .unwrap_or(4),
+        lease: ms("DELIVERY_LEASE_MS", d.lease_ms, 60_000, &mut problems),
+        poll_interval: ms(
+            "DELIVERY_POLL_INTERVAL_MS",
+            d.poll_interval_ms,
+            1_000,
+            &mut problems,
+        ),
+        request_timeout: ms(
+            "DELIVERY_REQUEST_TIMEOUT_MS",
+            d.request_timeout_ms,
+            30_000,
+            &mut problems,
+        ),
+        connect_timeout: ms(
+            "DELIVERY_CONNECT_TIMEOUT_MS",
+            d.connect_timeout_ms,
+            5_000,
+            &mut problems,
+        ),
+        retry_base: ms("DELIVERY_RETRY_BASE_MS", d.retry_base_ms, 1_000, &mut problems),
+        retry_max: ms(
+            "DELIVERY_RETRY_MAX_MS",
+            d.retry_max_ms,
+            3_600_000,
+            &mut problems,
+        ),
+        pause_probe_interval: ms(
+            "DELIVERY_PAUSE_PROBE_INTERVAL_MS",
+            d.pause_probe_interval_ms,
+            60_000,
+            &mut problems,
+        ),
+    };
+    if !(1..=1000).contains(&delivery.max_batch_events) {
+        problems.push("DELIVERY_MAX_BATCH_EVENTS must be between 1 and 1000".to_owned());
+    }
+    if !(1..=64).contains(&delivery.max_in_flight) {
+        problems.push("DELIVERY_MAX_IN_FLIGHT must be between 1 and 64".to_owned());
+    }
+    if delivery.lease < delivery.request_timeout {
+        problems.push(
+            "DELIVERY_LEASE_MS must be at least DELIVERY_REQUEST_TIMEOUT_MS, or two workers could send the same batch at once"
+                .to_owned(),
+        );
+    }
+
+    let log_format = match env
+        .get("LOG_FORMAT")
+        .or(file.log_format)
+        .as_deref()
+        .map(str::to_lowercase)
+        .as_deref()
+    {
+        None | Some("text") | Some("pretty") => LogFormat::Text,
+        Some("json") => LogFormat::Json,
+        Some(other) => {
+            problems.push(format!("LOG_FORMAT must be text or json, got {other:?}"));
+            LogFormat::Text
+        }
+    };
+
+    if webhook_secrets.is_empty() && !listen_addr.ip().is_loopback() {
+        problems.push(format!(
+            "refusing to listen on {listen_addr} without authentication: set WEBHOOK_SECRET (a long random string; several may be separated by commas), or LISTEN_ADDR=127.0.0.1:{} for local use",
+            listen_addr.port()
+        ));
+    }
+
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    Ok(Config {
+        listen_addr,
+        database_url,
+        meta,
+        api_version,
+        graph_url,
+        webhook_secrets,
+        ingest: IngestRules {
+            default_country,
+            default_action_source,
+            event_aliases,
+            max_future_skew_secs: max_future_skew_secs as i64,
+        },
+        body_limit_bytes,
+        delivery,
+        log_format,
+    })
+}
+
+fn default_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+fn parse_addr(name: &str, raw: &str, problems: &mut Vec<String>) -> SocketAddr {
+    raw.parse().unwrap_or_else(|_| {
+        problems.push(format!(
+            "{name} must be an address with a port such as 127.0.0.1:8080, got {raw:?}"
+        ));
+        default_addr()
+    })
+}
+
+fn number(env: &Env, name: &str, problems: &mut Vec<String>) -> Option<u64> {
+    let raw = env.get(name)?;
+    match raw.parse::<u64>() {
+        Ok(n) => Some(n),
+        Err(_) => {
+            problems.push(format!("{name} must be a whole number, got {raw:?}"));
+            None
+        }
+    }
+}
+
+fn is_api_version(raw: &str) -> bool {
+    let Some(rest) = raw.strip_prefix('v') else {
+        return false;
+    };
+    let mut parts = rest.split('.');
+    matches!(
+        (parts.next(), parts.next(), parts.next()),
+        (Some(major), Some(minor), None)
+            if !major.is_empty() && !minor.is_empty()
+                && major.chars().all(|c| c.is_ascii_digit())
+                && minor.chars().all(|c| c.is_ascii_digit())
+    )
+}
+
+/// Plain HTTP is only allowed to a loopback stand-in; the token travels in the body.
+fn check_graph_url(raw: &str) -> Result<(), String> {
+    let Ok(url) = reqwest::Url::parse(raw) else {
+        return Err(format!("META_GRAPH_URL is not a URL: {raw:?}"));
+    };
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" => {
+            let loopback = match url.host() {
+                Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+                Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+                Some(url::Host::Domain(d)) => d == "localhost",
+                None => false,
+            };
+            if loopback {
+                Ok(())
+            } else {
+                Err("META_GRAPH_URL must use https (plain http is allowed only for a loopback test stand-in)".to_owned())
+            }
+        }
+        other => Err(format!("META_GRAPH_URL must use https, got {other}")),
+    }
+}
+
+/// Hides the password of a database URL.
+pub fn redact_url(raw: &str) -> String {
+    match reqwest::Url::parse(raw) {
+        Ok(mut url) if url.password().is_some() => {
+            let _ = url.set_password(Some("***"));
+            url.to_string()
+        }
+        _ => raw.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_pairs(pairs: &[(&str, &str)]) -> Result<Config, Vec<String>> {
+        load(&Env::from_pairs(pairs.iter().copied()), None)
+    }
+
+    #[test]
+    fn no_configuration_gives_a_loopback_dry_run_on_sqlite() {
+        let config = load_pairs(&[]).expect("defaults are valid");
+        assert_eq!(config.listen_addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(config.database_url, "sqlite://capi-bridge.db");
+        assert!(config.dry_run());
+        assert!(config.unauthenticated());
+        assert_eq!(config.api_version, "v25.0");
+        assert_eq!(config.graph_url, "https://graph.facebook.com");
+        assert_eq!(config.ingest.default_action_source, ActionSource::Other);
+    }
+
+    #[test]
+    fn a_bare_port_listens_everywhere_and_then_needs_a_secret() {
+        let problems = load_pairs(&[("PORT", "3000")]).expect_err("needs a secret");
+        assert_eq!(problems.len(), 1);
+        assert!(problems[0].contains("WEBHOOK_SECRET"), "{problems:?}");
+        let config = load_pairs(&[("PORT", "3000"), ("WEBHOOK_SECRET", "0123456789abcdef")])
+            .expect("valid");
+        assert_eq!(config.listen_addr.to_string(), "0.0.0.0:3000");
+    }
+
+    #[test]
+    fn webhook_secret_is_a_comma_separated_list_for_rotation() {
+        let config = load_pairs(&[(
+            "WEBHOOK_SECRET",
+            "old-secret-0123456789, new-secret-0123456789",
+        )])
+        .expect("valid");
+        assert_eq!(
+            config.webhook_secrets,
+            ["old-secret-0123456789", "new-secret-0123456789"]
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_on_its_own_line() {
+        let problems = load_pairs(&[
+            ("META_ACCESS_TOKEN", "token"),
+            ("META_API_VERSION", "25"),
+            ("META_GRAPH_URL", "http://example.com"),
+            ("DEFAULT_COUNTRY", "Atlantis"),
+            ("DELIVERY_MAX_IN_FLIGHT", "many"),
+        ])
+        .expect_err("invalid");
+        assert_eq!(problems.len(), 5, "{problems:#?}");
+        assert!(problems.iter().any(|p| p.contains("META_PIXEL_ID")));
+        assert!(problems.iter().any(|p| p.contains("META_API_VERSION")));
+        assert!(problems.iter().any(|p| p.contains("META_GRAPH_URL")));
+        assert!(problems.iter().any(|p| p.contains("DEFAULT_COUNTRY")));
+        assert!(problems.iter().any(|p| p.contains("DELIVERY_MAX_IN_FLIGHT")));
+    }
+
+    #[test]
+    fn the_real_environment_wins_over_env_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join(".env"), "META_API_VERSION=v20.0\nLOG_FORMAT=json\n")
+            .expect("write");
+        std::fs::write(dir.path().join(".env.local"), "META_API_VERSION=v21.0\n").expect("write");
+        let mut env = Env::from_process(dir.path()).expect("parse");
+        env.real.clear();
+        assert_eq!(env.get("META_API_VERSION").as_deref(), Some("v21.0"));
+        assert_eq!(env.get("LOG_FORMAT").as_deref(), Some("json"));
+        env.real
+            .insert("META_API_VERSION".to_owned(), "v26.0".to_owned());
+        assert_eq!(env.get("META_API_VERSION").as_deref(), Some("v26.0"));
+    }
+
+    #[test]
+    fn a_toml_file_sets_what_does_not_fit_in_variables() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("capi-bridge.toml");
+        std::fs::write(
+            &path,
+            "[event_aliases]\nBooking = \"Schedule\"\n\n[delivery]\nmax_in_flight = 2\n",
+        )
+        .expect("write");
+        let config = load(&Env::default(), Some(&path)).expect("valid");
+        assert_eq!(config.delivery.max_in_flight, 2);
+        assert_eq!(
+            config.ingest.event_aliases.get("booking").map(String::as_str),
+            Some("Schedule")
+        );
+        // The built-in alias stays.
+        assert!(config.ingest.event_aliases.contains_key("appointment"));
+    }
+
+    #[test]
+    fn debug_output_never_shows_secrets() {
+        let config = load_pairs(&[
+            ("META_ACCESS_TOKEN", "EAAB-secret-token"),
+            ("META_PIXEL_ID", "123"),
+            ("WEBHOOK_SECRET", "hook-secret-0123456789"),
+        ])
+        .expect("valid");
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("EAAB-secret-token"));
+        assert!(!shown.contains("hook-secret"));
+    }
+}

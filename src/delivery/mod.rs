@@ -1,0 +1,420 @@
+//! Delivery: workers lease due events, send them to the Graph API in batches of up to 1000,
+//! classify Meta's answer with a pure function ([`classify`]) and settle each event:
+//! delivered, retried with backoff (never past its 7-day deadline), dead with Meta's reason
+//! (after splitting a refused batch to isolate the bad event), or released while the pixel is
+//! paused for a credential or configuration problem. Only this module calls Meta, and it never
+//! holds a database transaction across an HTTP call.
+
+pub mod batch;
+pub mod classify;
+pub mod client;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::DeliveryConfig;
+use crate::store::{AttemptRecord, ClaimedEvent, EventUpdate, Settlement, Store, StoreError};
+use classify::{backoff_ms, GraphError, Verdict};
+pub use client::GraphClient;
+
+/// Unix milliseconds now.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// What one pass of a worker did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// Nothing was due; `until` is when it makes sense to look again (unix ms), if known.
+    Idle {
+        /// Earliest useful wake-up.
+        until: Option<i64>,
+    },
+    /// Events were attempted.
+    Worked(usize),
+}
+
+/// A pixel's delivery state as shown by `/readyz`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PixelStatus {
+    /// Pixel id.
+    pub pixel_id: String,
+    /// `running`, `paused` or `throttled`.
+    pub state: String,
+    /// Meta's reason while paused or throttled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Unix ms of the next probe (paused) or the end of the slow-down (throttled).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub until: Option<i64>,
+}
+
+#[derive(Debug, Default)]
+struct PixelState {
+    paused: Option<(String, i64)>,
+    throttled_until: i64,
+    throttle_reason: Option<String>,
+    probing: bool,
+}
+
+/// Delivery for one pixel, shared by its worker loops.
+#[derive(Clone)]
+pub struct Delivery {
+    store: Arc<dyn Store>,
+    client: GraphClient,
+    config: DeliveryConfig,
+    wake: Arc<Notify>,
+    state: Arc<Mutex<PixelState>>,
+}
+
+impl Delivery {
+    /// Delivery over `store` with `client`; `wake` is signalled when new events are queued.
+    pub fn new(
+        store: Arc<dyn Store>,
+        client: GraphClient,
+        config: DeliveryConfig,
+        wake: Arc<Notify>,
+    ) -> Self {
+        Self {
+            store,
+            client,
+            config,
+            wake,
+            state: Arc::new(Mutex::new(PixelState::default())),
+        }
+    }
+
+    /// The pixel's current state.
+    pub fn status(&self) -> PixelStatus {
+        let now = now_ms();
+        let state = self.lock();
+        let (state_name, reason, until) = match &state.paused {
+            Some((reason, probe_at)) => ("paused", Some(reason.clone()), Some(*probe_at)),
+            None if state.throttled_until > now => (
+                "throttled",
+                state.throttle_reason.clone(),
+                Some(state.throttled_until),
+            ),
+            None => ("running", None, None),
+        };
+        PixelStatus {
+            pixel_id: self.client.pixel_id().to_owned(),
+            state: state_name.to_owned(),
+            reason,
+            until,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PixelState> {
+        // A panic while holding this lock cannot leave it inconsistent (plain fields).
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `max_in_flight` worker loops until `shutdown`, then lets in-flight requests finish.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut loops = tokio::task::JoinSet::new();
+        for worker in 0..self.config.max_in_flight {
+            let delivery = self.clone();
+            let shutdown = shutdown.clone();
+            loops.spawn(async move { delivery.run_loop(worker, shutdown).await });
+        }
+        while loops.join_next().await.is_some() {}
+    }
+
+    async fn run_loop(&self, worker: usize, shutdown: CancellationToken) {
+        let mut failures = 0u32;
+        while !shutdown.is_cancelled() {
+            // Registered before looking at the queue, so an event queued meanwhile is not missed.
+            let notified = self.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let wait = match self.run_once().await {
+                Ok(Progress::Worked(_)) => {
+                    failures = 0;
+                    continue;
+                }
+                Ok(Progress::Idle { until }) => {
+                    failures = 0;
+                    let poll = self.config.poll_interval;
+                    until
+                        .map(|t| Duration::from_millis(u64::try_from(t - now_ms()).unwrap_or(0)))
+                        .map_or(poll, |d| d.min(poll).max(Duration::from_millis(5)))
+                }
+                Err(err) => {
+                    failures = failures.saturating_add(1);
+                    tracing::error!(worker, error = %err, "delivery pass failed; retrying");
+                    Duration::from_millis(100u64 << failures.min(6))
+                }
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = &mut notified => {}
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// One pass: lease a batch, send it, settle every event in it.
+    ///
+    /// # Errors
+    /// Storage failures; the leased events are then picked up again when their lease expires.
+    pub async fn run_once(&self) -> Result<Progress, StoreError> {
+        let now = now_ms();
+        let probing = {
+            let mut state = self.lock();
+            if let Some((_, probe_at)) = &state.paused {
+                if now < *probe_at || state.probing {
+                    return Ok(Progress::Idle {
+                        until: Some(*probe_at),
+                    });
+                }
+                // One worker probes with a single event; the others wait for its answer.
+                state.probing = true;
+                true
+            } else if state.throttled_until > now {
+                return Ok(Progress::Idle {
+                    until: Some(state.throttled_until),
+                });
+            } else {
+                false
+            }
+        };
+        let limit = if probing {
+            1
+        } else {
+            self.config.max_batch_events
+        };
+        let lease_ms = i64::try_from(self.config.lease.as_millis()).unwrap_or(i64::MAX);
+        let claimed = self
+            .store
+            .claim_due(self.client.pixel_id(), limit, now, now + lease_ms)
+            .await;
+        let claimed = match claimed {
+            Ok(claimed) => claimed,
+            Err(err) => {
+                self.lock().probing = false;
+                return Err(err);
+            }
+        };
+        if claimed.is_empty() {
+            self.lock().probing = false;
+            return Ok(Progress::Idle { until: None });
+        }
+        let n_claimed = claimed.len();
+        let mut by_test_code: BTreeMap<Option<String>, Vec<ClaimedEvent>> = BTreeMap::new();
+        for event in claimed {
+            by_test_code
+                .entry(event.test_event_code.clone())
+                .or_default()
+                .push(event);
+        }
+        let mut updates = Vec::with_capacity(n_claimed);
+        for (test_code, events) in by_test_code {
+            self.deliver_group(events, test_code.as_deref(), &mut updates)
+                .await;
+        }
+        let settled = self.store.settle(&updates, now_ms()).await;
+        self.lock().probing = false;
+        settled?;
+        Ok(Progress::Worked(n_claimed))
+    }
+
+    /// Sends events that share a test code; a refused batch is split in halves until the bad
+    /// events are alone.
+    async fn deliver_group(
+        &self,
+        events: Vec<ClaimedEvent>,
+        test_code: Option<&str>,
+        updates: &mut Vec<EventUpdate>,
+    ) {
+        let mut pending: Vec<Vec<ClaimedEvent>> = vec![events];
+        let mut first_request = true;
+        while let Some(chunk) = pending.pop() {
+            if !first_request {
+                // Splitting takes several requests; keep the lease so no one else takes these.
+                let lease_ms = i64::try_from(self.config.lease.as_millis()).unwrap_or(i64::MAX);
+                let ids: Vec<i64> = chunk.iter().map(|e| e.row_id).collect();
+                if let Err(err) = self.store.extend_lease(&ids, now_ms() + lease_ms).await {
+                    tracing::warn!(error = %err, "could not extend a lease during a batch split");
+                }
+            }
+            first_request = false;
+            let started = std::time::Instant::now();
+            let verdict = self
+                .client
+                .send_events(chunk.iter().map(|e| e.payload.as_str()), chunk.len(), test_code)
+                .await;
+            let now = now_ms();
+            let pixel_id = self.client.pixel_id();
+            match verdict {
+                Verdict::Delivered { fbtrace_id } => {
+                    tracing::info!(
+                        pixel_id,
+                        n_events = chunk.len(),
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "delivered"
+                    );
+                    self.clear_pause();
+                    let attempt = AttemptRecord {
+                        outcome: "delivered".to_owned(),
+                        http_status: Some(200),
+                        fbtrace_id,
+                        ..AttemptRecord::default()
+                    };
+                    updates.extend(chunk.into_iter().map(|e| EventUpdate {
+                        row_id: e.row_id,
+                        settlement: Settlement::Delivered,
+                        attempt: Some(attempt.clone()),
+                    }));
+                }
+                Verdict::Retry {
+                    error,
+                    hint_ms,
+                    throttled,
+                } => {
+                    self.clear_pause();
+                    let hint = i64::try_from(hint_ms.unwrap_or(0)).unwrap_or(i64::MAX);
+                    tracing::warn!(
+                        pixel_id,
+                        n_events = chunk.len(),
+                        code = error.code,
+                        subcode = error.subcode,
+                        http_status = error.http_status,
+                        fbtrace_id = error.fbtrace_id.as_deref(),
+                        throttled,
+                        "delivery will be retried"
+                    );
+                    let mut longest = 0;
+                    for event in chunk {
+                        let delay = i64::try_from(backoff_ms(
+                            event.attempts,
+                            millis(self.config.retry_base),
+                            millis(self.config.retry_max),
+                            rand::random::<f64>(),
+                        ))
+                        .unwrap_or(i64::MAX)
+                        .max(hint);
+                        longest = longest.max(delay);
+                        let next = now.saturating_add(delay);
+                        updates.push(retry_or_expire(event, next, &error));
+                    }
+                    if throttled {
+                        let mut state = self.lock();
+                        state.throttled_until = state.throttled_until.max(now + longest);
+                        state.throttle_reason = Some(error.summary());
+                    }
+                }
+                Verdict::Rejected { error } if chunk.len() == 1 => {
+                    tracing::warn!(
+                        pixel_id,
+                        code = error.code,
+                        subcode = error.subcode,
+                        fbtrace_id = error.fbtrace_id.as_deref(),
+                        "meta rejected an event; it is dead"
+                    );
+                    self.clear_pause();
+                    updates.extend(chunk.into_iter().map(|e| EventUpdate {
+                        row_id: e.row_id,
+                        settlement: Settlement::Dead {
+                            reason: error.summary(),
+                        },
+                        attempt: Some(attempt_record("rejected", &error)),
+                    }));
+                }
+                Verdict::Rejected { error } => {
+                    tracing::info!(
+                        pixel_id,
+                        n_events = chunk.len(),
+                        code = error.code,
+                        subcode = error.subcode,
+                        "meta rejected a batch; splitting it to isolate the bad events"
+                    );
+                    let mut first_half = chunk;
+                    let second_half = first_half.split_off(first_half.len() / 2);
+                    pending.push(second_half);
+                    pending.push(first_half);
+                }
+                Verdict::Pause { error } => {
+                    let probe_at = now + millis_i64(self.config.pause_probe_interval);
+                    tracing::error!(
+                        pixel_id,
+                        code = error.code,
+                        subcode = error.subcode,
+                        http_status = error.http_status,
+                        fbtrace_id = error.fbtrace_id.as_deref(),
+                        reason = %error.summary(),
+                        "delivery paused: fix the credentials or configuration; events stay queued and delivery resumes by itself"
+                    );
+                    self.lock().paused = Some((error.summary(), probe_at));
+                    let reason = format!("pixel paused: {}", error.summary());
+                    let attempt = attempt_record("paused", &error);
+                    for event in chunk.into_iter().chain(pending.drain(..).flatten()) {
+                        updates.push(EventUpdate {
+                            row_id: event.row_id,
+                            settlement: Settlement::Release {
+                                reason: reason.clone(),
+                            },
+                            attempt: Some(attempt.clone()),
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    fn clear_pause(&self) {
+        let mut state = self.lock();
+        if state.paused.take().is_some() {
+            tracing::info!(
+                pixel_id = self.client.pixel_id(),
+                "delivery resumed: meta accepts requests again"
+            );
+        }
+    }
+}
+
+fn retry_or_expire(event: ClaimedEvent, next: i64, error: &GraphError) -> EventUpdate {
+    let settlement = if next > event.deadline_at {
+        Settlement::Dead {
+            reason: format!(
+                "deadline passed (Meta refuses events older than their window) after: {}",
+                error.summary()
+            ),
+        }
+    } else {
+        Settlement::Retry {
+            next_attempt_at: next,
+            reason: error.summary(),
+        }
+    };
+    EventUpdate {
+        row_id: event.row_id,
+        settlement,
+        attempt: Some(attempt_record("retry", error)),
+    }
+}
+
+fn attempt_record(outcome: &str, error: &GraphError) -> AttemptRecord {
+    AttemptRecord {
+        outcome: outcome.to_owned(),
+        http_status: error.http_status,
+        code: error.code,
+        subcode: error.subcode,
+        fbtrace_id: error.fbtrace_id.clone(),
+        error_title: error.user_title.clone(),
+        error_message: Some(error.message.clone()),
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn millis_i64(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,180 @@
+//! The ingest pipeline every entry point shares (HTTP today; the CLI's `send`; database and
+//! webhook sources later): split the request, validate and normalize each event with the pure
+//! [`crate::domain`], store them durably, wake delivery. All or nothing: one invalid event
+//! means nothing is queued.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::Notify;
+
+use crate::api::error::EventProblem;
+use crate::domain::{self, IngestRules, Problem};
+use crate::store::{GroupCommit, InsertOutcome, NewEventRecord, StoreError};
+
+/// The result of an accepted request.
+#[derive(Debug, Clone, Serialize)]
+pub struct IngestReport {
+    /// Events newly stored.
+    pub accepted: usize,
+    /// Events acknowledged as duplicates of one seen within 48 hours.
+    pub duplicates: usize,
+    /// True when nothing will be sent (no Meta credentials).
+    pub dry_run: bool,
+    /// One receipt per event, in request order.
+    pub events: Vec<EventReceipt>,
+    /// Values dropped from accepted events.
+    pub warnings: Vec<EventProblem>,
+}
+
+/// What happened to one event.
+#[derive(Debug, Clone, Serialize)]
+pub struct EventReceipt {
+    /// Kept or generated id: the Pixel's `eventID` for deduplication.
+    pub event_id: String,
+    /// Name sent to Meta.
+    pub event_name: String,
+    /// `queued`, `duplicate` or `dry_run`.
+    pub status: InsertOutcome,
+}
+
+/// Why a request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The body shape is wrong.
+    #[error("{0}")]
+    BadRequest(String),
+    /// More events than Meta takes in one request.
+    #[error("{0}")]
+    TooMany(String),
+    /// Events break Meta's rules.
+    #[error("invalid events")]
+    Invalid(Vec<EventProblem>),
+    /// Storage failed; nothing is known to be stored.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Shared by every entry point.
+#[derive(Clone)]
+pub struct Ingestor {
+    rules: Arc<IngestRules>,
+    pixel_id: String,
+    dry_run: bool,
+    commit: GroupCommit,
+    wake: Arc<Notify>,
+}
+
+impl Ingestor {
+    /// An ingestor storing through `commit` for `pixel_id`.
+    pub fn new(
+        rules: IngestRules,
+        pixel_id: String,
+        dry_run: bool,
+        commit: GroupCommit,
+        wake: Arc<Notify>,
+    ) -> Self {
+        Self {
+            rules: Arc::new(rules),
+            pixel_id,
+            dry_run,
+            commit,
+            wake,
+        }
+    }
+
+    /// Validates, normalizes and durably stores the events of one request body.
+    ///
+    /// # Errors
+    /// [`IngestError`] naming every problem; nothing is stored then.
+    pub async fn ingest(&self, body: Value, now_secs: i64) -> Result<IngestReport, IngestError> {
+        let request = domain::split_request(body).map_err(|p| {
+            let message = if p.field.is_empty() {
+                p.reason
+            } else {
+                format!("{}: {}", p.field, p.reason)
+            };
+            if message.contains("the limit is") {
+                IngestError::TooMany(message)
+            } else {
+                IngestError::BadRequest(message)
+            }
+        })?;
+
+        let mut problems = Vec::new();
+        let mut warnings = Vec::new();
+        let mut normalized = Vec::with_capacity(request.events.len());
+        let mut new_id = || uuid::Uuid::now_v7().to_string();
+        for (event_index, raw) in request.events.iter().enumerate() {
+            let given_id = raw
+                .get("event_id")
+                .and_then(|v| match v {
+                    Value::String(s) => Some(s.trim().to_owned()),
+                    Value::Number(n) => Some(n.to_string()),
+                    _ => None,
+                })
+                .filter(|s| !s.is_empty());
+            match domain::normalize_event(raw, &self.rules, now_secs, &mut new_id) {
+                Ok((event, event_warnings)) => {
+                    warnings.extend(event_warnings.into_iter().map(|w| EventProblem {
+                        event_index,
+                        event_id: Some(event.event_id.clone()),
+                        field: w.field,
+                        reason: w.reason,
+                    }));
+                    normalized.push(event);
+                }
+                Err(event_problems) => {
+                    problems.extend(event_problems.into_iter().map(|p: Problem| {
+                        EventProblem {
+                            event_index,
+                            event_id: given_id.clone(),
+                            field: p.field,
+                            reason: p.reason,
+                        }
+                    }));
+                }
+            }
+        }
+        if !problems.is_empty() {
+            return Err(IngestError::Invalid(problems));
+        }
+
+        let records: Vec<NewEventRecord> = normalized
+            .iter()
+            .map(|event| NewEventRecord {
+                pixel_id: self.pixel_id.clone(),
+                event_id: event.event_id.clone(),
+                event_name: event.event_name.clone(),
+                payload: event.payload.to_string(),
+                test_event_code: request.test_event_code.clone(),
+                deadline_at: event.deadline.saturating_mul(1000),
+                dry_run: self.dry_run,
+            })
+            .collect();
+        let outcomes = self.commit.insert(records).await?;
+        if outcomes.contains(&InsertOutcome::Queued) {
+            self.wake.notify_waiters();
+        }
+        let accepted = outcomes
+            .iter()
+            .filter(|o| **o != InsertOutcome::Duplicate)
+            .count();
+        Ok(IngestReport {
+            accepted,
+            duplicates: outcomes.len() - accepted,
+            dry_run: self.dry_run,
+            events: normalized
+                .into_iter()
+                .zip(outcomes)
+                .map(|(event, status)| EventReceipt {
+                    event_id: event.event_id,
+                    event_name: event.event_name,
+                    status,
+                })
+                .collect(),
+            warnings,
+        })
+    }
+}

@@ -1,0 +1,13 @@
+//! capi-bridge: takes conversion events from webhooks, automations and landing pages, and
+//! delivers them to Meta's Conversions API — validated, normalized, hashed, durably queued,
+//! batched, retried and deduplicated. See `ARCHITECTURE.md` for the map.
+
+pub mod api;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod delivery;
+pub mod domain;
+pub mod ingest;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,18 @@
+//! The storage layer's one error type.
+
+/// Why a storage operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The configured backend is not available in this build.
+    #[error("{0}")]
+    Unsupported(String),
+    /// The database could not be reached or is overloaded; the caller may retry.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    /// Anything else from the driver.
+    #[error("storage error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Migrations failed.
+    #[error("migration failed: {0}")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+}

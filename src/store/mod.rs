@@ -1,0 +1,249 @@
+//! Durable storage: the event log and the delivery queue behind one narrow [`Store`] trait.
+//!
+//! An accepted event and its queue entry are one row written in one transaction; the HTTP
+//! answer comes after the commit ([`GroupCommit`] batches many requests into one commit).
+//! Workers own events only through time-limited leases, so a crashed worker's events are
+//! picked up again. Times are unix milliseconds. No transaction is ever held across a network
+//! call; this module never calls Meta.
+
+mod error;
+mod group_commit;
+mod sqlite;
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+pub use error::StoreError;
+pub use group_commit::GroupCommit;
+pub use sqlite::SqliteStore;
+
+/// How long a `(pixel, event_name, event_id)` key stays a duplicate: Meta's window.
+pub const DEDUP_WINDOW_MS: i64 = 48 * 60 * 60 * 1000;
+
+/// An event to store.
+#[derive(Debug, Clone)]
+pub struct NewEventRecord {
+    /// Pixel the event goes to (empty in dry-run without a pixel).
+    pub pixel_id: String,
+    /// The dedup id.
+    pub event_id: String,
+    /// Canonical event name.
+    pub event_name: String,
+    /// `data[i]` as JSON text.
+    pub payload: String,
+    /// Sent with the request when set.
+    pub test_event_code: Option<String>,
+    /// Unix ms after which Meta refuses the event.
+    pub deadline_at: i64,
+    /// Stored as `dry_run` instead of `queued`: shown, never sent.
+    pub dry_run: bool,
+}
+
+/// What happened to one stored event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InsertOutcome {
+    /// New, waiting for delivery.
+    Queued,
+    /// New, stored without delivery (no credentials).
+    DryRun,
+    /// The same key was accepted within 48 hours; nothing stored.
+    Duplicate,
+}
+
+/// A queued event a worker has leased.
+#[derive(Debug, Clone)]
+pub struct ClaimedEvent {
+    /// Row id, the handle for settling.
+    pub row_id: i64,
+    /// The dedup id.
+    pub event_id: String,
+    /// `data[i]` as JSON text.
+    pub payload: String,
+    /// Request-level test code.
+    pub test_event_code: Option<String>,
+    /// Attempts including this one.
+    pub attempts: i64,
+    /// Unix ms after which Meta refuses the event.
+    pub deadline_at: i64,
+}
+
+/// Meta's answer to one attempt, as recorded for each event in it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct AttemptRecord {
+    /// `delivered`, `retry`, `rejected`, `paused` or `split`.
+    pub outcome: String,
+    /// HTTP status, when an answer came.
+    pub http_status: Option<u16>,
+    /// Meta's error code.
+    pub code: Option<i64>,
+    /// Meta's error subcode.
+    pub subcode: Option<i64>,
+    /// Meta's support id.
+    pub fbtrace_id: Option<String>,
+    /// `error_user_title`.
+    pub error_title: Option<String>,
+    /// `error_user_msg`, else `message`, else a transport error description.
+    pub error_message: Option<String>,
+}
+
+/// How an attempt ends for one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settlement {
+    /// Meta has it.
+    Delivered,
+    /// Try again at this unix ms.
+    Retry {
+        /// When the event becomes due again.
+        next_attempt_at: i64,
+        /// Short stable reason.
+        reason: String,
+    },
+    /// Never sent again (unless replayed).
+    Dead {
+        /// Why, as shown to people.
+        reason: String,
+    },
+    /// Not attempted after all (pixel paused): give it back without counting the attempt.
+    Release {
+        /// Why it is waiting.
+        reason: String,
+    },
+}
+
+/// One event's settlement and the attempt that led to it.
+#[derive(Debug, Clone)]
+pub struct EventUpdate {
+    /// Row id from [`ClaimedEvent`].
+    pub row_id: i64,
+    /// What happens next.
+    pub settlement: Settlement,
+    /// Meta's answer, when a request was made.
+    pub attempt: Option<AttemptRecord>,
+}
+
+/// Which dead events to queue again.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayFilter {
+    /// Only these event ids (all dead events when empty).
+    pub event_ids: Vec<String>,
+    /// Only events with this name.
+    pub event_name: Option<String>,
+    /// Only events whose last error contains this text.
+    pub reason_contains: Option<String>,
+}
+
+/// Everything known about one stored event.
+#[derive(Debug, Clone, Serialize)]
+pub struct EventDetail {
+    /// The dedup id.
+    pub event_id: String,
+    /// Canonical name.
+    pub event_name: String,
+    /// Pixel.
+    pub pixel_id: String,
+    /// queued, delivering, delivered, failed, dead or dry_run.
+    pub state: String,
+    /// Attempts made.
+    pub attempts: i64,
+    /// Last error, if any.
+    pub last_error: Option<String>,
+    /// Unix ms.
+    pub received_at: i64,
+    /// Unix ms of the next try while queued.
+    pub next_attempt_at: Option<i64>,
+    /// Unix ms.
+    pub delivered_at: Option<i64>,
+    /// Test code the event is sent with.
+    pub test_event_code: Option<String>,
+    /// The exact `data[i]` sent (hashed).
+    pub payload: serde_json::Value,
+    /// Every attempt with Meta's answer, oldest first.
+    pub attempts_log: Vec<AttemptView>,
+}
+
+/// One attempt as shown by the API.
+#[derive(Debug, Clone, Serialize)]
+pub struct AttemptView {
+    /// Unix ms.
+    pub attempted_at: i64,
+    /// The recorded answer.
+    #[serde(flatten)]
+    pub record: AttemptRecord,
+}
+
+/// Counts by state, for readiness and metrics.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct QueueStats {
+    /// Waiting or being delivered.
+    pub queued: i64,
+    /// Delivered.
+    pub delivered: i64,
+    /// Parked for good.
+    pub dead: i64,
+    /// Stored in dry-run.
+    pub dry_run: i64,
+    /// Unix ms of the oldest queued event.
+    pub oldest_queued_at: Option<i64>,
+}
+
+/// The storage contract shared by every backend.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Stores new events in one transaction, skipping keys seen in the last 48 hours.
+    /// Outcomes are in input order.
+    async fn insert_events(
+        &self,
+        events: &[NewEventRecord],
+        now: i64,
+    ) -> Result<Vec<InsertOutcome>, StoreError>;
+
+    /// Leases up to `limit` due events of `pixel_id` until `lease_until`, counting an attempt.
+    async fn claim_due(
+        &self,
+        pixel_id: &str,
+        limit: usize,
+        now: i64,
+        lease_until: i64,
+    ) -> Result<Vec<ClaimedEvent>, StoreError>;
+
+    /// Keeps leased events leased while a long delivery (a batch split) goes on.
+    async fn extend_lease(&self, row_ids: &[i64], lease_until: i64) -> Result<(), StoreError>;
+
+    /// Records attempts and settles events, in one transaction.
+    async fn settle(&self, updates: &[EventUpdate], now: i64) -> Result<(), StoreError>;
+
+    /// The most recent event with this id.
+    async fn find_event(&self, event_id: &str, now: i64)
+        -> Result<Option<EventDetail>, StoreError>;
+
+    /// Queues dead events again; returns how many.
+    async fn requeue_dead(&self, filter: &ReplayFilter, now: i64) -> Result<u64, StoreError>;
+
+    /// Counts by state.
+    async fn stats(&self) -> Result<QueueStats, StoreError>;
+
+    /// Cheap reachability check.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Opens the store named by `database_url` and applies its migrations.
+///
+/// # Errors
+/// [`StoreError::Unsupported`] for a scheme this build cannot serve, else connection or
+/// migration failures.
+pub async fn open(database_url: &str) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+    if database_url.starts_with("sqlite:") {
+        let store = SqliteStore::open(database_url).await?;
+        Ok(std::sync::Arc::new(store))
+    } else if database_url.starts_with("postgres://") || database_url.starts_with("postgresql://")
+    {
+        Err(StoreError::Unsupported(
+            "Postgres storage is not supported yet (it is the next milestone); use DATABASE_URL=sqlite://capi-bridge.db".to_owned(),
+        ))
+    } else {
+        Err(StoreError::Unsupported(
+            "DATABASE_URL must start with sqlite://".to_owned(),
+        ))
+    }
+}

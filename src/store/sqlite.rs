@@ -1,0 +1,371 @@
+//! The embedded default backend: one SQLite file, zero setup.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{QueryBuilder, Row, SqlitePool};
+
+use super::{
+    AttemptRecord, AttemptView, ClaimedEvent, EventDetail, EventUpdate, InsertOutcome,
+    NewEventRecord, QueueStats, ReplayFilter, Settlement, Store, StoreError, DEDUP_WINDOW_MS,
+};
+
+/// [`Store`] over a SQLite file.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `url` and applies migrations.
+    ///
+    /// # Errors
+    /// When the file cannot be opened or migrated.
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str(url)?
+            // Zero setup: the file is created on first start.
+            .create_if_missing(true)
+            // Readers (status queries) never block the single writer.
+            .journal_mode(SqliteJournalMode::Wal)
+            // Every commit reaches the disk before we answer 202; group commit keeps this
+            // to one fsync per batch of requests, not one per event.
+            .synchronous(SqliteSynchronous::Full)
+            // Ingest and delivery share the one writer; wait for it instead of failing.
+            .busy_timeout(Duration::from_secs(10))
+            // attempt rows cascade with their event.
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
+        Ok(Self { pool })
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn insert_events(
+        &self,
+        events: &[NewEventRecord],
+        now: i64,
+    ) -> Result<Vec<InsertOutcome>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut outcomes = Vec::with_capacity(events.len());
+        let cutoff = now - DEDUP_WINDOW_MS;
+        for event in events {
+            // A key older than the window is renewed (a new conversion); a fresh one wins.
+            let fresh = sqlx::query(
+                "insert into dedup_key (pixel_id, event_name, event_id, first_seen_at)
+                 values (?1, ?2, ?3, ?4)
+                 on conflict (pixel_id, event_name, event_id)
+                 do update set first_seen_at = excluded.first_seen_at
+                 where dedup_key.first_seen_at < ?5
+                 returning first_seen_at",
+            )
+            .bind(&event.pixel_id)
+            .bind(&event.event_name)
+            .bind(&event.event_id)
+            .bind(now)
+            .bind(cutoff)
+            .fetch_optional(&mut *tx)
+            .await?
+            .is_some();
+            if !fresh {
+                outcomes.push(InsertOutcome::Duplicate);
+                continue;
+            }
+            let state = if event.dry_run { "dry_run" } else { "queued" };
+            sqlx::query(
+                "insert into event (pixel_id, event_id, event_name, payload, test_event_code,
+                    state, attempts, next_attempt_at, deadline_at, received_at, updated_at)
+                 values (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?8, ?7, ?7)",
+            )
+            .bind(&event.pixel_id)
+            .bind(&event.event_id)
+            .bind(&event.event_name)
+            .bind(&event.payload)
+            .bind(&event.test_event_code)
+            .bind(state)
+            .bind(now)
+            .bind(event.deadline_at)
+            .execute(&mut *tx)
+            .await?;
+            outcomes.push(if event.dry_run {
+                InsertOutcome::DryRun
+            } else {
+                InsertOutcome::Queued
+            });
+        }
+        tx.commit().await?;
+        Ok(outcomes)
+    }
+
+    async fn claim_due(
+        &self,
+        pixel_id: &str,
+        limit: usize,
+        now: i64,
+        lease_until: i64,
+    ) -> Result<Vec<ClaimedEvent>, StoreError> {
+        let rows = sqlx::query(
+            "update event set leased_until = ?3, attempts = attempts + 1, updated_at = ?2
+             where id in (
+                 select id from event
+                 where state = 'queued' and pixel_id = ?1 and next_attempt_at <= ?2
+                   and (leased_until is null or leased_until <= ?2)
+                 order by next_attempt_at, id
+                 limit ?4)
+             returning id, event_id, payload, test_event_code, attempts, deadline_at",
+        )
+        .bind(pixel_id)
+        .bind(now)
+        .bind(lease_until)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut claimed = rows
+            .into_iter()
+            .map(|row| {
+                Ok(ClaimedEvent {
+                    row_id: row.try_get("id")?,
+                    event_id: row.try_get("event_id")?,
+                    payload: row.try_get("payload")?,
+                    test_event_code: row.try_get("test_event_code")?,
+                    attempts: row.try_get("attempts")?,
+                    deadline_at: row.try_get("deadline_at")?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        claimed.sort_by_key(|c| c.row_id);
+        Ok(claimed)
+    }
+
+    async fn extend_lease(&self, row_ids: &[i64], lease_until: i64) -> Result<(), StoreError> {
+        if row_ids.is_empty() {
+            return Ok(());
+        }
+        let mut query = QueryBuilder::new("update event set leased_until = ");
+        query.push_bind(lease_until);
+        query.push(" where state = 'queued' and id in (");
+        let mut ids = query.separated(", ");
+        for id in row_ids {
+            ids.push_bind(id);
+        }
+        query.push(")");
+        query.build().execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn settle(&self, updates: &[EventUpdate], now: i64) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        for update in updates {
+            if let Some(attempt) = &update.attempt {
+                insert_attempt(&mut tx, update.row_id, attempt, now).await?;
+            }
+            let query = match &update.settlement {
+                Settlement::Delivered => sqlx::query(
+                    "update event set state = 'delivered', leased_until = null, last_error = null,
+                        delivered_at = ?2, updated_at = ?2
+                     where id = ?1 and state = 'queued'",
+                )
+                .bind(update.row_id)
+                .bind(now),
+                Settlement::Retry {
+                    next_attempt_at,
+                    reason,
+                } => sqlx::query(
+                    "update event set leased_until = null, next_attempt_at = ?3, last_error = ?4,
+                        updated_at = ?2
+                     where id = ?1 and state = 'queued'",
+                )
+                .bind(update.row_id)
+                .bind(now)
+                .bind(next_attempt_at)
+                .bind(reason),
+                Settlement::Dead { reason } => sqlx::query(
+                    "update event set state = 'dead', leased_until = null, last_error = ?3,
+                        updated_at = ?2
+                     where id = ?1 and state = 'queued'",
+                )
+                .bind(update.row_id)
+                .bind(now)
+                .bind(reason),
+                Settlement::Release { reason } => sqlx::query(
+                    "update event set leased_until = null, attempts = max(attempts - 1, 0),
+                        last_error = ?3, updated_at = ?2
+                     where id = ?1 and state = 'queued'",
+                )
+                .bind(update.row_id)
+                .bind(now)
+                .bind(reason),
+            };
+            query.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn find_event(
+        &self,
+        event_id: &str,
+        now: i64,
+    ) -> Result<Option<EventDetail>, StoreError> {
+        let Some(row) = sqlx::query(
+            "select id, event_id, event_name, pixel_id, state, attempts, last_error, received_at,
+                next_attempt_at, leased_until, delivered_at, test_event_code, payload
+             from event where event_id = ?1 order by id desc limit 1",
+        )
+        .bind(event_id)
+        .fetch_optional(&self.pool)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let row_id: i64 = row.try_get("id")?;
+        let stored_state: String = row.try_get("state")?;
+        let leased_until: Option<i64> = row.try_get("leased_until")?;
+        let last_error: Option<String> = row.try_get("last_error")?;
+        let attempts: i64 = row.try_get("attempts")?;
+        let state = match stored_state.as_str() {
+            "queued" if leased_until.is_some_and(|l| l > now) => "delivering".to_owned(),
+            "queued" if attempts > 0 && last_error.is_some() => "failed".to_owned(),
+            other => other.to_owned(),
+        };
+        let payload_text: String = row.try_get("payload")?;
+        let payload = serde_json::from_str(&payload_text)
+            .unwrap_or(serde_json::Value::String(payload_text));
+        let attempt_rows = sqlx::query(
+            "select attempted_at, outcome, http_status, code, subcode, fbtrace_id, error_title,
+                error_message
+             from attempt where event_row_id = ?1 order by id",
+        )
+        .bind(row_id)
+        .fetch_all(&self.pool)
+        .await?;
+        let attempts_log = attempt_rows
+            .into_iter()
+            .map(|r| {
+                Ok(AttemptView {
+                    attempted_at: r.try_get("attempted_at")?,
+                    record: AttemptRecord {
+                        outcome: r.try_get("outcome")?,
+                        http_status: r
+                            .try_get::<Option<i64>, _>("http_status")?
+                            .and_then(|s| u16::try_from(s).ok()),
+                        code: r.try_get("code")?,
+                        subcode: r.try_get("subcode")?,
+                        fbtrace_id: r.try_get("fbtrace_id")?,
+                        error_title: r.try_get("error_title")?,
+                        error_message: r.try_get("error_message")?,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        Ok(Some(EventDetail {
+            event_id: row.try_get("event_id")?,
+            event_name: row.try_get("event_name")?,
+            pixel_id: row.try_get("pixel_id")?,
+            next_attempt_at: if stored_state == "queued" {
+                row.try_get("next_attempt_at")?
+            } else {
+                None
+            },
+            state,
+            attempts,
+            last_error,
+            received_at: row.try_get("received_at")?,
+            delivered_at: row.try_get("delivered_at")?,
+            test_event_code: row.try_get("test_event_code")?,
+            payload,
+            attempts_log,
+        }))
+    }
+
+    async fn requeue_dead(&self, filter: &ReplayFilter, now: i64) -> Result<u64, StoreError> {
+        let mut query = QueryBuilder::new(
+            "update event set state = 'queued', leased_until = null, attempts = 0, next_attempt_at = ",
+        );
+        query.push_bind(now);
+        query.push(", updated_at = ");
+        query.push_bind(now);
+        // A replayed event gets a fresh 7-day window only if its event_time allows it; the
+        // deadline stays, so an event Meta would refuse as too old dies again at once.
+        query.push(" where state = 'dead'");
+        if !filter.event_ids.is_empty() {
+            query.push(" and event_id in (");
+            let mut ids = query.separated(", ");
+            for id in &filter.event_ids {
+                ids.push_bind(id);
+            }
+            query.push(")");
+        }
+        if let Some(name) = &filter.event_name {
+            query.push(" and event_name = ");
+            query.push_bind(name);
+        }
+        if let Some(text) = &filter.reason_contains {
+            query.push(" and instr(coalesce(last_error, ''), ");
+            query.push_bind(text);
+            query.push(") > 0");
+        }
+        let result = query.build().execute(&self.pool).await?;
+        Ok(result.rows_affected())
+    }
+
+    async fn stats(&self) -> Result<QueueStats, StoreError> {
+        let rows = sqlx::query(
+            "select state, count(*) as n, min(received_at) as oldest from event group by state",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut stats = QueueStats::default();
+        for row in rows {
+            let state: String = row.try_get("state")?;
+            let n: i64 = row.try_get("n")?;
+            match state.as_str() {
+                "queued" => {
+                    stats.queued = n;
+                    stats.oldest_queued_at = row.try_get("oldest")?;
+                }
+                "delivered" => stats.delivered = n,
+                "dead" => stats.dead = n,
+                "dry_run" => stats.dry_run = n,
+                _ => {}
+            }
+        }
+        Ok(stats)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("select 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}
+
+async fn insert_attempt(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    row_id: i64,
+    attempt: &AttemptRecord,
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "insert into attempt (event_row_id, attempted_at, outcome, http_status, code, subcode,
+            fbtrace_id, error_title, error_message)
+         values (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )
+    .bind(row_id)
+    .bind(now)
+    .bind(&attempt.outcome)
+    .bind(attempt.http_status.map(i64::from))
+    .bind(attempt.code)
+    .bind(attempt.subcode)
+    .bind(&attempt.fbtrace_id)
+    .bind(&attempt.error_title)
+    .bind(&attempt.error_message)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
