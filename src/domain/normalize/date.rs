@@ -37,7 +37,9 @@ pub(super) fn date_of_birth(value: &str) -> Result<String, Refusal> {
             groups.push(text.get(from..index).unwrap_or_default());
         }
         if c.is_alphanumeric() && !matches!(c, '年' | '月' | '日') {
-            return Err(refuse("date of birth must be numeric (month names are not supported)"));
+            return Err(refuse(
+                "date of birth must be numeric (month names are not supported)",
+            ));
         }
     }
     if let Some(from) = start {
@@ -51,7 +53,10 @@ pub(super) fn date_of_birth(value: &str) -> Result<String, Refusal> {
             number(compact.get(6..))?,
         ),
         [first, second, third] => {
-            if [first, second, third].iter().any(|g| g.len() > 4 || g.len() == 3) {
+            if [first, second, third]
+                .iter()
+                .any(|g| g.len() > 4 || g.len() == 3)
+            {
                 return Err(refuse("not a date of birth"));
             }
             let (year, a, b) = match (first.len(), third.len()) {
@@ -92,7 +97,9 @@ fn iso_datetime_date(text: &str) -> Option<&str> {
     let mut rest_chars = rest.chars();
     let separator_ok = matches!(rest_chars.next(), Some('T' | 't' | ' '));
     let time_ok = rest.len() > 1
-        && rest_chars.all(|c| c.is_ascii_digit() || matches!(c, ':' | '.' | ',' | '+' | '-' | 'Z' | 'z' | ' '));
+        && rest_chars.all(|c| {
+            c.is_ascii_digit() || matches!(c, ':' | '.' | ',' | '+' | '-' | 'Z' | 'z' | ' ')
+        });
     (shape_ok && separator_ok && time_ok).then_some(date)
 }
 

@@ -12,9 +12,8 @@ const MAX_DIGITS: usize = 15;
 const MIN_DIGITS: usize = 7;
 
 const NOT_VALID: Refusal = refuse("not a valid phone number");
-const NO_COUNTRY_CODE: Refusal = refuse(
-    "phone number has no country code; set the event's country or DEFAULT_COUNTRY",
-);
+const NO_COUNTRY_CODE: Refusal =
+    refuse("phone number has no country code; set the event's country or DEFAULT_COUNTRY");
 
 /// Normalizes a phone number to E.164 digits without `+`.
 ///

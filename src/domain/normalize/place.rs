@@ -73,15 +73,24 @@ const ALIASES: &[(&[&str], &str)] = &[
         "us",
     ),
     // "Korea" alone is taken to mean South Korea, as almost every form means it.
-    (&["korea", "corea", "coreia", "coreiadosul", "coreadelsur"], "kr"),
-    (&["uae", "emiradosarabesunidos", "emiratosarabesunidos"], "ae"),
+    (
+        &["korea", "corea", "coreia", "coreiadosul", "coreadelsur"],
+        "kr",
+    ),
+    (
+        &["uae", "emiradosarabesunidos", "emiratosarabesunidos"],
+        "ae",
+    ),
     (&["brasil"], "br"),
     (&["deutschland", "alemanha", "alemania"], "de"),
     (&["espana", "espanha"], "es"),
     (&["franca", "francia"], "fr"),
     (&["italia"], "it"),
     (&["japao", "japon"], "jp"),
-    (&["holanda", "paisesbaixos", "paisesbajos", "nederland"], "nl"),
+    (
+        &["holanda", "paisesbaixos", "paisesbajos", "nederland"],
+        "nl",
+    ),
     (&["suica", "suiza", "schweiz", "suisse", "svizzera"], "ch"),
     (&["osterreich"], "at"),
     (&["uruguai"], "uy"),
@@ -244,7 +253,9 @@ pub(super) fn postal_code(value: &str) -> Result<String, Refusal> {
         .chars()
         .any(|c| c.is_alphanumeric() && !c.is_ascii_alphanumeric())
     {
-        return Err(refuse("postal code has characters other than latin letters and digits"));
+        return Err(refuse(
+            "postal code has characters other than latin letters and digits",
+        ));
     }
     let cleaned: String = compact
         .chars()

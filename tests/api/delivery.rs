@@ -1,0 +1,1 @@
+//! Delivery against the Graph stand-in: batching, retries, splitting, pausing, restarts.

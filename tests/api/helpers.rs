@@ -1,0 +1,197 @@
+//! Starting the service for a test, and talking to it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use capi_bridge::app::App;
+use capi_bridge::config::{self, Env};
+use capi_bridge::store::{EventDetail, Store};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+use crate::graph_stand_in::GraphStandIn;
+
+pub const TOKEN: &str = "EAAB-test-token";
+pub const PIXEL: &str = "1234567890";
+pub const SECRET: &str = "test-webhook-secret-0123456789";
+/// Generous bound for conditions the tests wait on (they wake as soon as the condition holds).
+pub const WAIT: Duration = Duration::from_secs(30);
+
+pub struct TestApp {
+    pub address: String,
+    pub graph: GraphStandIn,
+    pub store: Arc<dyn Store>,
+    pub http: reqwest::Client,
+    pub dir: Arc<tempfile::TempDir>,
+    env: Vec<(String, String)>,
+    shutdown: CancellationToken,
+    server: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+/// Environment for a test app: fast retries, short probe interval, the stand-in as Graph.
+fn test_env(graph: &GraphStandIn, dir: &tempfile::TempDir) -> Vec<(String, String)> {
+    let db = dir.path().join("capi-bridge.db");
+    [
+        ("LISTEN_ADDR", "127.0.0.1:0".to_owned()),
+        ("DATABASE_URL", format!("sqlite://{}", db.display())),
+        ("META_ACCESS_TOKEN", TOKEN.to_owned()),
+        ("META_PIXEL_ID", PIXEL.to_owned()),
+        ("META_GRAPH_URL", graph.url.clone()),
+        ("WEBHOOK_SECRET", SECRET.to_owned()),
+        ("DELIVERY_RETRY_BASE_MS", "20".to_owned()),
+        ("DELIVERY_RETRY_MAX_MS", "200".to_owned()),
+        ("DELIVERY_PAUSE_PROBE_INTERVAL_MS", "100".to_owned()),
+        ("DELIVERY_POLL_INTERVAL_MS", "100".to_owned()),
+        ("DELIVERY_REQUEST_TIMEOUT_MS", "5000".to_owned()),
+        ("DELIVERY_LEASE_MS", "10000".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+/// The service with credentials and a secret, delivering to a fresh stand-in.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(&[]).await
+}
+
+/// Like [`spawn_app`], with some variables changed (an empty value removes one).
+pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
+    let graph = GraphStandIn::start(TOKEN, PIXEL).await;
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    let mut env = test_env(&graph, &dir);
+    for (key, value) in overrides {
+        env.retain(|(k, _)| k != key);
+        if !value.is_empty() {
+            env.push(((*key).to_owned(), (*value).to_owned()));
+        }
+    }
+    start(graph, dir, env).await
+}
+
+async fn start(graph: GraphStandIn, dir: Arc<tempfile::TempDir>, env: Vec<(String, String)>) -> TestApp {
+    let config = config::load(&Env::from_pairs(env.clone()), None).expect("test config is valid");
+    let app = App::build(config).await.expect("app builds");
+    let address = format!("http://{}", app.local_addr().expect("addr"));
+    let store = app.store.clone();
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(app.run_until_stopped(shutdown.clone()));
+    TestApp {
+        address,
+        graph,
+        store,
+        http: reqwest::Client::new(),
+        dir,
+        env,
+        shutdown,
+        server,
+    }
+}
+
+impl TestApp {
+    /// POSTs `body` to `/v1/events` with the secret.
+    pub async fn post_events(&self, body: &Value) -> reqwest::Response {
+        self.http
+            .post(format!("{}/v1/events", self.address))
+            .bearer_auth(SECRET)
+            .json(body)
+            .send()
+            .await
+            .expect("request")
+    }
+
+    /// POSTs raw bytes with optional auth header.
+    pub async fn post_raw(&self, body: impl Into<reqwest::Body>, auth: Option<(&str, &str)>) -> reqwest::Response {
+        let mut request = self
+            .http
+            .post(format!("{}/v1/events", self.address))
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some((name, value)) = auth {
+            request = request.header(name, value);
+        }
+        request.send().await.expect("request")
+    }
+
+    /// GET `/v1/events/{id}` as JSON.
+    pub async fn get_event(&self, event_id: &str) -> Value {
+        self.http
+            .get(format!("{}/v1/events/{event_id}", self.address))
+            .bearer_auth(SECRET)
+            .send()
+            .await
+            .expect("request")
+            .json()
+            .await
+            .expect("json")
+    }
+
+    /// The stored event, straight from the store.
+    pub async fn stored(&self, event_id: &str) -> Option<EventDetail> {
+        self.store
+            .find_event(event_id, capi_bridge::delivery::now_ms())
+            .await
+            .expect("store")
+    }
+
+    /// Waits until the stored event reaches `state`.
+    pub async fn wait_for_state(&self, event_id: &str, state: &str) -> EventDetail {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Some(detail) = self.stored(event_id).await {
+                if detail.state == state {
+                    return detail;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "event {event_id} never reached {state}: {:?}",
+                self.stored(event_id).await.map(|d| d.state)
+            );
+            // Polling a condition (the store has no change feed), not sleeping for an outcome.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops the service gracefully (as SIGTERM does) and waits for it.
+    pub async fn stop(self) -> (GraphStandIn, Arc<tempfile::TempDir>, Vec<(String, String)>) {
+        self.shutdown.cancel();
+        self.server
+            .await
+            .expect("server task")
+            .expect("server stopped cleanly");
+        (self.graph, self.dir, self.env)
+    }
+
+    /// Stops and starts the service again on the same database and stand-in.
+    pub async fn restart(self) -> TestApp {
+        let (graph, dir, env) = self.stop().await;
+        start(graph, dir, env).await
+    }
+}
+
+/// The original service's seed example, with a current `event_time`.
+pub fn seed_event() -> Value {
+    json!({
+        "event_name": "Lead",
+        "email": "user@example.com",
+        "phone": "1234567890",
+        "event_time": chrono::Utc::now().timestamp(),
+        "custom_data": {"source": "Landing Page", "campaign": "Test Campaign"}
+    })
+}
+
+/// A valid event with a known id.
+pub fn lead(event_id: &str) -> Value {
+    json!({
+        "event_name": "Lead",
+        "event_id": event_id,
+        "email": format!("{event_id}@example.com"),
+        "event_time": chrono::Utc::now().timestamp(),
+    })
+}
+
+pub fn sha256(text: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(text.as_bytes()))
+}

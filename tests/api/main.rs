@@ -1,0 +1,10 @@
+//! Black-box tests: the real service on a random port, a real SQLite file, and a real HTTP
+//! server standing in for the Graph API. One binary for all of them.
+
+#[path = "../support/graph_stand_in.rs"]
+mod graph_stand_in;
+
+mod crash;
+mod delivery;
+mod helpers;
+mod ingest;

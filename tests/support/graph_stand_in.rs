@@ -1,0 +1,369 @@
+//! A real HTTP server standing in for Meta's Graph API, following `meta-capi.md`: it checks the
+//! token (190), the pixel (100/33), each event's age (100/2804003), Purchase value/currency
+//! (100/2804009), that customer information is present and hashed (100/2804050), and rejects
+//! the whole batch when any event is bad (§1.9). Tests can script answers, poison event ids and
+//! add latency. Shared by the integration tests and the load benchmark.
+
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use tokio::sync::Notify;
+
+/// One scripted answer, used instead of the normal checks for the next request.
+#[derive(Debug, Clone)]
+pub enum Scripted {
+    /// An HTTP status with a raw body.
+    Raw(u16, String),
+    /// A Graph error envelope with this code (and subcode).
+    GraphError {
+        /// HTTP status.
+        status: u16,
+        /// `code`.
+        code: i64,
+        /// `error_subcode`.
+        subcode: Option<i64>,
+    },
+}
+
+/// One request as received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// Path (`/v25.0/123/events`).
+    pub path: String,
+    /// Query string, if any (must never hold the token).
+    pub query: Option<String>,
+    /// Parsed body.
+    pub body: Value,
+    /// What the stand-in answered.
+    pub status: u16,
+}
+
+#[derive(Default)]
+struct Inner {
+    valid_token: String,
+    pixel_id: String,
+    scripted: VecDeque<Scripted>,
+    poison_event_ids: Vec<String>,
+    latency: Duration,
+    requests: Vec<Received>,
+    /// Events Meta accepted, in order (duplicates included: Meta would dedup them).
+    accepted: Vec<Value>,
+}
+
+/// Handle to a running stand-in.
+#[derive(Clone)]
+pub struct GraphStandIn {
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    inner: Arc<Mutex<Inner>>,
+    changed: Arc<Notify>,
+}
+
+type Shared = (Arc<Mutex<Inner>>, Arc<Notify>);
+
+impl GraphStandIn {
+    /// Starts a stand-in that accepts `token` for `pixel_id`.
+    pub async fn start(token: &str, pixel_id: &str) -> Self {
+        let inner = Arc::new(Mutex::new(Inner {
+            valid_token: token.to_owned(),
+            pixel_id: pixel_id.to_owned(),
+            ..Inner::default()
+        }));
+        let changed = Arc::new(Notify::new());
+        let router = Router::new()
+            .route("/{version}/{pixel}/events", post(events))
+            .route("/{version}/{pixel}", get(pixel))
+            .with_state((inner.clone(), changed.clone()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the stand-in");
+        let addr: SocketAddr = listener.local_addr().expect("local addr");
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+        Self {
+            url: format!("http://{addr}"),
+            inner,
+            changed,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Answers the next requests with these, in order, before normal behaviour resumes.
+    pub fn script(&self, answers: impl IntoIterator<Item = Scripted>) {
+        self.lock().scripted.extend(answers);
+    }
+
+    /// Meta will refuse (100/2804050) any batch holding one of these event ids.
+    pub fn poison(&self, event_id: &str) {
+        self.lock().poison_event_ids.push(event_id.to_owned());
+    }
+
+    /// Changes the token the stand-in accepts (a user fixing their credentials).
+    pub fn set_valid_token(&self, token: &str) {
+        self.lock().valid_token = token.to_owned();
+    }
+
+    /// Adds latency to every answer.
+    pub fn set_latency(&self, latency: Duration) {
+        self.lock().latency = latency;
+    }
+
+    /// Every request so far.
+    pub fn requests(&self) -> Vec<Received> {
+        self.lock().requests.clone()
+    }
+
+    /// Number of requests so far.
+    pub fn request_count(&self) -> usize {
+        self.lock().requests.len()
+    }
+
+    /// Every event accepted so far.
+    pub fn accepted(&self) -> Vec<Value> {
+        self.lock().accepted.clone()
+    }
+
+    /// Number of events accepted so far.
+    pub fn accepted_count(&self) -> usize {
+        self.lock().accepted.len()
+    }
+
+    /// Waits until `condition` holds on the stand-in's state, or panics after `timeout`.
+    /// Wakes on every request: no polling sleeps.
+    pub async fn wait_until(
+        &self,
+        timeout: Duration,
+        what: &str,
+        condition: impl Fn(&GraphStandIn) -> bool,
+    ) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if condition(self) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                panic!(
+                    "timed out after {timeout:?} waiting for {what}: {} requests, {} events accepted",
+                    self.request_count(),
+                    self.accepted_count()
+                );
+            }
+        }
+    }
+
+    /// Waits until at least `n` events were accepted.
+    pub async fn wait_for_accepted(&self, n: usize, timeout: Duration) -> Vec<Value> {
+        self.wait_until(timeout, &format!("{n} accepted events"), |g| {
+            g.accepted_count() >= n
+        })
+        .await;
+        self.accepted()
+    }
+}
+
+fn graph_error(status: u16, code: i64, subcode: Option<i64>, title: &str, msg: &str) -> Response {
+    let mut error = json!({
+        "message": if code == 100 { "Invalid parameter" } else { msg },
+        "type": "OAuthException",
+        "code": code,
+        "is_transient": false,
+        "error_user_title": title,
+        "error_user_msg": msg,
+        "fbtrace_id": "StandInTrace",
+    });
+    if let Some(sub) = subcode {
+        error["error_subcode"] = json!(sub);
+    }
+    (
+        StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+        Json(json!({ "error": error })),
+    )
+        .into_response()
+}
+
+fn is_sha256_hex(v: &Value) -> bool {
+    v.as_str().is_some_and(|s| {
+        let hash = s.split('.').next().unwrap_or("");
+        hash.len() == 64 && hash.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+    })
+}
+
+/// Meta's per-event checks; `Some(answer)` refuses the whole batch.
+fn check_event(event: &Value, now: i64, poison: &[String]) -> Option<Response> {
+    let event_id = event["event_id"].as_str().unwrap_or("");
+    if poison.iter().any(|p| p == event_id) {
+        return Some(graph_error(
+            400,
+            100,
+            Some(2804050),
+            "Customer information parameters",
+            "This event has insufficient customer information.",
+        ));
+    }
+    let event_time = event["event_time"].as_i64().unwrap_or(0);
+    if now - event_time > 7 * 24 * 3600 {
+        return Some(graph_error(
+            400,
+            100,
+            Some(2804003),
+            "Event Timestamp Too Old",
+            "The timestamp for this event is too far in the past.",
+        ));
+    }
+    if event["event_name"] == "Purchase"
+        && (event["custom_data"]["value"].is_null() || event["custom_data"]["currency"].is_null())
+    {
+        return Some(graph_error(
+            400,
+            100,
+            Some(2804009),
+            "Missing Value for Purchase Event",
+            "Your purchase event doesn't include a value parameter.",
+        ));
+    }
+    let user_data = event["user_data"].as_object()?;
+    if user_data.is_empty() {
+        return Some(graph_error(
+            400,
+            100,
+            Some(2804050),
+            "Customer information parameters",
+            "This event has insufficient customer information.",
+        ));
+    }
+    // Meta rejects unhashed contact information (meta-capi.md §2.1).
+    for key in ["em", "ph", "fn", "ln", "ct", "st", "zp", "country", "db", "ge", "external_id"] {
+        if let Some(values) = user_data.get(key) {
+            let all_hashed = match values {
+                Value::Array(items) => items.iter().all(is_sha256_hex),
+                single => is_sha256_hex(single),
+            };
+            if !all_hashed {
+                return Some(graph_error(
+                    400,
+                    100,
+                    None,
+                    "Unhashed customer information",
+                    "Customer information must be hashed with SHA-256.",
+                ));
+            }
+        }
+    }
+    None
+}
+
+async fn events(
+    State((inner, changed)): State<Shared>,
+    Path((_version, pixel)): Path<(String, String)>,
+    uri: axum::http::Uri,
+    body: Bytes,
+) -> Response {
+    let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let (latency, response, accepted) = {
+        let mut state = inner.lock().unwrap_or_else(|e| e.into_inner());
+        let latency = state.latency;
+        let data = parsed["data"].as_array().cloned().unwrap_or_default();
+        let now = chrono::Utc::now().timestamp();
+        let (response, accepted): (Response, Vec<Value>) = if let Some(s) = state.scripted.pop_front() {
+            let response = match s {
+                Scripted::Raw(status, body) => (
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                    body,
+                )
+                    .into_response(),
+                Scripted::GraphError {
+                    status,
+                    code,
+                    subcode,
+                } => graph_error(status, code, subcode, "Scripted", "scripted error"),
+            };
+            (response, Vec::new())
+        } else if parsed["access_token"].as_str() != Some(state.valid_token.as_str()) {
+            (
+                graph_error(400, 190, Some(463), "Session expired", "Error validating access token."),
+                Vec::new(),
+            )
+        } else if pixel != state.pixel_id {
+            (
+                graph_error(
+                    400,
+                    100,
+                    Some(33),
+                    "",
+                    "Unsupported post request. Object does not exist.",
+                ),
+                Vec::new(),
+            )
+        } else if data.is_empty() || data.len() > 1000 {
+            (
+                graph_error(400, 100, None, "", "data must hold 1 to 1000 events"),
+                Vec::new(),
+            )
+        } else if let Some(refusal) = data
+            .iter()
+            .find_map(|e| check_event(e, now, &state.poison_event_ids))
+        {
+            (refusal, Vec::new())
+        } else {
+            let n = data.len();
+            (
+                Json(json!({ "events_received": n, "messages": [], "fbtrace_id": "StandInOk" }))
+                    .into_response(),
+                data,
+            )
+        };
+        let status = response.status().as_u16();
+        state.requests.push(Received {
+            path: uri.path().to_owned(),
+            query: uri.query().map(str::to_owned),
+            body: parsed,
+            status,
+        });
+        (latency, response, accepted)
+    };
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    // Count events as received once the answer is about to go out.
+    inner
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .accepted
+        .extend(accepted);
+    changed.notify_waiters();
+    response
+}
+
+async fn pixel(
+    State((inner, _)): State<Shared>,
+    Path((_version, pixel)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let state = inner.lock().unwrap_or_else(|e| e.into_inner());
+    let expected = format!("Bearer {}", state.valid_token);
+    if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(expected.as_str()) {
+        return graph_error(400, 190, None, "", "Invalid OAuth access token.");
+    }
+    if pixel != state.pixel_id {
+        return graph_error(400, 100, Some(33), "", "Object does not exist.");
+    }
+    Json(json!({ "id": pixel, "name": "Stand-in pixel" })).into_response()
+}
