@@ -1,1 +1,232 @@
 //! Delivery against the Graph stand-in: batching, retries, splitting, pausing, restarts.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::graph_stand_in::Scripted;
+use crate::helpers::{lead, spawn_app, spawn_app_with, TOKEN, WAIT};
+
+fn leads(prefix: &str, n: usize) -> Vec<Value> {
+    (0..n).map(|i| lead(&format!("{prefix}-{i}"))).collect()
+}
+
+async fn readyz(app: &crate::helpers::TestApp) -> Value {
+    app.http
+        .get(format!("{}/readyz", app.address))
+        .send()
+        .await
+        .expect("readyz")
+        .json()
+        .await
+        .expect("json")
+}
+
+#[tokio::test]
+async fn events_2500_leave_as_3_requests() {
+    // Arrange
+    let app = spawn_app().await;
+
+    // Act: 1000 + 1000 + 500 events, each request committed whole.
+    let all = leads("bulk", 2500);
+    for chunk in all.chunks(1000) {
+        let response = app.post_events(&Value::Array(chunk.to_vec())).await;
+        assert_eq!(response.status(), 202);
+    }
+
+    // Assert
+    let accepted = app.graph.wait_for_accepted(2500, WAIT).await;
+    let unique: HashSet<_> = accepted.iter().map(|e| e["event_id"].clone()).collect();
+    assert_eq!(unique.len(), 2500);
+    let sizes: Vec<usize> = app
+        .graph
+        .requests()
+        .iter()
+        .map(|r| r.body["data"].as_array().map_or(0, Vec::len))
+        .collect();
+    assert_eq!(sizes.len(), 3, "request sizes: {sizes:?}");
+    assert!(sizes.iter().all(|n| *n <= 1000));
+}
+
+#[tokio::test]
+async fn a_500_then_200_delivers_once() {
+    let app = spawn_app().await;
+    app.graph
+        .script([Scripted::Raw(500, "upstream trouble".to_owned())]);
+
+    assert_eq!(app.post_events(&lead("flaky-1")).await.status(), 202);
+
+    app.graph.wait_for_accepted(1, WAIT).await;
+    let detail = app.wait_for_state("flaky-1", "delivered").await;
+    assert_eq!(app.graph.accepted_count(), 1);
+    assert_eq!(app.graph.request_count(), 2);
+    let outcomes: Vec<_> = detail
+        .attempts_log
+        .iter()
+        .map(|a| (a.record.outcome.clone(), a.record.http_status))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [("retry".to_owned(), Some(500)), ("delivered".to_owned(), Some(200))]
+    );
+}
+
+#[tokio::test]
+async fn throttling_codes_back_off_before_trying_again() {
+    let app = spawn_app_with(&[
+        ("DELIVERY_RETRY_BASE_MS", "300"),
+        ("DELIVERY_RETRY_MAX_MS", "300"),
+    ])
+    .await;
+    app.graph.script([
+        Scripted::GraphError {
+            status: 400,
+            code: 17,
+            subcode: None,
+        },
+        Scripted::GraphError {
+            status: 400,
+            code: 80004,
+            subcode: Some(2446079),
+        },
+    ]);
+
+    assert_eq!(app.post_events(&lead("slow-1")).await.status(), 202);
+    app.graph
+        .wait_until(WAIT, "the first throttled answer", |g| g.request_count() >= 1)
+        .await;
+    let status = readyz(&app).await;
+    assert_eq!(status["pixels"][0]["state"], "throttled", "{status}");
+
+    app.graph.wait_for_accepted(1, WAIT).await;
+    let times: Vec<_> = app.graph.requests().iter().map(|r| r.at).collect();
+    assert_eq!(times.len(), 3);
+    for pair in times.windows(2) {
+        // Backoff with jitter takes at most half of the 300 ms delay away.
+        assert!(
+            pair[1] - pair[0] >= Duration::from_millis(150),
+            "retried after {:?}",
+            pair[1] - pair[0]
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_batch_with_one_bad_event_delivers_the_other_999_and_parks_the_bad_one() {
+    let app = spawn_app().await;
+    app.graph.poison("batch-417");
+
+    let response = app
+        .post_events(&Value::Array(leads("batch", 1000)))
+        .await;
+    assert_eq!(response.status(), 202);
+
+    let accepted = app.graph.wait_for_accepted(999, WAIT).await;
+    let dead = app.wait_for_state("batch-417", "dead").await;
+    let ids: HashSet<_> = accepted
+        .iter()
+        .map(|e| e["event_id"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(ids.len(), 999);
+    assert!(!ids.contains("batch-417"));
+    let reason = dead.last_error.expect("a reason");
+    assert!(reason.contains("2804050"), "{reason}");
+    assert!(reason.contains("insufficient customer information"), "{reason}");
+    let last = dead.attempts_log.last().expect("an attempt");
+    assert_eq!(last.record.code, Some(100));
+    assert_eq!(last.record.fbtrace_id.as_deref(), Some("StandInTrace"));
+    // Splitting is logarithmic, not one request per event.
+    assert!(app.graph.request_count() < 40, "{} requests", app.graph.request_count());
+}
+
+#[tokio::test]
+async fn an_invalid_token_pauses_without_loss_and_resumes_after_the_fix() {
+    let app = spawn_app().await;
+    app.graph.set_valid_token("a-token-the-user-has-not-set-yet");
+
+    let response = app.post_events(&Value::Array(leads("paused", 20))).await;
+    assert_eq!(response.status(), 202);
+    app.graph
+        .wait_until(WAIT, "a refused request", |g| g.request_count() >= 1)
+        .await;
+
+    let status = readyz(&app).await;
+    assert_eq!(status["pixels"][0]["state"], "paused", "{status}");
+    assert_eq!(status["status"], "degraded");
+    assert!(status["pixels"][0]["reason"]
+        .as_str()
+        .is_some_and(|r| r.contains("190")));
+    // Nothing is dead: the events wait.
+    for i in 0..20 {
+        let detail = app.stored(&format!("paused-{i}")).await.expect("stored");
+        assert_ne!(detail.state, "dead");
+    }
+
+    // The user fixes the token at Meta; the periodic probe resumes delivery by itself.
+    app.graph.set_valid_token(TOKEN);
+    app.graph.wait_for_accepted(20, WAIT).await;
+    app.wait_for_state("paused-19", "delivered").await;
+    assert_eq!(readyz(&app).await["pixels"][0]["state"], "running");
+}
+
+#[tokio::test]
+async fn a_restart_with_queued_events_delivers_them() {
+    // A long probe interval keeps the events queued while the first instance runs.
+    let app = spawn_app_with(&[("DELIVERY_PAUSE_PROBE_INTERVAL_MS", "3600000")]).await;
+    app.graph.set_valid_token("not-yet");
+    let response = app.post_events(&Value::Array(leads("restart", 50))).await;
+    assert_eq!(response.status(), 202);
+    app.graph
+        .wait_until(WAIT, "a refused request", |g| g.request_count() >= 1)
+        .await;
+
+    let app = app.restart().await;
+    app.graph.set_valid_token(TOKEN);
+    let accepted = app.graph.wait_for_accepted(50, WAIT).await;
+    let ids: HashSet<_> = accepted.iter().map(|e| e["event_id"].clone()).collect();
+    assert_eq!(ids.len(), 50);
+}
+
+#[tokio::test]
+async fn an_event_whose_deadline_passes_while_retrying_is_dead_with_that_reason() {
+    let app = spawn_app_with(&[
+        ("DELIVERY_RETRY_BASE_MS", "5000"),
+        ("DELIVERY_RETRY_MAX_MS", "5000"),
+    ])
+    .await;
+    app.graph
+        .script([Scripted::Raw(503, "maintenance".to_owned())]);
+    // One second short of Meta's 7-day limit: the next retry would be too late.
+    let mut event = lead("late-1");
+    event["event_time"] = json!(chrono::Utc::now().timestamp() - 7 * 24 * 3600 + 1);
+    assert_eq!(app.post_events(&event).await.status(), 202);
+
+    let dead = app.wait_for_state("late-1", "dead").await;
+    assert!(dead.last_error.is_some_and(|e| e.contains("deadline")));
+    assert_eq!(app.graph.accepted_count(), 0);
+}
+
+#[tokio::test]
+async fn get_event_shows_attempts_with_metas_answers_and_the_payload_sent() {
+    let app = spawn_app().await;
+    app.graph.script([Scripted::GraphError {
+        status: 500,
+        code: 2,
+        subcode: None,
+    }]);
+    assert_eq!(app.post_events(&lead("shown-1")).await.status(), 202);
+    app.wait_for_state("shown-1", "delivered").await;
+
+    let shown = app.get_event("shown-1").await;
+    assert_eq!(shown["state"], "delivered");
+    assert_eq!(shown["attempts"], 2);
+    assert_eq!(shown["attempts_log"][0]["outcome"], "retry");
+    assert_eq!(shown["attempts_log"][0]["code"], 2);
+    assert_eq!(shown["attempts_log"][0]["fbtrace_id"], "StandInTrace");
+    assert_eq!(shown["attempts_log"][1]["outcome"], "delivered");
+    assert_eq!(shown["payload"]["event_id"], "shown-1");
+    assert!(shown["payload"]["user_data"]["em"][0]
+        .as_str()
+        .is_some_and(|h| h.len() == 64));
+}

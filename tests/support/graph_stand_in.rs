@@ -47,6 +47,8 @@ pub struct Received {
     pub body: Value,
     /// What the stand-in answered.
     pub status: u16,
+    /// When it arrived.
+    pub at: std::time::Instant,
 }
 
 #[derive(Default)]
@@ -336,6 +338,7 @@ async fn events(
             query: uri.query().map(str::to_owned),
             body: parsed,
             status,
+            at: std::time::Instant::now(),
         });
         (latency, response, accepted)
     };
