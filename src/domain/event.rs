@@ -973,3 +973,374 @@ fn check_customer_information(match_keys: &[String], problems: &mut Vec<Problem>
         ));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const NOW: i64 = 1_790_000_000;
+
+    fn run(raw: Value) -> Result<(NormalizedEvent, Vec<Warning>), Vec<Problem>> {
+        run_with(raw, &IngestRules::default())
+    }
+
+    fn run_with(
+        raw: Value,
+        rules: &IngestRules,
+    ) -> Result<(NormalizedEvent, Vec<Warning>), Vec<Problem>> {
+        let mut n = 0;
+        normalize_event(&raw, rules, NOW, &mut || {
+            n += 1;
+            format!("generated-{n}")
+        })
+    }
+
+    fn ok(raw: Value) -> (NormalizedEvent, Vec<Warning>) {
+        run(raw).expect("valid event")
+    }
+
+    fn fields(problems: &[Problem]) -> Vec<&str> {
+        problems.iter().map(|p| p.field.as_str()).collect()
+    }
+
+    #[test]
+    fn flat_fields_of_the_original_service_become_hashed_user_data() {
+        let (event, warnings) = ok(json!({
+            "event_name": "Lead", "event_time": NOW,
+            "email": " User@Example.com ", "first_name": "Mary", "country": "United States",
+            "phone": "(650) 555-1212", "external_id": "ABC-1", "client_ip_address": "2001:db8::1",
+            "client_user_agent": "Mozilla/5.0", "fbp": "fb.1.1596403881668.1116446470",
+            "lead_id": "123456789012345", "value": "19.90", "currency": "brl"
+        }));
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let user = &event.payload["user_data"];
+        assert_eq!(user["em"], json!([normalize::sha256_hex("user@example.com")]));
+        assert_eq!(user["fn"], json!([normalize::sha256_hex("mary")]));
+        assert_eq!(user["country"], json!([normalize::sha256_hex("us")]));
+        // The person's country completes the national phone number.
+        assert_eq!(user["ph"], json!([normalize::sha256_hex("16505551212")]));
+        assert_eq!(user["external_id"], json!([normalize::sha256_hex("abc-1")]));
+        // Never hashed, never re-cased.
+        assert_eq!(user["client_ip_address"], "2001:db8::1");
+        assert_eq!(user["client_user_agent"], "Mozilla/5.0");
+        assert_eq!(user["fbp"], "fb.1.1596403881668.1116446470");
+        assert_eq!(user["lead_id"], "123456789012345");
+        assert_eq!(event.payload["custom_data"]["value"], json!(19.9));
+        assert_eq!(event.payload["custom_data"]["currency"], "BRL");
+    }
+
+    #[test]
+    fn metas_native_shape_is_accepted_and_pre_hashed_values_pass_through() {
+        let hashed = normalize::sha256_hex("john_smith@gmail.com");
+        let builder = format!("{hashed}.AQQCAQMB");
+        let (event, _) = ok(json!({
+            "event_name": "Purchase", "event_time": NOW, "event_id": "order-1",
+            "action_source": "website", "event_source_url": "https://shop.example.com/thanks",
+            "user_data": {
+                "em": [hashed.to_uppercase(), builder.clone()],
+                "client_user_agent": "UA",
+                "fbc": "fb.1.1554763741205.AbCdEfGhIjKlMnOpQrStUvWxYz1234567890"
+            },
+            "custom_data": {"value": 100, "currency": "USD", "contents": [{"id": "sku", "quantity": 1}]},
+            "opt_out": false
+        }));
+        assert_eq!(event.event_id, "order-1");
+        assert_eq!(event.payload["user_data"]["em"], json!([hashed, builder]));
+        assert_eq!(
+            event.payload["user_data"]["fbc"],
+            "fb.1.1554763741205.AbCdEfGhIjKlMnOpQrStUvWxYz1234567890"
+        );
+        assert_eq!(event.payload["custom_data"]["value"], json!(100));
+        assert_eq!(event.payload["custom_data"]["contents"][0]["id"], "sku");
+        assert_eq!(event.payload["event_source_url"], "https://shop.example.com/thanks");
+        assert_eq!(event.payload["opt_out"], false);
+    }
+
+    #[test]
+    fn values_are_deduplicated_after_hashing_and_empty_values_dropped() {
+        let (event, warnings) = ok(json!({
+            "event_name": "Lead", "event_time": NOW,
+            "user_data": {"em": ["A@b.com", "a@b.com", " A@B.COM ", "", "   "]},
+            "email": "a@b.com"
+        }));
+        assert!(warnings.is_empty());
+        assert_eq!(event.payload["user_data"]["em"], json!([normalize::sha256_hex("a@b.com")]));
+    }
+
+    #[test]
+    fn an_unnormalizable_value_is_dropped_with_a_warning_naming_the_field() {
+        let (event, warnings) = ok(json!({
+            "event_name": "Lead", "event_time": NOW,
+            "email": "not-an-email", "external_id": "42"
+        }));
+        assert_eq!(warnings.len(), 1);
+        assert_eq!(warnings[0].field, "email");
+        assert!(!warnings[0].reason.contains("not-an-email"), "no value in reasons");
+        assert!(event.payload["user_data"].get("em").is_none());
+    }
+
+    #[test]
+    fn fbclid_becomes_fbc_with_its_case_kept_and_the_time_in_milliseconds() {
+        let (event, _) = ok(json!({
+            "event_name": "Lead", "event_time": NOW - 60, "email": "a@b.com",
+            "fbclid": "IwAR2F4-dbP0l7Mn1IawQQGCINEz7PYXQvwjNwB_qa2ofrHyiLjcbCRxTDMgk"
+        }));
+        assert_eq!(
+            event.payload["user_data"]["fbc"],
+            format!(
+                "fb.1.{}.IwAR2F4-dbP0l7Mn1IawQQGCINEz7PYXQvwjNwB_qa2ofrHyiLjcbCRxTDMgk",
+                (NOW - 60) * 1000
+            )
+        );
+        // A given fbc wins over fbclid.
+        let (event, _) = ok(json!({
+            "event_name": "Lead", "event_time": NOW, "email": "a@b.com",
+            "fbclid": "Other", "fbc": "fb.1.1554763741205.Original.AQQCAQMB"
+        }));
+        assert_eq!(event.payload["user_data"]["fbc"], "fb.1.1554763741205.Original.AQQCAQMB");
+    }
+
+    #[test]
+    fn event_time_accepts_seconds_milliseconds_and_rfc3339() {
+        for raw in [
+            json!(NOW),
+            json!(NOW * 1000),
+            json!(NOW.to_string()),
+            json!(chrono::DateTime::from_timestamp(NOW, 0).expect("time").to_rfc3339()),
+        ] {
+            let (event, _) = ok(json!({"event_name": "Lead", "event_time": raw, "email": "a@b.com"}));
+            assert_eq!(event.event_time, NOW, "{raw}");
+        }
+        let (event, _) = ok(json!({"event_name": "Lead", "email": "a@b.com"}));
+        assert_eq!(event.event_time, NOW, "missing means now");
+    }
+
+    #[test]
+    fn event_time_limits_follow_meta() {
+        let day = 24 * 3600;
+        let too_old = run(json!({"event_name": "Lead", "event_time": NOW - 7 * day - 1, "email": "a@b.com"}));
+        assert_eq!(fields(&too_old.expect_err("too old")), ["event_time"]);
+        assert!(run(json!({"event_name": "Lead", "event_time": NOW - 7 * day + 10, "email": "a@b.com"})).is_ok());
+        let store = json!({"event_name": "Purchase", "event_time": NOW - 30 * day, "email": "a@b.com",
+            "action_source": "physical_store", "value": 1, "currency": "USD"});
+        let (event, _) = run(store).expect("62 days for stores");
+        assert_eq!(event.deadline, NOW - 30 * day + 62 * day);
+        let future = run(json!({"event_name": "Lead", "event_time": NOW + 301, "email": "a@b.com"}));
+        assert_eq!(fields(&future.expect_err("future")), ["event_time"]);
+        assert!(run(json!({"event_name": "Lead", "event_time": NOW + 299, "email": "a@b.com"})).is_ok());
+        let junk = run(json!({"event_name": "Lead", "event_time": "yesterday", "email": "a@b.com"}));
+        assert_eq!(fields(&junk.expect_err("junk")), ["event_time"]);
+    }
+
+    #[test]
+    fn event_names_map_aliases_and_standard_names_case_insensitively() {
+        for (given, sent) in [
+            ("Appointment", "Schedule"),
+            ("appointment", "Schedule"),
+            ("purchase", "Purchase"),
+            ("LEAD", "Lead"),
+            ("QualifiedLead", "QualifiedLead"),
+            ("stage_won", "stage_won"),
+        ] {
+            let raw = json!({"event_name": given, "event_time": NOW, "email": "a@b.com", "value": 1, "currency": "USD"});
+            assert_eq!(ok(raw).0.event_name, sent, "{given}");
+        }
+    }
+
+    #[test]
+    fn the_default_action_source_is_configurable_and_validated() {
+        let (event, _) = ok(json!({"event_name": "Lead", "event_time": NOW, "email": "a@b.com"}));
+        assert_eq!(event.payload["action_source"], "other");
+        let rules = IngestRules {
+            default_action_source: ActionSource::SystemGenerated,
+            ..IngestRules::default()
+        };
+        let (event, _) = run_with(json!({"event_name": "Lead", "event_time": NOW, "email": "a@b.com"}), &rules)
+            .expect("valid");
+        assert_eq!(event.payload["action_source"], "system_generated");
+        let bad = run(json!({"event_name": "Lead", "event_time": NOW, "email": "a@b.com", "action_source": "fax"}));
+        assert_eq!(fields(&bad.expect_err("bad")), ["action_source"]);
+    }
+
+    #[test]
+    fn website_events_need_a_url_and_a_user_agent() {
+        let bad = run(json!({"event_name": "Lead", "event_time": NOW, "email": "a@b.com", "action_source": "website"}));
+        assert_eq!(
+            fields(&bad.expect_err("incomplete")),
+            ["event_source_url", "user_data.client_user_agent"]
+        );
+        assert!(run(json!({"event_name": "Lead", "event_time": NOW, "email": "a@b.com",
+            "action_source": "website", "event_source_url": "https://x.example/",
+            "client_user_agent": "UA"}))
+        .is_ok());
+    }
+
+    #[test]
+    fn purchase_needs_a_value_and_an_iso_currency() {
+        let bad = run(json!({"event_name": "Purchase", "event_time": NOW, "email": "a@b.com"}));
+        assert_eq!(fields(&bad.expect_err("bad")), ["custom_data.value", "custom_data.currency"]);
+        let bad = run(json!({"event_name": "Purchase", "event_time": NOW, "email": "a@b.com",
+            "value": "lots", "currency": "reais"}));
+        assert_eq!(fields(&bad.expect_err("bad")), ["value", "currency"]);
+        // Outside Purchase a bad value is only dropped.
+        let (event, warnings) = ok(json!({"event_name": "Lead", "event_time": NOW, "email": "a@b.com", "value": "lots"}));
+        assert_eq!(warnings[0].field, "value");
+        assert!(event.payload.get("custom_data").is_none());
+    }
+
+    #[test]
+    fn customer_information_follows_metas_baseline_rule() {
+        let none = run(json!({"event_name": "Lead", "event_time": NOW}));
+        assert_eq!(fields(&none.expect_err("none")), ["user_data"]);
+        for too_broad in [
+            json!({"gender": "f", "first_name": "Ann"}),
+            json!({"city": "Paris", "country": "FR", "zip": "75018", "client_user_agent": "UA"}),
+            json!({"date_of_birth": "1990-01-02", "client_user_agent": "UA"}),
+        ] {
+            let mut raw = too_broad.clone();
+            raw["event_name"] = json!("Lead");
+            raw["event_time"] = json!(NOW);
+            let err = run(raw).expect_err("too broad");
+            assert_eq!(fields(&err), ["user_data"], "{too_broad}");
+            assert!(err[0].reason.contains("insufficient"));
+        }
+        for enough in [
+            json!({"gender": "f", "first_name": "Ann", "last_name": "Lee"}),
+            json!({"external_id": "u1"}),
+            json!({"fbp": "fb.1.1596403881668.1116446470"}),
+            json!({"client_ip_address": "203.0.113.9", "client_user_agent": "UA"}),
+        ] {
+            let mut raw = enough.clone();
+            raw["event_name"] = json!("Lead");
+            raw["event_time"] = json!(NOW);
+            assert!(run(raw).is_ok(), "{enough}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_dropped_with_a_warning_so_no_raw_data_leaks() {
+        let (event, warnings) = ok(json!({
+            "event_name": "Lead", "event_time": NOW, "email": "a@b.com",
+            "full_name": "Mary Smith", "user_data": {"mobile": "555"}
+        }));
+        let mut dropped: Vec<_> = warnings.iter().map(|w| w.field.as_str()).collect();
+        dropped.sort_unstable();
+        assert_eq!(dropped, ["full_name", "user_data.mobile"]);
+        let text = event.payload.to_string();
+        assert!(!text.contains("Mary") && !text.contains("555"));
+    }
+
+    #[test]
+    fn bad_plain_keys_are_dropped_with_warnings() {
+        let (event, warnings) = ok(json!({
+            "event_name": "Lead", "event_time": NOW, "email": "a@b.com",
+            "client_ip_address": "999.1.1.1", "fbc": "not-a-cookie", "lead_id": "abc"
+        }));
+        let dropped: Vec<_> = warnings.iter().map(|w| w.field.as_str()).collect();
+        assert_eq!(dropped, ["client_ip_address", "fbc", "lead_id"]);
+        assert_eq!(event.match_keys, ["em"]);
+    }
+
+    #[test]
+    fn data_processing_options_keep_zero_and_reject_wrong_pairs() {
+        let (event, _) = ok(json!({"event_name": "Lead", "event_time": NOW, "email": "a@b.com",
+            "data_processing_options": ["ldu"], "data_processing_options_country": 0,
+            "data_processing_options_state": 0}));
+        assert_eq!(event.payload["data_processing_options"], json!(["LDU"]));
+        assert_eq!(event.payload["data_processing_options_country"], 0);
+        assert_eq!(event.payload["data_processing_options_state"], 0);
+        let (event, _) = ok(json!({"event_name": "Lead", "event_time": NOW, "email": "a@b.com",
+            "data_processing_options": []}));
+        assert_eq!(event.payload["data_processing_options"], json!([]));
+        let bad = run(json!({"event_name": "Lead", "event_time": NOW, "email": "a@b.com",
+            "data_processing_options": ["LDU"], "data_processing_options_country": 1,
+            "data_processing_options_state": 0}));
+        assert_eq!(fields(&bad.expect_err("bad")), ["data_processing_options_country"]);
+    }
+
+    #[test]
+    fn messaging_and_app_events_need_their_fields() {
+        let bad = run(json!({"event_name": "Purchase", "event_time": NOW, "external_id": "1",
+            "value": 1, "currency": "BRL", "action_source": "business_messaging"}));
+        assert_eq!(fields(&bad.expect_err("bad")), ["messaging_channel"]);
+        let (event, _) = ok(json!({"event_name": "LeadSubmitted", "event_time": NOW,
+            "action_source": "business_messaging", "messaging_channel": "WhatsApp",
+            "user_data": {"ctwa_clid": "ARAkLkA8rmlFeiCktEJQ", "whatsapp_business_account_id": "1"}}));
+        assert_eq!(event.payload["messaging_channel"], "whatsapp");
+        assert_eq!(event.payload["user_data"]["ctwa_clid"], "ARAkLkA8rmlFeiCktEJQ");
+        let bad = run(json!({"event_name": "Lead", "event_time": NOW, "external_id": "1", "action_source": "app"}));
+        assert_eq!(fields(&bad.expect_err("bad")), ["app_data"]);
+    }
+
+    #[test]
+    fn event_ids_are_kept_or_generated() {
+        assert_eq!(ok(json!({"event_name": "Lead", "email": "a@b.com", "event_id": " x-1 "})).0.event_id, "x-1");
+        assert_eq!(ok(json!({"event_name": "Lead", "email": "a@b.com", "event_id": 42})).0.event_id, "42");
+        assert_eq!(ok(json!({"event_name": "Lead", "email": "a@b.com"})).0.event_id, "generated-1");
+    }
+
+    #[test]
+    fn requests_are_one_event_an_array_or_metas_envelope() {
+        let one = split_request(json!({"event_name": "Lead"})).expect("one");
+        assert_eq!(one.events.len(), 1);
+        let many = split_request(json!([{"event_name": "Lead"}, {"event_name": "Lead"}])).expect("many");
+        assert_eq!(many.events.len(), 2);
+        let envelope = split_request(json!({"data": [{"event_name": "Lead"}], "test_event_code": "T1"}))
+            .expect("envelope");
+        assert_eq!(envelope.test_event_code.as_deref(), Some("T1"));
+        assert!(split_request(json!([])).is_err());
+        assert!(split_request(json!("text")).is_err());
+        let too_many = Value::Array(vec![json!({}); MAX_EVENTS_PER_REQUEST + 1]);
+        assert!(split_request(too_many).is_err());
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn json_leaf() -> impl Strategy<Value = Value> {
+            prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(Value::from),
+                any::<f64>().prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+                ".{0,40}".prop_map(Value::String),
+            ]
+        }
+
+        fn json_value() -> impl Strategy<Value = Value> {
+            json_leaf().prop_recursive(3, 24, 6, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                    prop::collection::btree_map(
+                        prop_oneof![
+                            Just("email".to_owned()), Just("phone".to_owned()), Just("em".to_owned()),
+                            Just("value".to_owned()), Just("currency".to_owned()), Just("event_time".to_owned()),
+                            Just("user_data".to_owned()), Just("custom_data".to_owned()), Just("fbclid".to_owned()),
+                            Just("country".to_owned()), Just("data_processing_options".to_owned()),
+                            "[a-z_]{1,12}",
+                        ],
+                        inner,
+                        0..6
+                    )
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        proptest! {
+            #[test]
+            fn normalizing_arbitrary_json_never_panics_and_never_hashes_empty(raw in json_value()) {
+                let mut event = raw;
+                if let Value::Object(map) = &mut event {
+                    map.insert("event_name".to_owned(), Value::String("Lead".to_owned()));
+                }
+                if let Ok((normalized, _)) = run(event) {
+                    let text = normalized.payload.to_string();
+                    prop_assert!(!text.contains(&normalize::sha256_hex("")));
+                }
+            }
+        }
+    }
+}
