@@ -4,6 +4,7 @@
 #[path = "../support/graph_stand_in.rs"]
 mod graph_stand_in;
 
+mod cli;
 mod crash;
 mod delivery;
 mod helpers;

@@ -1,0 +1,211 @@
+//! The binary as users run it: `hash`, `check`, `send`, `replay`, configuration errors, and a
+//! graceful SIGTERM.
+
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+
+use crate::graph_stand_in::GraphStandIn;
+use crate::helpers::{lead, sha256, PIXEL, SECRET, TOKEN, WAIT};
+
+/// The binary in a clean environment, run from `dir` so no developer `.env` leaks in.
+fn capi_bridge(dir: &std::path::Path, env: &[(&str, &str)], args: &[&str]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_capi-bridge"));
+    command
+        .args(args)
+        .current_dir(dir)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .stdin(Stdio::null());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command.output().expect("run capi-bridge")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn hash_prints_the_normalized_value_and_metas_documented_hash() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = capi_bridge(dir.path(), &[], &["hash", "em", "  John_Smith@gmail.com "]);
+    assert!(out.status.success());
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("john_smith@gmail.com"), "{stdout}");
+    assert!(stdout.contains("62a14e44f765419d10fea99367361a727c12365e2520f32218d505ed9aa0f62f"));
+
+    // A national number is refused without a country, and completed with DEFAULT_COUNTRY.
+    let out = capi_bridge(dir.path(), &[], &["hash", "ph", "(650)555-1212"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("country"), "{}", text(&out.stderr));
+    let out = capi_bridge(dir.path(), &[("DEFAULT_COUNTRY", "US")], &["hash", "ph", "(650)555-1212"]);
+    assert!(out.status.success());
+    assert!(text(&out.stdout).contains("e323ec626319ca94ee8bff2e4c87cf613be6ea19919ed1364124e16807ab3176"));
+
+    let out = capi_bridge(dir.path(), &[], &["hash", "email", "a@b.com"]);
+    assert_eq!(out.status.code(), Some(2), "unknown field name");
+}
+
+#[test]
+fn invalid_configuration_fails_at_start_with_one_line_per_problem() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = capi_bridge(
+        dir.path(),
+        &[("LISTEN_ADDR", "0.0.0.0:8080"), ("META_API_VERSION", "25"), ("META_PIXEL_ID", "1")],
+        &["serve"],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    let problems: Vec<_> = stderr.lines().filter(|l| l.trim_start().starts_with("- ")).collect();
+    assert_eq!(problems.len(), 3, "{stderr}");
+    assert!(stderr.contains("WEBHOOK_SECRET"));
+    assert!(stderr.contains("META_API_VERSION"));
+    assert!(stderr.contains("META_ACCESS_TOKEN"));
+}
+
+#[test]
+fn postgres_is_refused_clearly_until_it_is_supported() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = capi_bridge(dir.path(), &[("DATABASE_URL", "postgres://localhost/test")], &["check"]);
+    assert_eq!(out.status.code(), Some(1));
+    let all = text(&out.stdout) + &text(&out.stderr);
+    assert!(all.contains("not supported yet"), "{all}");
+    assert!(!all.contains("panicked"));
+}
+
+#[test]
+fn the_env_local_file_is_read_and_the_real_environment_wins() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join(".env.local"), "DEFAULT_COUNTRY=GB\n").expect("write");
+    let out = capi_bridge(dir.path(), &[], &["hash", "ph", "020 7946 0958"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("442079460958"));
+    let out = capi_bridge(dir.path(), &[("DEFAULT_COUNTRY", "US")], &["hash", "ph", "020 7946 0958"]);
+    assert!(!out.status.success(), "a US reading of a UK number is refused");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_proves_the_token_reaches_the_pixel() {
+    let graph = GraphStandIn::start(TOKEN, PIXEL).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let env = [
+        ("META_ACCESS_TOKEN", TOKEN),
+        ("META_PIXEL_ID", PIXEL),
+        ("META_GRAPH_URL", graph.url.as_str()),
+    ];
+    let out = tokio::task::block_in_place(|| capi_bridge(dir.path(), &env, &["check"]));
+    assert!(out.status.success(), "{}", text(&out.stdout));
+    assert!(text(&out.stdout).contains("meta: ok"));
+
+    graph.set_valid_token("another");
+    let out = tokio::task::block_in_place(|| capi_bridge(dir.path(), &env, &["check"]));
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("190"), "{stdout}");
+    assert!(!stdout.contains(TOKEN), "the token is never printed");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn send_delivers_one_event_and_replay_requeues_a_dead_one() {
+    let graph = GraphStandIn::start(TOKEN, PIXEL).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let env = [
+        ("META_ACCESS_TOKEN", TOKEN),
+        ("META_PIXEL_ID", PIXEL),
+        ("META_GRAPH_URL", graph.url.as_str()),
+    ];
+    let out = tokio::task::block_in_place(|| {
+        capi_bridge(
+            dir.path(),
+            &env,
+            &["send", "--event-name", "Lead", "--event-id", "cli-1", "--email", "Cli@Example.com"],
+        )
+    });
+    assert!(out.status.success(), "{}\n{}", text(&out.stdout), text(&out.stderr));
+    let sent = graph.wait_for_accepted(1, WAIT).await;
+    assert_eq!(sent[0]["event_id"], "cli-1");
+    assert_eq!(sent[0]["user_data"]["em"][0], sha256("cli@example.com").as_str());
+
+    // An event Meta rejects ends up dead; after the cause is fixed, replay sends it again.
+    graph.poison("cli-2");
+    let out = tokio::task::block_in_place(|| {
+        capi_bridge(dir.path(), &env, &["send", "--event-name", "Lead", "--event-id", "cli-2", "--email", "b@example.com"])
+    });
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(text(&out.stdout).contains("\"dead\""));
+
+    let out = tokio::task::block_in_place(|| capi_bridge(dir.path(), &env, &["replay"]));
+    assert_eq!(out.status.code(), Some(2), "replay needs --id or --all");
+    let out = tokio::task::block_in_place(|| {
+        capi_bridge(dir.path(), &env, &["replay", "--all", "--reason-contains", "2804050"])
+    });
+    assert!(out.status.success());
+    assert!(text(&out.stdout).contains("requeued 1"), "{}", text(&out.stdout));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_stops_the_server_gracefully_after_in_flight_work() {
+    let graph = GraphStandIn::start(TOKEN, PIXEL).await;
+    graph.set_latency(std::time::Duration::from_millis(300));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_capi-bridge"))
+        .current_dir(dir.path())
+        .env_clear()
+        .env("LISTEN_ADDR", &listen)
+        .env("META_ACCESS_TOKEN", TOKEN)
+        .env("META_PIXEL_ID", PIXEL)
+        .env("META_GRAPH_URL", &graph.url)
+        .env("WEBHOOK_SECRET", SECRET)
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn");
+    let http = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let up = http.get(format!("http://{listen}/healthz")).send().await;
+        if up.is_ok_and(|r| r.status() == 200) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "server never came up");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let response = http
+        .post(format!("http://{listen}/v1/events"))
+        .bearer_auth(SECRET)
+        .json(&lead("term-1"))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(response.status(), 202);
+    // Stop while the delivery is in flight (the stand-in takes 300 ms to answer).
+    graph
+        .wait_until(WAIT, "the delivery request", |g| g.request_count() >= 1)
+        .await;
+    let pid = child.id().expect("pid").to_string();
+    let killed = Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+    assert!(killed.success());
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .expect("exits in time")
+        .expect("wait");
+    assert_eq!(status.code(), Some(0));
+    // The in-flight delivery finished and was recorded before exit.
+    assert_eq!(graph.accepted_count(), 1);
+    let db = format!("sqlite://{}", dir.path().join("capi-bridge.db").display());
+    let store = capi_bridge::store::open(&db).await.expect("open");
+    let detail = store
+        .find_event("term-1", capi_bridge::delivery::now_ms())
+        .await
+        .expect("find")
+        .expect("stored");
+    assert_eq!(detail.state, "delivered");
+    let _: Value = serde_json::to_value(&detail).expect("serializable");
+}
