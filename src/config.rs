@@ -680,4 +680,24 @@ mod tests {
         assert!(!shown.contains("EAAB-secret-token"));
         assert!(!shown.contains("hook-secret"));
     }
+
+    #[test]
+    fn every_key_documented_in_the_example_file_is_real() {
+        let example = include_str!("../capi-bridge.example.toml");
+        // Uncomment every `# key = value` line: deny_unknown_fields rejects a misspelt key.
+        let uncommented: String = example
+            .lines()
+            .map(|line| match line.strip_prefix("# ") {
+                Some(rest) if rest.split(" = ").count() >= 2 && !rest.starts_with(' ') => {
+                    rest.split("  #").next().unwrap_or(rest).to_owned()
+                }
+                _ => line.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let file: FileConfig = toml::from_str(&uncommented).expect("example parses");
+        assert_eq!(file.delivery.max_in_flight, Some(4));
+        assert_eq!(file.meta.api_version.as_deref(), Some("v25.0"));
+        assert_eq!(file.event_aliases.get("venda").map(String::as_str), Some("Purchase"));
+    }
 }

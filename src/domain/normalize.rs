@@ -134,6 +134,8 @@ pub fn prepare(key: HashedKey, raw: &str, ctx: &Context) -> Result<Option<Prepar
             .to_owned(),
         HashedKey::Db => date::date_of_birth(value)?,
         HashedKey::Ge => gender(value)?.to_owned(),
+        // §11.11: trim and lowercase only (internal spaces and punctuation are kept, unlike
+        // the parameter builder); the browser Pixel must apply the same transformation.
         HashedKey::ExternalId => value.to_lowercase(),
     };
     // Every rule above refuses empty results; this keeps the hash of "" out whatever happens.
@@ -638,6 +640,16 @@ mod tests {
                 ("1 650 555 1212", Some("16505551212")),
                 // US international dialling prefix.
                 ("011 44 20 7946 0958", Some("442079460958")),
+                ("011 55 11 98765 4321", Some("5511987654321")),
+                ("011 1 650 555 1212", Some("16505551212")),
+            ],
+        );
+        check(
+            HashedKey::Ph,
+            Some("au"),
+            &[
+                ("0011 44 20 7946 0958", Some("442079460958")),
+                ("(02) 9876 5432", Some("61298765432")),
             ],
         );
         check(

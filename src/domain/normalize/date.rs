@@ -62,7 +62,11 @@ pub(super) fn date_of_birth(value: &str) -> Result<String, Refusal> {
             let (year, a, b) = match (first.len(), third.len()) {
                 (4, 1..=2) if second.len() <= 2 => (first, second, third),
                 (1..=2, 4) if second.len() <= 2 => (third, first, second),
-                _ => return Err(refuse("date of birth needs a four-digit year")),
+                _ => {
+                    return Err(refuse(
+                        "date of birth needs exactly one four-digit year, first or last",
+                    ))
+                }
             };
             let (year, a, b) = (number(Some(year))?, number(Some(a))?, number(Some(b))?);
             // Month first unless the first part cannot be a month.

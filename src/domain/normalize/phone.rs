@@ -33,9 +33,10 @@ pub(super) fn phone(value: &str, country: Option<&str>) -> Result<String, Refusa
         .chars()
         .take_while(|c| !c.is_ascii_digit())
         .any(|c| c == '+');
-    let mut digits: String = main.chars().filter(char::is_ascii_digit).collect();
+    let all_digits: String = main.chars().filter(char::is_ascii_digit).collect();
+    let mut digits = all_digits.clone();
     let mut international = plus;
-    if let Some(rest) = digits.strip_prefix("00") {
+    if let Some(rest) = all_digits.strip_prefix("00") {
         // `0044 …`, and the redundant `+00 …` / `+001 …`.
         digits = rest.to_owned();
         international = true;
@@ -44,7 +45,14 @@ pub(super) fn phone(value: &str, country: Option<&str>) -> Result<String, Refusa
     if digits.is_empty() {
         return Err(refuse("phone number has no digits"));
     }
-    if digits.len() > MAX_DIGITS {
+    // A national number may carry a trunk or international dialling prefix on top of its
+    // 15 digits (`011 55 11 98765 4321`); the E.164 result is checked again in checked_e164.
+    let limit = if international {
+        MAX_DIGITS
+    } else {
+        MAX_DIGITS + 4
+    };
+    if digits.len() > limit {
         return Err(refuse("phone number has more than 15 digits"));
     }
     if international && digits.len() < MIN_DIGITS {
@@ -53,14 +61,20 @@ pub(super) fn phone(value: &str, country: Option<&str>) -> Result<String, Refusa
 
     let with_plus = format!("+{digits}");
     if international {
-        return valid_e164(None, &with_plus).ok_or(NOT_VALID);
+        return international_e164(&with_plus)
+            // An international dialling prefix longer than `00` (Australia's `0011`).
+            .or_else(|| {
+                let region = region(country).filter(|_| !plus)?;
+                national_e164(region, &all_digits)
+            })
+            .ok_or(NOT_VALID);
     }
     match region(country) {
-        Some(id) => valid_e164(Some(id), &digits)
+        Some(region) => national_e164(region, &digits)
             // The caller included the country code but not the `+` (`5511987654321`).
-            .or_else(|| valid_e164(None, &with_plus))
+            .or_else(|| international_e164(&with_plus))
             .ok_or(NOT_VALID),
-        None => valid_e164(None, &with_plus).ok_or(NO_COUNTRY_CODE),
+        None => international_e164(&with_plus).ok_or(NO_COUNTRY_CODE),
     }
 }
 
@@ -102,19 +116,50 @@ fn without_trunk_zero(text: &str) -> String {
     out
 }
 
-/// The phonenumber region for a country (`us` → `Id::US`), when its metadata exists.
-fn region(country: Option<&str>) -> Option<Id> {
-    let code = super::country_code(country?)?.to_ascii_uppercase();
-    // The parser unwraps the region's metadata; only hand it regions that have some.
-    phonenumber::metadata::DATABASE.by_id(code.as_str())?;
-    code.parse().ok()
+/// A phonenumber region and its calling code.
+#[derive(Clone, Copy)]
+struct Region {
+    id: Id,
+    calling_code: u16,
 }
 
-/// Parses `text` (for `region` when national) and returns its E.164 digits if the number is
-/// valid.
-fn valid_e164(region: Option<Id>, text: &str) -> Option<String> {
-    let number = phonenumber::parse(region, text).ok()?;
-    if !phonenumber::is_valid(&number) {
+/// The phonenumber region for a country (`us` → `Id::US`, 1), when its metadata exists.
+fn region(country: Option<&str>) -> Option<Region> {
+    let code = super::country_code(country?)?.to_ascii_uppercase();
+    // The parser unwraps the region's metadata; only hand it regions that have some.
+    let metadata = phonenumber::metadata::DATABASE.by_id(code.as_str())?;
+    Some(Region {
+        id: code.parse().ok()?,
+        calling_code: metadata.country_code(),
+    })
+}
+
+/// Reads `digits` as a national number of `region` (which may also start with the region's
+/// international dialling prefix, e.g. `011` from the US).
+fn national_e164(region: Region, digits: &str) -> Option<String> {
+    let number = phonenumber::parse(Some(region.id), digits).ok()?;
+    let found = number.code().value();
+    if found == region.calling_code {
+        return checked_e164(&number);
+    }
+    // The digits dialled abroad (`011 55 11 …`). The crate then strips the *default* region's
+    // national prefix from the foreign number (`+55 11 9…` came out as `+55 9…`), so the part
+    // after the dialling prefix is read again as an international number.
+    let found = found.to_string();
+    (1..=4)
+        .filter_map(|skip| digits.get(skip..))
+        .filter(|rest| rest.starts_with(found.as_str()))
+        .find_map(|rest| international_e164(&format!("+{rest}")))
+}
+
+/// Parses an international `text` (`+…`) and returns its E.164 digits if the number is valid.
+fn international_e164(text: &str) -> Option<String> {
+    checked_e164(&phonenumber::parse(None, text).ok()?)
+}
+
+/// The E.164 digits of `number` when it is valid and 7 to 15 digits long.
+fn checked_e164(number: &phonenumber::PhoneNumber) -> Option<String> {
+    if !phonenumber::is_valid(number) {
         return None;
     }
     // Built by hand: the crate's E.164 formatter returns a fmt::Error (and `to_string` would
