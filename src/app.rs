@@ -33,9 +33,12 @@ impl App {
     /// # Errors
     /// Storage that cannot be opened, an address that cannot be bound, a TLS setup failure.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        let store = store::open(&config.database_url)
-            .await
-            .with_context(|| format!("cannot open storage {}", crate::config::redact_url(&config.database_url)))?;
+        let store = store::open(&config.database_url).await.with_context(|| {
+            format!(
+                "cannot open storage {}",
+                crate::config::redact_url(&config.database_url)
+            )
+        })?;
         let listener = TcpListener::bind(config.listen_addr)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen_addr))?;
@@ -50,8 +53,14 @@ impl App {
         );
         let delivery = match &config.meta {
             Some(meta) => {
-                let client = GraphClient::new(&config, meta).context("cannot build the HTTP client")?;
-                Some(Delivery::new(store.clone(), client, config.delivery.clone(), wake))
+                let client =
+                    GraphClient::new(&config, meta).context("cannot build the HTTP client")?;
+                Some(Delivery::new(
+                    store.clone(),
+                    client,
+                    config.delivery.clone(),
+                    wake,
+                ))
             }
             None => None,
         };

@@ -49,7 +49,7 @@ pub enum Command {
         country: Option<String>,
     },
     /// Send one event through the same pipeline (flags, or JSON on stdin without --event-name).
-    Send(SendArgs),
+    Send(Box<SendArgs>),
     /// Queue dead events again.
     Replay(ReplayArgs),
     /// Apply storage migrations and exit.
@@ -131,7 +131,11 @@ pub async fn run(cli: Cli) -> ExitCode {
             field,
             value,
             country,
-        } => hash(&field, &value, country.or_else(|| env.get("DEFAULT_COUNTRY"))),
+        } => hash(
+            &field,
+            &value,
+            country.or_else(|| env.get("DEFAULT_COUNTRY")),
+        ),
         command => {
             let config = match config::load(&env, cli.config.as_deref()) {
                 Ok(config) => config,
@@ -141,7 +145,7 @@ pub async fn run(cli: Cli) -> ExitCode {
             let result = match command {
                 Command::Serve => serve(config).await,
                 Command::Check => check(config).await,
-                Command::Send(args) => send(config, args).await,
+                Command::Send(args) => send(config, *args).await,
                 Command::Replay(args) => replay(config, args).await,
                 Command::Migrate => migrate(config).await,
                 Command::Hash { .. } => Ok(ExitCode::SUCCESS),
@@ -196,10 +200,7 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
 async fn check(config: Config) -> anyhow::Result<ExitCode> {
     println!("configuration: ok");
     println!("  listen address: {}", config.listen_addr);
-    println!(
-        "  storage: {}",
-        config::redact_url(&config.database_url)
-    );
+    println!("  storage: {}", config::redact_url(&config.database_url));
     println!(
         "  authentication: {}",
         if config.unauthenticated() {
@@ -216,7 +217,9 @@ async fn check(config: Config) -> anyhow::Result<ExitCode> {
         }
     }
     let Some(meta) = &config.meta else {
-        println!("meta: dry-run (META_ACCESS_TOKEN and META_PIXEL_ID not set); nothing will be sent");
+        println!(
+            "meta: dry-run (META_ACCESS_TOKEN and META_PIXEL_ID not set); nothing will be sent"
+        );
         return Ok(ExitCode::SUCCESS);
     };
     let client = GraphClient::new(&config, meta)?;
@@ -380,6 +383,9 @@ async fn replay(config: Config, args: ReplayArgs) -> anyhow::Result<ExitCode> {
 
 async fn migrate(config: Config) -> anyhow::Result<ExitCode> {
     store::open(&config.database_url).await?;
-    println!("storage migrated: {}", config::redact_url(&config.database_url));
+    println!(
+        "storage migrated: {}",
+        config::redact_url(&config.database_url)
+    );
     Ok(ExitCode::SUCCESS)
 }

@@ -242,11 +242,7 @@ pub fn load(env: &Env, config_path: Option<&Path>) -> Result<Config, Vec<String>
             Ok(text) => match toml::from_str::<FileConfig>(&text) {
                 Ok(file) => file,
                 Err(err) => {
-                    problems.push(format!(
-                        "{}: {}",
-                        path.display(),
-                        err.message().trim_end()
-                    ));
+                    problems.push(format!("{}: {}", path.display(), err.message().trim_end()));
                     FileConfig::default()
                 }
             },
@@ -264,7 +260,9 @@ pub fn load(env: &Env, config_path: Option<&Path>) -> Result<Config, Vec<String>
         (None, Some(port), _) => match port.parse::<u16>() {
             Ok(port) => SocketAddr::from(([0, 0, 0, 0], port)),
             Err(_) => {
-                problems.push(format!("PORT must be a number from 0 to 65535, got {port:?}"));
+                problems.push(format!(
+                    "PORT must be a number from 0 to 65535, got {port:?}"
+                ));
                 default_addr()
             }
         },
@@ -297,7 +295,9 @@ pub fn load(env: &Env, config_path: Option<&Path>) -> Result<Config, Vec<String>
                 pixel_id,
                 access_token,
                 app_secret: env.get("META_APP_SECRET"),
-                test_event_code: env.get("META_TEST_EVENT_CODE").or(file.meta.test_event_code),
+                test_event_code: env
+                    .get("META_TEST_EVENT_CODE")
+                    .or(file.meta.test_event_code),
             })
         }
         (Some(_), None) => {
@@ -399,7 +399,11 @@ pub fn load(env: &Env, config_path: Option<&Path>) -> Result<Config, Vec<String>
 
     let d = file.delivery;
     let ms = |name: &str, file_value: Option<u64>, default: u64, problems: &mut Vec<String>| {
-        Duration::from_millis(number(env, name, problems).or(file_value).unwrap_or(default))
+        Duration::from_millis(
+            number(env, name, problems)
+                .or(file_value)
+                .unwrap_or(default),
+        )
     };
     let delivery = DeliveryConfig {
         max_batch_events: number(env, "DELIVERY_MAX_BATCH_EVENTS", &mut problems)
@@ -429,7 +433,12 @@ pub fn load(env: &Env, config_path: Option<&Path>) -> Result<Config, Vec<String>
             5_000,
             &mut problems,
         ),
-        retry_base: ms("DELIVERY_RETRY_BASE_MS", d.retry_base_ms, 1_000, &mut problems),
+        retry_base: ms(
+            "DELIVERY_RETRY_BASE_MS",
+            d.retry_base_ms,
+            1_000,
+            &mut problems,
+        ),
         retry_max: ms(
             "DELIVERY_RETRY_MAX_MS",
             d.retry_max_ms,
@@ -598,8 +607,8 @@ mod tests {
         let problems = load_pairs(&[("PORT", "3000")]).expect_err("needs a secret");
         assert_eq!(problems.len(), 1);
         assert!(problems[0].contains("WEBHOOK_SECRET"), "{problems:?}");
-        let config = load_pairs(&[("PORT", "3000"), ("WEBHOOK_SECRET", "0123456789abcdef")])
-            .expect("valid");
+        let config =
+            load_pairs(&[("PORT", "3000"), ("WEBHOOK_SECRET", "0123456789abcdef")]).expect("valid");
         assert_eq!(config.listen_addr.to_string(), "0.0.0.0:3000");
     }
 
@@ -631,14 +640,19 @@ mod tests {
         assert!(problems.iter().any(|p| p.contains("META_API_VERSION")));
         assert!(problems.iter().any(|p| p.contains("META_GRAPH_URL")));
         assert!(problems.iter().any(|p| p.contains("DEFAULT_COUNTRY")));
-        assert!(problems.iter().any(|p| p.contains("DELIVERY_MAX_IN_FLIGHT")));
+        assert!(problems
+            .iter()
+            .any(|p| p.contains("DELIVERY_MAX_IN_FLIGHT")));
     }
 
     #[test]
     fn the_real_environment_wins_over_env_files() {
         let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join(".env"), "META_API_VERSION=v20.0\nLOG_FORMAT=json\n")
-            .expect("write");
+        std::fs::write(
+            dir.path().join(".env"),
+            "META_API_VERSION=v20.0\nLOG_FORMAT=json\n",
+        )
+        .expect("write");
         std::fs::write(dir.path().join(".env.local"), "META_API_VERSION=v21.0\n").expect("write");
         let mut env = Env::from_process(dir.path()).expect("parse");
         env.real.clear();
@@ -661,7 +675,11 @@ mod tests {
         let config = load(&Env::default(), Some(&path)).expect("valid");
         assert_eq!(config.delivery.max_in_flight, 2);
         assert_eq!(
-            config.ingest.event_aliases.get("booking").map(String::as_str),
+            config
+                .ingest
+                .event_aliases
+                .get("booking")
+                .map(String::as_str),
             Some("Schedule")
         );
         // The built-in alias stays.
@@ -698,6 +716,9 @@ mod tests {
         let file: FileConfig = toml::from_str(&uncommented).expect("example parses");
         assert_eq!(file.delivery.max_in_flight, Some(4));
         assert_eq!(file.meta.api_version.as_deref(), Some("v25.0"));
-        assert_eq!(file.event_aliases.get("venda").map(String::as_str), Some("Purchase"));
+        assert_eq!(
+            file.event_aliases.get("venda").map(String::as_str),
+            Some("Purchase")
+        );
     }
 }

@@ -126,13 +126,11 @@ impl Ingestor {
                     normalized.push(event);
                 }
                 Err(event_problems) => {
-                    problems.extend(event_problems.into_iter().map(|p: Problem| {
-                        EventProblem {
-                            event_index,
-                            event_id: given_id.clone(),
-                            field: p.field,
-                            reason: p.reason,
-                        }
+                    problems.extend(event_problems.into_iter().map(|p: Problem| EventProblem {
+                        event_index,
+                        event_id: given_id.clone(),
+                        field: p.field,
+                        reason: p.reason,
                     }));
                 }
             }

@@ -4,7 +4,12 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 /// Sent as `partner_agent` so Meta's Dataset Quality API can attribute our events.
-pub const PARTNER_AGENT: &str = concat!("capibridge_", env!("CARGO_PKG_VERSION_MAJOR"), "_", env!("CARGO_PKG_VERSION_MINOR"));
+pub const PARTNER_AGENT: &str = concat!(
+    "capibridge_",
+    env!("CARGO_PKG_VERSION_MAJOR"),
+    "_",
+    env!("CARGO_PKG_VERSION_MINOR")
+);
 
 /// Request-level fields of a Graph `/{pixel}/events` call.
 pub struct RequestFields<'a> {
@@ -18,7 +23,10 @@ pub struct RequestFields<'a> {
 
 /// The JSON body: `{"data":[…], "access_token", "appsecret_proof"?, "test_event_code"?,
 /// "partner_agent"}`. Payloads are already JSON objects and are inserted as they are.
-pub fn build_body<'p>(payloads: impl IntoIterator<Item = &'p str>, fields: &RequestFields<'_>) -> String {
+pub fn build_body<'p>(
+    payloads: impl IntoIterator<Item = &'p str>,
+    fields: &RequestFields<'_>,
+) -> String {
     let mut body = String::from("{\"data\":[");
     for (i, payload) in payloads.into_iter().enumerate() {
         if i > 0 {
@@ -82,7 +90,14 @@ mod tests {
 
     #[test]
     fn optional_fields_are_left_out() {
-        let body = build_body([], &RequestFields { access_token: "t", appsecret_proof: None, test_event_code: None });
+        let body = build_body(
+            [],
+            &RequestFields {
+                access_token: "t",
+                appsecret_proof: None,
+                test_event_code: None,
+            },
+        );
         let v: serde_json::Value = serde_json::from_str(&body).expect("valid json");
         assert!(v.get("appsecret_proof").is_none());
         assert!(v.get("test_event_code").is_none());

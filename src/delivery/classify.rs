@@ -280,10 +280,7 @@ mod tests {
     }
 
     fn sample(name: &str) -> String {
-        let path = format!(
-            "{}/../shared/samples/{name}",
-            env!("CARGO_MANIFEST_DIR")
-        );
+        let path = format!("{}/../shared/samples/{name}", env!("CARGO_MANIFEST_DIR"));
         std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
     }
 
@@ -308,15 +305,30 @@ mod tests {
     #[test]
     fn success_with_fewer_events_received_is_retried() {
         let verdict = classify(&answer(200, r#"{"events_received":3}"#), 5);
-        assert!(matches!(verdict, Verdict::Retry { throttled: false, .. }));
+        assert!(matches!(
+            verdict,
+            Verdict::Retry {
+                throttled: false,
+                ..
+            }
+        ));
     }
 
     #[test]
     fn real_meta_errors_map_to_the_documented_classes() {
         let cases = [
-            ("meta-capi-error-100-2804003-timestamp-too-old.json", "rejected"),
-            ("meta-capi-error-100-2804009-purchase-missing-value.json", "rejected"),
-            ("meta-capi-error-100-2804050-insufficient-customer-info.json", "rejected"),
+            (
+                "meta-capi-error-100-2804003-timestamp-too-old.json",
+                "rejected",
+            ),
+            (
+                "meta-capi-error-100-2804009-purchase-missing-value.json",
+                "rejected",
+            ),
+            (
+                "meta-capi-error-100-2804050-insufficient-customer-info.json",
+                "rejected",
+            ),
             ("meta-capi-error-100-minimal.json", "rejected"),
             ("meta-capi-error-100-33-object-does-not-exist.json", "pause"),
             ("meta-capi-error-190-token-decrypt.json", "pause"),
@@ -324,7 +336,10 @@ mod tests {
             ("meta-graph-error-190-token-expired.json", "pause"),
             ("meta-capi-error-17-user-request-limit.json", "throttled"),
             ("meta-capi-error-4-rate-limit-minimal.json", "throttled"),
-            ("meta-graph-error-80004-ads-account-rate-limit.json", "throttled"),
+            (
+                "meta-graph-error-80004-ads-account-rate-limit.json",
+                "throttled",
+            ),
             ("meta-capi-error-21009-dataset-not-ready.json", "retry"),
         ];
         for (file, expected) in cases {
@@ -359,27 +374,42 @@ mod tests {
     fn server_errors_and_429_are_retried() {
         assert!(matches!(
             classify(&answer(500, "oops"), 1),
-            Verdict::Retry { throttled: false, .. }
+            Verdict::Retry {
+                throttled: false,
+                ..
+            }
         ));
         assert!(matches!(
             classify(&answer(503, r#"{"error":{"code":2,"message":"down"}}"#), 1),
-            Verdict::Retry { throttled: false, .. }
+            Verdict::Retry {
+                throttled: false,
+                ..
+            }
         ));
         assert!(matches!(
             classify(&answer(429, ""), 1),
-            Verdict::Retry { throttled: true, .. }
+            Verdict::Retry {
+                throttled: true,
+                ..
+            }
         ));
     }
 
     #[test]
     fn is_transient_true_is_honoured_for_unknown_codes() {
         let verdict = classify(
-            &answer(400, r#"{"error":{"code":9999,"is_transient":true,"message":"x"}}"#),
+            &answer(
+                400,
+                r#"{"error":{"code":9999,"is_transient":true,"message":"x"}}"#,
+            ),
             1,
         );
         assert!(matches!(verdict, Verdict::Retry { .. }));
         let verdict = classify(
-            &answer(400, r#"{"error":{"code":9999,"is_transient":false,"message":"x"}}"#),
+            &answer(
+                400,
+                r#"{"error":{"code":9999,"is_transient":false,"message":"x"}}"#,
+            ),
             1,
         );
         assert!(matches!(verdict, Verdict::Pause { .. }));
@@ -402,7 +432,10 @@ mod tests {
         a.retry_after_secs = Some(7);
         assert!(matches!(
             classify(&a, 1),
-            Verdict::Retry { hint_ms: Some(7000), .. }
+            Verdict::Retry {
+                hint_ms: Some(7000),
+                ..
+            }
         ));
         let header = r#"{"1234":[{"type":"ads_management","call_count":100,"estimated_time_to_regain_access":3}]}"#;
         let body = sample("meta-graph-error-80004-ads-account-rate-limit.json");
@@ -410,7 +443,11 @@ mod tests {
         a.business_use_case_usage = Some(header);
         assert!(matches!(
             classify(&a, 1),
-            Verdict::Retry { hint_ms: Some(180_000), throttled: true, .. }
+            Verdict::Retry {
+                hint_ms: Some(180_000),
+                throttled: true,
+                ..
+            }
         ));
     }
 

@@ -247,7 +247,11 @@ impl Delivery {
             let started = std::time::Instant::now();
             let verdict = self
                 .client
-                .send_events(chunk.iter().map(|e| e.payload.as_str()), chunk.len(), test_code)
+                .send_events(
+                    chunk.iter().map(|e| e.payload.as_str()),
+                    chunk.len(),
+                    test_code,
+                )
                 .await;
             let now = now_ms();
             let pixel_id = self.client.pixel_id();

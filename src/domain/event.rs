@@ -788,10 +788,9 @@ fn for_each_scalar(
                 match scalar_text(item) {
                     Some(s) => f(format!("{path}[{i}]"), s),
                     None if item.is_null() => {}
-                    None => warnings.push(warning(
-                        format!("{path}[{i}]"),
-                        "must be a string; dropped",
-                    )),
+                    None => {
+                        warnings.push(warning(format!("{path}[{i}]"), "must be a string; dropped"))
+                    }
                 }
             }
         }
@@ -825,24 +824,17 @@ fn plain_user_value(key: &str, value: &Value) -> Result<Option<Value>, &'static 
         return Ok(None);
     }
     match key {
-        "client_ip_address" => {
-            if text.parse::<IpAddr>().is_err() {
-                return Err("not an IPv4 or IPv6 address");
-            }
+        "client_ip_address" if text.parse::<IpAddr>().is_err() => {
+            Err("not an IPv4 or IPv6 address")
         }
-        "fbc" | "fbp" => {
-            if !is_cookie_value(&text) {
-                return Err("not in Meta's fb.<index>.<time>.<value> format");
-            }
+        "fbc" | "fbp" if !is_cookie_value(&text) => {
+            Err("not in Meta's fb.<index>.<time>.<value> format")
         }
-        "lead_id" => {
-            if !text.chars().all(|c| c.is_ascii_digit()) {
-                return Err("a Lead Ads lead id is a number");
-            }
+        "lead_id" if !text.chars().all(|c| c.is_ascii_digit()) => {
+            Err("a Lead Ads lead id is a number")
         }
-        _ => {}
+        _ => Ok(Some(Value::String(text))),
     }
-    Ok(Some(Value::String(text)))
 }
 
 /// `fb.<subdomain index>.<creation time>.<payload>[.<appendix>]` (`meta-capi.md` §2.3).
@@ -883,7 +875,11 @@ fn normalize_custom_data(
     }
     let is_purchase = event_name == "Purchase";
 
-    let value_path = if input.get("custom_data").and_then(|c| c.get("value")).is_some() {
+    let value_path = if input
+        .get("custom_data")
+        .and_then(|c| c.get("value"))
+        .is_some()
+    {
         "custom_data.value"
     } else {
         "value"
@@ -920,7 +916,11 @@ fn normalize_custom_data(
         }
     }
 
-    let currency_path = if input.get("custom_data").and_then(|c| c.get("currency")).is_some() {
+    let currency_path = if input
+        .get("custom_data")
+        .and_then(|c| c.get("currency"))
+        .is_some()
+    {
         "custom_data.currency"
     } else {
         "currency"
@@ -1015,7 +1015,10 @@ mod tests {
         }));
         assert!(warnings.is_empty(), "{warnings:?}");
         let user = &event.payload["user_data"];
-        assert_eq!(user["em"], json!([normalize::sha256_hex("user@example.com")]));
+        assert_eq!(
+            user["em"],
+            json!([normalize::sha256_hex("user@example.com")])
+        );
         assert_eq!(user["fn"], json!([normalize::sha256_hex("mary")]));
         assert_eq!(user["country"], json!([normalize::sha256_hex("us")]));
         // The person's country completes the national phone number.
@@ -1053,7 +1056,10 @@ mod tests {
         );
         assert_eq!(event.payload["custom_data"]["value"], json!(100));
         assert_eq!(event.payload["custom_data"]["contents"][0]["id"], "sku");
-        assert_eq!(event.payload["event_source_url"], "https://shop.example.com/thanks");
+        assert_eq!(
+            event.payload["event_source_url"],
+            "https://shop.example.com/thanks"
+        );
         assert_eq!(event.payload["opt_out"], false);
     }
 
@@ -1065,7 +1071,10 @@ mod tests {
             "email": "a@b.com"
         }));
         assert!(warnings.is_empty());
-        assert_eq!(event.payload["user_data"]["em"], json!([normalize::sha256_hex("a@b.com")]));
+        assert_eq!(
+            event.payload["user_data"]["em"],
+            json!([normalize::sha256_hex("a@b.com")])
+        );
     }
 
     #[test]
@@ -1076,7 +1085,10 @@ mod tests {
         }));
         assert_eq!(warnings.len(), 1);
         assert_eq!(warnings[0].field, "email");
-        assert!(!warnings[0].reason.contains("not-an-email"), "no value in reasons");
+        assert!(
+            !warnings[0].reason.contains("not-an-email"),
+            "no value in reasons"
+        );
         assert!(event.payload["user_data"].get("em").is_none());
     }
 
@@ -1098,7 +1110,10 @@ mod tests {
             "event_name": "Lead", "event_time": NOW, "email": "a@b.com",
             "fbclid": "Other", "fbc": "fb.1.1554763741205.Original.AQQCAQMB"
         }));
-        assert_eq!(event.payload["user_data"]["fbc"], "fb.1.1554763741205.Original.AQQCAQMB");
+        assert_eq!(
+            event.payload["user_data"]["fbc"],
+            "fb.1.1554763741205.Original.AQQCAQMB"
+        );
     }
 
     #[test]
@@ -1107,9 +1122,12 @@ mod tests {
             json!(NOW),
             json!(NOW * 1000),
             json!(NOW.to_string()),
-            json!(chrono::DateTime::from_timestamp(NOW, 0).expect("time").to_rfc3339()),
+            json!(chrono::DateTime::from_timestamp(NOW, 0)
+                .expect("time")
+                .to_rfc3339()),
         ] {
-            let (event, _) = ok(json!({"event_name": "Lead", "event_time": raw, "email": "a@b.com"}));
+            let (event, _) =
+                ok(json!({"event_name": "Lead", "event_time": raw, "email": "a@b.com"}));
             assert_eq!(event.event_time, NOW, "{raw}");
         }
         let (event, _) = ok(json!({"event_name": "Lead", "email": "a@b.com"}));
@@ -1119,17 +1137,25 @@ mod tests {
     #[test]
     fn event_time_limits_follow_meta() {
         let day = 24 * 3600;
-        let too_old = run(json!({"event_name": "Lead", "event_time": NOW - 7 * day - 1, "email": "a@b.com"}));
+        let too_old =
+            run(json!({"event_name": "Lead", "event_time": NOW - 7 * day - 1, "email": "a@b.com"}));
         assert_eq!(fields(&too_old.expect_err("too old")), ["event_time"]);
-        assert!(run(json!({"event_name": "Lead", "event_time": NOW - 7 * day + 10, "email": "a@b.com"})).is_ok());
+        assert!(run(
+            json!({"event_name": "Lead", "event_time": NOW - 7 * day + 10, "email": "a@b.com"})
+        )
+        .is_ok());
         let store = json!({"event_name": "Purchase", "event_time": NOW - 30 * day, "email": "a@b.com",
             "action_source": "physical_store", "value": 1, "currency": "USD"});
         let (event, _) = run(store).expect("62 days for stores");
         assert_eq!(event.deadline, NOW - 30 * day + 62 * day);
-        let future = run(json!({"event_name": "Lead", "event_time": NOW + 301, "email": "a@b.com"}));
+        let future =
+            run(json!({"event_name": "Lead", "event_time": NOW + 301, "email": "a@b.com"}));
         assert_eq!(fields(&future.expect_err("future")), ["event_time"]);
-        assert!(run(json!({"event_name": "Lead", "event_time": NOW + 299, "email": "a@b.com"})).is_ok());
-        let junk = run(json!({"event_name": "Lead", "event_time": "yesterday", "email": "a@b.com"}));
+        assert!(
+            run(json!({"event_name": "Lead", "event_time": NOW + 299, "email": "a@b.com"})).is_ok()
+        );
+        let junk =
+            run(json!({"event_name": "Lead", "event_time": "yesterday", "email": "a@b.com"}));
         assert_eq!(fields(&junk.expect_err("junk")), ["event_time"]);
     }
 
@@ -1156,35 +1182,51 @@ mod tests {
             default_action_source: ActionSource::SystemGenerated,
             ..IngestRules::default()
         };
-        let (event, _) = run_with(json!({"event_name": "Lead", "event_time": NOW, "email": "a@b.com"}), &rules)
-            .expect("valid");
+        let (event, _) = run_with(
+            json!({"event_name": "Lead", "event_time": NOW, "email": "a@b.com"}),
+            &rules,
+        )
+        .expect("valid");
         assert_eq!(event.payload["action_source"], "system_generated");
-        let bad = run(json!({"event_name": "Lead", "event_time": NOW, "email": "a@b.com", "action_source": "fax"}));
+        let bad = run(
+            json!({"event_name": "Lead", "event_time": NOW, "email": "a@b.com", "action_source": "fax"}),
+        );
         assert_eq!(fields(&bad.expect_err("bad")), ["action_source"]);
     }
 
     #[test]
     fn website_events_need_a_url_and_a_user_agent() {
-        let bad = run(json!({"event_name": "Lead", "event_time": NOW, "email": "a@b.com", "action_source": "website"}));
+        let bad = run(
+            json!({"event_name": "Lead", "event_time": NOW, "email": "a@b.com", "action_source": "website"}),
+        );
         assert_eq!(
             fields(&bad.expect_err("incomplete")),
             ["event_source_url", "user_data.client_user_agent"]
         );
-        assert!(run(json!({"event_name": "Lead", "event_time": NOW, "email": "a@b.com",
+        assert!(run(
+            json!({"event_name": "Lead", "event_time": NOW, "email": "a@b.com",
             "action_source": "website", "event_source_url": "https://x.example/",
-            "client_user_agent": "UA"}))
+            "client_user_agent": "UA"})
+        )
         .is_ok());
     }
 
     #[test]
     fn purchase_needs_a_value_and_an_iso_currency() {
         let bad = run(json!({"event_name": "Purchase", "event_time": NOW, "email": "a@b.com"}));
-        assert_eq!(fields(&bad.expect_err("bad")), ["custom_data.value", "custom_data.currency"]);
-        let bad = run(json!({"event_name": "Purchase", "event_time": NOW, "email": "a@b.com",
-            "value": "lots", "currency": "reais"}));
+        assert_eq!(
+            fields(&bad.expect_err("bad")),
+            ["custom_data.value", "custom_data.currency"]
+        );
+        let bad = run(
+            json!({"event_name": "Purchase", "event_time": NOW, "email": "a@b.com",
+            "value": "lots", "currency": "reais"}),
+        );
         assert_eq!(fields(&bad.expect_err("bad")), ["value", "currency"]);
         // Outside Purchase a bad value is only dropped.
-        let (event, warnings) = ok(json!({"event_name": "Lead", "event_time": NOW, "email": "a@b.com", "value": "lots"}));
+        let (event, warnings) = ok(
+            json!({"event_name": "Lead", "event_time": NOW, "email": "a@b.com", "value": "lots"}),
+        );
         assert_eq!(warnings[0].field, "value");
         assert!(event.payload.get("custom_data").is_none());
     }
@@ -1244,50 +1286,83 @@ mod tests {
 
     #[test]
     fn data_processing_options_keep_zero_and_reject_wrong_pairs() {
-        let (event, _) = ok(json!({"event_name": "Lead", "event_time": NOW, "email": "a@b.com",
+        let (event, _) = ok(
+            json!({"event_name": "Lead", "event_time": NOW, "email": "a@b.com",
             "data_processing_options": ["ldu"], "data_processing_options_country": 0,
-            "data_processing_options_state": 0}));
+            "data_processing_options_state": 0}),
+        );
         assert_eq!(event.payload["data_processing_options"], json!(["LDU"]));
         assert_eq!(event.payload["data_processing_options_country"], 0);
         assert_eq!(event.payload["data_processing_options_state"], 0);
-        let (event, _) = ok(json!({"event_name": "Lead", "event_time": NOW, "email": "a@b.com",
-            "data_processing_options": []}));
+        let (event, _) = ok(
+            json!({"event_name": "Lead", "event_time": NOW, "email": "a@b.com",
+            "data_processing_options": []}),
+        );
         assert_eq!(event.payload["data_processing_options"], json!([]));
-        let bad = run(json!({"event_name": "Lead", "event_time": NOW, "email": "a@b.com",
+        let bad = run(
+            json!({"event_name": "Lead", "event_time": NOW, "email": "a@b.com",
             "data_processing_options": ["LDU"], "data_processing_options_country": 1,
-            "data_processing_options_state": 0}));
-        assert_eq!(fields(&bad.expect_err("bad")), ["data_processing_options_country"]);
+            "data_processing_options_state": 0}),
+        );
+        assert_eq!(
+            fields(&bad.expect_err("bad")),
+            ["data_processing_options_country"]
+        );
     }
 
     #[test]
     fn messaging_and_app_events_need_their_fields() {
-        let bad = run(json!({"event_name": "Purchase", "event_time": NOW, "external_id": "1",
-            "value": 1, "currency": "BRL", "action_source": "business_messaging"}));
+        let bad = run(
+            json!({"event_name": "Purchase", "event_time": NOW, "external_id": "1",
+            "value": 1, "currency": "BRL", "action_source": "business_messaging"}),
+        );
         assert_eq!(fields(&bad.expect_err("bad")), ["messaging_channel"]);
         let (event, _) = ok(json!({"event_name": "LeadSubmitted", "event_time": NOW,
             "action_source": "business_messaging", "messaging_channel": "WhatsApp",
             "user_data": {"ctwa_clid": "ARAkLkA8rmlFeiCktEJQ", "whatsapp_business_account_id": "1"}}));
         assert_eq!(event.payload["messaging_channel"], "whatsapp");
-        assert_eq!(event.payload["user_data"]["ctwa_clid"], "ARAkLkA8rmlFeiCktEJQ");
-        let bad = run(json!({"event_name": "Lead", "event_time": NOW, "external_id": "1", "action_source": "app"}));
+        assert_eq!(
+            event.payload["user_data"]["ctwa_clid"],
+            "ARAkLkA8rmlFeiCktEJQ"
+        );
+        let bad = run(
+            json!({"event_name": "Lead", "event_time": NOW, "external_id": "1", "action_source": "app"}),
+        );
         assert_eq!(fields(&bad.expect_err("bad")), ["app_data"]);
     }
 
     #[test]
     fn event_ids_are_kept_or_generated() {
-        assert_eq!(ok(json!({"event_name": "Lead", "email": "a@b.com", "event_id": " x-1 "})).0.event_id, "x-1");
-        assert_eq!(ok(json!({"event_name": "Lead", "email": "a@b.com", "event_id": 42})).0.event_id, "42");
-        assert_eq!(ok(json!({"event_name": "Lead", "email": "a@b.com"})).0.event_id, "generated-1");
+        assert_eq!(
+            ok(json!({"event_name": "Lead", "email": "a@b.com", "event_id": " x-1 "}))
+                .0
+                .event_id,
+            "x-1"
+        );
+        assert_eq!(
+            ok(json!({"event_name": "Lead", "email": "a@b.com", "event_id": 42}))
+                .0
+                .event_id,
+            "42"
+        );
+        assert_eq!(
+            ok(json!({"event_name": "Lead", "email": "a@b.com"}))
+                .0
+                .event_id,
+            "generated-1"
+        );
     }
 
     #[test]
     fn requests_are_one_event_an_array_or_metas_envelope() {
         let one = split_request(json!({"event_name": "Lead"})).expect("one");
         assert_eq!(one.events.len(), 1);
-        let many = split_request(json!([{"event_name": "Lead"}, {"event_name": "Lead"}])).expect("many");
+        let many =
+            split_request(json!([{"event_name": "Lead"}, {"event_name": "Lead"}])).expect("many");
         assert_eq!(many.events.len(), 2);
-        let envelope = split_request(json!({"data": [{"event_name": "Lead"}], "test_event_code": "T1"}))
-            .expect("envelope");
+        let envelope =
+            split_request(json!({"data": [{"event_name": "Lead"}], "test_event_code": "T1"}))
+                .expect("envelope");
         assert_eq!(envelope.test_event_code.as_deref(), Some("T1"));
         assert!(split_request(json!([])).is_err());
         assert!(split_request(json!("text")).is_err());
@@ -1304,7 +1379,9 @@ mod tests {
                 Just(Value::Null),
                 any::<bool>().prop_map(Value::Bool),
                 any::<i64>().prop_map(Value::from),
-                any::<f64>().prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+                any::<f64>().prop_map(
+                    |f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)
+                ),
                 ".{0,40}".prop_map(Value::String),
             ]
         }
@@ -1315,10 +1392,17 @@ mod tests {
                     prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
                     prop::collection::btree_map(
                         prop_oneof![
-                            Just("email".to_owned()), Just("phone".to_owned()), Just("em".to_owned()),
-                            Just("value".to_owned()), Just("currency".to_owned()), Just("event_time".to_owned()),
-                            Just("user_data".to_owned()), Just("custom_data".to_owned()), Just("fbclid".to_owned()),
-                            Just("country".to_owned()), Just("data_processing_options".to_owned()),
+                            Just("email".to_owned()),
+                            Just("phone".to_owned()),
+                            Just("em".to_owned()),
+                            Just("value".to_owned()),
+                            Just("currency".to_owned()),
+                            Just("event_time".to_owned()),
+                            Just("user_data".to_owned()),
+                            Just("custom_data".to_owned()),
+                            Just("fbclid".to_owned()),
+                            Just("country".to_owned()),
+                            Just("data_processing_options".to_owned()),
                             "[a-z_]{1,12}",
                         ],
                         inner,

@@ -236,8 +236,7 @@ pub async fn open(database_url: &str) -> Result<std::sync::Arc<dyn Store>, Store
     if database_url.starts_with("sqlite:") {
         let store = SqliteStore::open(database_url).await?;
         Ok(std::sync::Arc::new(store))
-    } else if database_url.starts_with("postgres://") || database_url.starts_with("postgresql://")
-    {
+    } else if database_url.starts_with("postgres://") || database_url.starts_with("postgresql://") {
         Err(StoreError::Unsupported(
             "Postgres storage is not supported yet (it is the next milestone); use DATABASE_URL=sqlite://capi-bridge.db".to_owned(),
         ))

@@ -235,8 +235,8 @@ impl Store for SqliteStore {
             other => other.to_owned(),
         };
         let payload_text: String = row.try_get("payload")?;
-        let payload = serde_json::from_str(&payload_text)
-            .unwrap_or(serde_json::Value::String(payload_text));
+        let payload =
+            serde_json::from_str(&payload_text).unwrap_or(serde_json::Value::String(payload_text));
         let attempt_rows = sqlx::query(
             "select attempted_at, outcome, http_status, code, subcode, fbtrace_id, error_title,
                 error_message

@@ -39,10 +39,19 @@ fn hash_prints_the_normalized_value_and_metas_documented_hash() {
     // A national number is refused without a country, and completed with DEFAULT_COUNTRY.
     let out = capi_bridge(dir.path(), &[], &["hash", "ph", "(650)555-1212"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("country"), "{}", text(&out.stderr));
-    let out = capi_bridge(dir.path(), &[("DEFAULT_COUNTRY", "US")], &["hash", "ph", "(650)555-1212"]);
+    assert!(
+        text(&out.stderr).contains("country"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = capi_bridge(
+        dir.path(),
+        &[("DEFAULT_COUNTRY", "US")],
+        &["hash", "ph", "(650)555-1212"],
+    );
     assert!(out.status.success());
-    assert!(text(&out.stdout).contains("e323ec626319ca94ee8bff2e4c87cf613be6ea19919ed1364124e16807ab3176"));
+    assert!(text(&out.stdout)
+        .contains("e323ec626319ca94ee8bff2e4c87cf613be6ea19919ed1364124e16807ab3176"));
 
     let out = capi_bridge(dir.path(), &[], &["hash", "email", "a@b.com"]);
     assert_eq!(out.status.code(), Some(2), "unknown field name");
@@ -53,12 +62,19 @@ fn invalid_configuration_fails_at_start_with_one_line_per_problem() {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = capi_bridge(
         dir.path(),
-        &[("LISTEN_ADDR", "0.0.0.0:8080"), ("META_API_VERSION", "25"), ("META_PIXEL_ID", "1")],
+        &[
+            ("LISTEN_ADDR", "0.0.0.0:8080"),
+            ("META_API_VERSION", "25"),
+            ("META_PIXEL_ID", "1"),
+        ],
         &["serve"],
     );
     assert_eq!(out.status.code(), Some(2));
     let stderr = text(&out.stderr);
-    let problems: Vec<_> = stderr.lines().filter(|l| l.trim_start().starts_with("- ")).collect();
+    let problems: Vec<_> = stderr
+        .lines()
+        .filter(|l| l.trim_start().starts_with("- "))
+        .collect();
     assert_eq!(problems.len(), 3, "{stderr}");
     assert!(stderr.contains("WEBHOOK_SECRET"));
     assert!(stderr.contains("META_API_VERSION"));
@@ -68,7 +84,11 @@ fn invalid_configuration_fails_at_start_with_one_line_per_problem() {
 #[test]
 fn postgres_is_refused_clearly_until_it_is_supported() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let out = capi_bridge(dir.path(), &[("DATABASE_URL", "postgres://localhost/test")], &["check"]);
+    let out = capi_bridge(
+        dir.path(),
+        &[("DATABASE_URL", "postgres://localhost/test")],
+        &["check"],
+    );
     assert_eq!(out.status.code(), Some(1));
     let all = text(&out.stdout) + &text(&out.stderr);
     assert!(all.contains("not supported yet"), "{all}");
@@ -82,8 +102,15 @@ fn the_env_local_file_is_read_and_the_real_environment_wins() {
     let out = capi_bridge(dir.path(), &[], &["hash", "ph", "020 7946 0958"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("442079460958"));
-    let out = capi_bridge(dir.path(), &[("DEFAULT_COUNTRY", "US")], &["hash", "ph", "020 7946 0958"]);
-    assert!(!out.status.success(), "a US reading of a UK number is refused");
+    let out = capi_bridge(
+        dir.path(),
+        &[("DEFAULT_COUNTRY", "US")],
+        &["hash", "ph", "020 7946 0958"],
+    );
+    assert!(
+        !out.status.success(),
+        "a US reading of a UK number is refused"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -120,18 +147,46 @@ async fn send_delivers_one_event_and_replay_requeues_a_dead_one() {
         capi_bridge(
             dir.path(),
             &env,
-            &["send", "--event-name", "Lead", "--event-id", "cli-1", "--email", "Cli@Example.com"],
+            &[
+                "send",
+                "--event-name",
+                "Lead",
+                "--event-id",
+                "cli-1",
+                "--email",
+                "Cli@Example.com",
+            ],
         )
     });
-    assert!(out.status.success(), "{}\n{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
     let sent = graph.wait_for_accepted(1, WAIT).await;
     assert_eq!(sent[0]["event_id"], "cli-1");
-    assert_eq!(sent[0]["user_data"]["em"][0], sha256("cli@example.com").as_str());
+    assert_eq!(
+        sent[0]["user_data"]["em"][0],
+        sha256("cli@example.com").as_str()
+    );
 
     // An event Meta rejects ends up dead; after the cause is fixed, replay sends it again.
     graph.poison("cli-2");
     let out = tokio::task::block_in_place(|| {
-        capi_bridge(dir.path(), &env, &["send", "--event-name", "Lead", "--event-id", "cli-2", "--email", "b@example.com"])
+        capi_bridge(
+            dir.path(),
+            &env,
+            &[
+                "send",
+                "--event-name",
+                "Lead",
+                "--event-id",
+                "cli-2",
+                "--email",
+                "b@example.com",
+            ],
+        )
     });
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
     assert!(text(&out.stdout).contains("\"dead\""));
@@ -139,10 +194,18 @@ async fn send_delivers_one_event_and_replay_requeues_a_dead_one() {
     let out = tokio::task::block_in_place(|| capi_bridge(dir.path(), &env, &["replay"]));
     assert_eq!(out.status.code(), Some(2), "replay needs --id or --all");
     let out = tokio::task::block_in_place(|| {
-        capi_bridge(dir.path(), &env, &["replay", "--all", "--reason-contains", "2804050"])
+        capi_bridge(
+            dir.path(),
+            &env,
+            &["replay", "--all", "--reason-contains", "2804050"],
+        )
     });
     assert!(out.status.success());
-    assert!(text(&out.stdout).contains("requeued 1"), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("requeued 1"),
+        "{}",
+        text(&out.stdout)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -174,7 +237,10 @@ async fn sigterm_stops_the_server_gracefully_after_in_flight_work() {
         if up.is_ok_and(|r| r.status() == 200) {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "server never came up");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "server never came up"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     let response = http
@@ -190,7 +256,10 @@ async fn sigterm_stops_the_server_gracefully_after_in_flight_work() {
         .wait_until(WAIT, "the delivery request", |g| g.request_count() >= 1)
         .await;
     let pid = child.id().expect("pid").to_string();
-    let killed = Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
     assert!(killed.success());
     let status = tokio::time::timeout(WAIT, child.wait())
         .await

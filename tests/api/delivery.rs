@@ -68,7 +68,10 @@ async fn a_500_then_200_delivers_once() {
         .collect();
     assert_eq!(
         outcomes,
-        [("retry".to_owned(), Some(500)), ("delivered".to_owned(), Some(200))]
+        [
+            ("retry".to_owned(), Some(500)),
+            ("delivered".to_owned(), Some(200))
+        ]
     );
 }
 
@@ -94,7 +97,9 @@ async fn throttling_codes_back_off_before_trying_again() {
 
     assert_eq!(app.post_events(&lead("slow-1")).await.status(), 202);
     app.graph
-        .wait_until(WAIT, "the first throttled answer", |g| g.request_count() >= 1)
+        .wait_until(WAIT, "the first throttled answer", |g| {
+            g.request_count() >= 1
+        })
         .await;
     let status = readyz(&app).await;
     assert_eq!(status["pixels"][0]["state"], "throttled", "{status}");
@@ -117,9 +122,7 @@ async fn a_batch_with_one_bad_event_delivers_the_other_999_and_parks_the_bad_one
     let app = spawn_app().await;
     app.graph.poison("batch-417");
 
-    let response = app
-        .post_events(&Value::Array(leads("batch", 1000)))
-        .await;
+    let response = app.post_events(&Value::Array(leads("batch", 1000))).await;
     assert_eq!(response.status(), 202);
 
     let accepted = app.graph.wait_for_accepted(999, WAIT).await;
@@ -132,18 +135,26 @@ async fn a_batch_with_one_bad_event_delivers_the_other_999_and_parks_the_bad_one
     assert!(!ids.contains("batch-417"));
     let reason = dead.last_error.expect("a reason");
     assert!(reason.contains("2804050"), "{reason}");
-    assert!(reason.contains("insufficient customer information"), "{reason}");
+    assert!(
+        reason.contains("insufficient customer information"),
+        "{reason}"
+    );
     let last = dead.attempts_log.last().expect("an attempt");
     assert_eq!(last.record.code, Some(100));
     assert_eq!(last.record.fbtrace_id.as_deref(), Some("StandInTrace"));
     // Splitting is logarithmic, not one request per event.
-    assert!(app.graph.request_count() < 40, "{} requests", app.graph.request_count());
+    assert!(
+        app.graph.request_count() < 40,
+        "{} requests",
+        app.graph.request_count()
+    );
 }
 
 #[tokio::test]
 async fn an_invalid_token_pauses_without_loss_and_resumes_after_the_fix() {
     let app = spawn_app().await;
-    app.graph.set_valid_token("a-token-the-user-has-not-set-yet");
+    app.graph
+        .set_valid_token("a-token-the-user-has-not-set-yet");
 
     let response = app.post_events(&Value::Array(leads("paused", 20))).await;
     assert_eq!(response.status(), 202);

@@ -69,7 +69,11 @@ pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
     start(graph, dir, env).await
 }
 
-async fn start(graph: GraphStandIn, dir: Arc<tempfile::TempDir>, env: Vec<(String, String)>) -> TestApp {
+async fn start(
+    graph: GraphStandIn,
+    dir: Arc<tempfile::TempDir>,
+    env: Vec<(String, String)>,
+) -> TestApp {
     let config = config::load(&Env::from_pairs(env.clone()), None).expect("test config is valid");
     let app = App::build(config).await.expect("app builds");
     let address = format!("http://{}", app.local_addr().expect("addr"));
@@ -101,7 +105,11 @@ impl TestApp {
     }
 
     /// POSTs raw bytes with optional auth header.
-    pub async fn post_raw(&self, body: impl Into<reqwest::Body>, auth: Option<(&str, &str)>) -> reqwest::Response {
+    pub async fn post_raw(
+        &self,
+        body: impl Into<reqwest::Body>,
+        auth: Option<(&str, &str)>,
+    ) -> reqwest::Response {
         let mut request = self
             .http
             .post(format!("{}/v1/events", self.address))

@@ -18,7 +18,10 @@ async fn the_seed_example_arrives_at_the_graph_with_the_right_hashes() {
     assert_eq!(body["accepted"], 1);
     assert_eq!(body["duplicates"], 0);
     assert_eq!(body["events"][0]["status"], "queued");
-    let event_id = body["events"][0]["event_id"].as_str().expect("id").to_owned();
+    let event_id = body["events"][0]["event_id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
     // The seed's phone has no country code and no DEFAULT_COUNTRY is set: dropped, said so.
     assert_eq!(body["warnings"][0]["field"], "phone");
 
@@ -35,7 +38,9 @@ async fn the_seed_example_arrives_at_the_graph_with_the_right_hashes() {
     let request = &app.graph.requests()[0];
     assert_eq!(request.path, "/v25.0/1234567890/events");
     assert_eq!(request.body["access_token"], TOKEN);
-    assert!(request.body["partner_agent"].as_str().is_some_and(|a| a.starts_with("capibridge")));
+    assert!(request.body["partner_agent"]
+        .as_str()
+        .is_some_and(|a| a.starts_with("capibridge")));
     assert!(
         request.query.as_deref().is_none_or(|q| !q.contains(TOKEN)),
         "the token must never be in a URL"
@@ -43,7 +48,10 @@ async fn the_seed_example_arrives_at_the_graph_with_the_right_hashes() {
 
     let detail = app.wait_for_state(&event_id, "delivered").await;
     assert_eq!(detail.attempts, 1);
-    assert_eq!(detail.payload["user_data"]["em"], json!([sha256("user@example.com")]));
+    assert_eq!(
+        detail.payload["user_data"]["em"],
+        json!([sha256("user@example.com")])
+    );
 }
 
 #[tokio::test]
@@ -60,7 +68,9 @@ async fn the_seed_phone_is_completed_with_default_country() {
 #[tokio::test]
 async fn an_array_and_metas_envelope_are_accepted_and_the_test_code_is_sent() {
     let app = spawn_app().await;
-    let response = app.post_events(&json!([lead("arr-1"), lead("arr-2")])).await;
+    let response = app
+        .post_events(&json!([lead("arr-1"), lead("arr-2")]))
+        .await;
     assert_eq!(response.status(), 202);
     let response = app
         .post_events(&json!({"data": [lead("env-1")], "test_event_code": "TEST4242"}))
@@ -88,7 +98,10 @@ async fn requests_without_the_right_secret_get_401() {
     assert_eq!(error["error"]["code"], "unauthorized");
 
     let wrong = app
-        .post_raw(body.clone(), Some(("authorization", "Bearer not-the-secret")))
+        .post_raw(
+            body.clone(),
+            Some(("authorization", "Bearer not-the-secret")),
+        )
         .await;
     assert_eq!(wrong.status(), 401);
 
@@ -122,7 +135,10 @@ async fn a_second_secret_allows_rotation() {
 async fn malformed_json_gets_400_with_the_position() {
     let app = spawn_app().await;
     let response = app
-        .post_raw("{\n  \"event_name\": \"Lead\",\n  oops\n}", Some(("x-api-key", SECRET)))
+        .post_raw(
+            "{\n  \"event_name\": \"Lead\",\n  oops\n}",
+            Some(("x-api-key", SECRET)),
+        )
         .await;
     assert_eq!(response.status(), 400);
     let error: Value = response.json().await.expect("json");
@@ -145,7 +161,9 @@ async fn a_body_over_the_limit_and_over_1000_events_get_413() {
     let response = app.post_events(&Value::Array(many)).await;
     assert_eq!(response.status(), 413);
     let error: Value = response.json().await.expect("json");
-    assert!(error["error"]["message"].as_str().is_some_and(|m| m.contains("1000")));
+    assert!(error["error"]["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("1000")));
 }
 
 #[tokio::test]
@@ -190,7 +208,10 @@ async fn one_invalid_event_gets_422_listing_every_problem_and_queues_nothing() {
             "missing {expected:?} in {problems:?}"
         );
     }
-    assert!(problems.iter().all(|(i, _)| *i != 0), "the valid event has no problem");
+    assert!(
+        problems.iter().all(|(i, _)| *i != 0),
+        "the valid event has no problem"
+    );
     // Nothing was queued, not even the valid event.
     assert!(app.stored("fine-1").await.is_none());
 }
@@ -202,7 +223,12 @@ async fn a_duplicate_event_id_is_acknowledged_but_not_sent_twice() {
     assert_eq!(first.status(), 202);
     app.graph.wait_for_accepted(1, WAIT).await;
 
-    let again: Value = app.post_events(&lead("dup-1")).await.json().await.expect("json");
+    let again: Value = app
+        .post_events(&lead("dup-1"))
+        .await
+        .json()
+        .await
+        .expect("json");
     assert_eq!(again["accepted"], 0);
     assert_eq!(again["duplicates"], 1);
     assert_eq!(again["events"][0]["status"], "duplicate");
@@ -239,7 +265,12 @@ async fn appointment_is_sent_as_schedule() {
 #[tokio::test]
 async fn dry_run_stores_and_shows_events_but_never_sends() {
     let app = spawn_app_with(&[("META_ACCESS_TOKEN", ""), ("META_PIXEL_ID", "")]).await;
-    let body: Value = app.post_events(&lead("dry-1")).await.json().await.expect("json");
+    let body: Value = app
+        .post_events(&lead("dry-1"))
+        .await
+        .json()
+        .await
+        .expect("json");
     assert_eq!(body["dry_run"], true);
     assert_eq!(body["events"][0]["status"], "dry_run");
 

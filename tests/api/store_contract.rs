@@ -36,7 +36,11 @@ async fn check_duplicates_within_48_hours_are_skipped(store: &dyn Store) {
         .expect("insert");
     assert_eq!(
         first,
-        [InsertOutcome::Queued, InsertOutcome::Queued, InsertOutcome::Duplicate]
+        [
+            InsertOutcome::Queued,
+            InsertOutcome::Queued,
+            InsertOutcome::Duplicate
+        ]
     );
     let within = store
         .insert_events(&[record("a")], T0 + DEDUP_WINDOW_MS - 1)
@@ -56,7 +60,11 @@ async fn check_duplicates_within_48_hours_are_skipped(store: &dyn Store) {
         .insert_events(&[record("a")], T0 + DEDUP_WINDOW_MS + 1)
         .await
         .expect("insert");
-    assert_eq!(after, [InsertOutcome::Queued], "a new conversion after the window");
+    assert_eq!(
+        after,
+        [InsertOutcome::Queued],
+        "a new conversion after the window"
+    );
 }
 
 async fn check_claims_respect_leases_and_due_times(store: &dyn Store) {
@@ -64,58 +72,99 @@ async fn check_claims_respect_leases_and_due_times(store: &dyn Store) {
         .insert_events(&[record("c1"), record("c2"), record("c3")], T0)
         .await
         .expect("insert");
-    let claimed = store.claim_due(PIXEL, 2, T0, T0 + 1000).await.expect("claim");
+    let claimed = store
+        .claim_due(PIXEL, 2, T0, T0 + 1000)
+        .await
+        .expect("claim");
     assert_eq!(
-        claimed.iter().map(|c| c.event_id.as_str()).collect::<Vec<_>>(),
+        claimed
+            .iter()
+            .map(|c| c.event_id.as_str())
+            .collect::<Vec<_>>(),
         ["c1", "c2"]
     );
     assert!(claimed.iter().all(|c| c.attempts == 1));
     // Leased events are not claimed again while the lease lives…
-    let second = store.claim_due(PIXEL, 10, T0 + 10, T0 + 1000).await.expect("claim");
+    let second = store
+        .claim_due(PIXEL, 10, T0 + 10, T0 + 1000)
+        .await
+        .expect("claim");
     assert_eq!(second.len(), 1);
     assert_eq!(second[0].event_id, "c3");
-    assert!(store.claim_due(PIXEL, 10, T0 + 20, T0 + 1000).await.expect("claim").is_empty());
+    assert!(store
+        .claim_due(PIXEL, 10, T0 + 20, T0 + 1000)
+        .await
+        .expect("claim")
+        .is_empty());
     // …and are picked up again once it expires (a crashed worker).
-    let again = store.claim_due(PIXEL, 10, T0 + 1001, T0 + 2000).await.expect("claim");
+    let again = store
+        .claim_due(PIXEL, 10, T0 + 1001, T0 + 2000)
+        .await
+        .expect("claim");
     assert_eq!(again.len(), 3);
     assert!(again.iter().all(|c| c.attempts == 2));
     // Other pixels are not touched.
-    assert!(store.claim_due("other", 10, T0 + 5000, T0 + 6000).await.expect("claim").is_empty());
+    assert!(store
+        .claim_due("other", 10, T0 + 5000, T0 + 6000)
+        .await
+        .expect("claim")
+        .is_empty());
 }
 
 async fn check_settlements_move_events_through_their_states(store: &dyn Store) {
     store
-        .insert_events(&[record("s1"), record("s2"), record("s3"), record("s4")], T0)
+        .insert_events(
+            &[record("s1"), record("s2"), record("s3"), record("s4")],
+            T0,
+        )
         .await
         .expect("insert");
-    let claimed = store.claim_due(PIXEL, 10, T0, T0 + 1000).await.expect("claim");
+    let claimed = store
+        .claim_due(PIXEL, 10, T0, T0 + 1000)
+        .await
+        .expect("claim");
     let attempt = AttemptRecord {
         outcome: "retry".to_owned(),
         http_status: Some(500),
         ..AttemptRecord::default()
     };
     let updates = vec![
-        EventUpdate { row_id: claimed[0].row_id, settlement: Settlement::Delivered, attempt: None },
+        EventUpdate {
+            row_id: claimed[0].row_id,
+            settlement: Settlement::Delivered,
+            attempt: None,
+        },
         EventUpdate {
             row_id: claimed[1].row_id,
-            settlement: Settlement::Retry { next_attempt_at: T0 + 5000, reason: "http 500".to_owned() },
+            settlement: Settlement::Retry {
+                next_attempt_at: T0 + 5000,
+                reason: "http 500".to_owned(),
+            },
             attempt: Some(attempt.clone()),
         },
         EventUpdate {
             row_id: claimed[2].row_id,
-            settlement: Settlement::Dead { reason: "meta error 100: bad".to_owned() },
+            settlement: Settlement::Dead {
+                reason: "meta error 100: bad".to_owned(),
+            },
             attempt: Some(attempt),
         },
         EventUpdate {
             row_id: claimed[3].row_id,
-            settlement: Settlement::Release { reason: "pixel paused".to_owned() },
+            settlement: Settlement::Release {
+                reason: "pixel paused".to_owned(),
+            },
             attempt: None,
         },
     ];
     store.settle(&updates, T0 + 100).await.expect("settle");
 
     let state = |id: &'static str| async move {
-        store.find_event(id, T0 + 200).await.expect("find").expect("exists")
+        store
+            .find_event(id, T0 + 200)
+            .await
+            .expect("find")
+            .expect("exists")
     };
     assert_eq!(state("s1").await.state, "delivered");
     let retried = state("s2").await;
@@ -124,11 +173,20 @@ async fn check_settlements_move_events_through_their_states(store: &dyn Store) {
     assert_eq!(retried.attempts_log.len(), 1);
     assert_eq!(state("s3").await.state, "dead");
     let released = state("s4").await;
-    assert_eq!(released.attempts, 0, "a release does not count as an attempt");
+    assert_eq!(
+        released.attempts, 0,
+        "a release does not count as an attempt"
+    );
 
     // Not due yet: only the released one is claimable now.
-    let due = store.claim_due(PIXEL, 10, T0 + 200, T0 + 1200).await.expect("claim");
-    assert_eq!(due.iter().map(|c| c.event_id.as_str()).collect::<Vec<_>>(), ["s4"]);
+    let due = store
+        .claim_due(PIXEL, 10, T0 + 200, T0 + 1200)
+        .await
+        .expect("claim");
+    assert_eq!(
+        due.iter().map(|c| c.event_id.as_str()).collect::<Vec<_>>(),
+        ["s4"]
+    );
     let stats = store.stats().await.expect("stats");
     assert_eq!((stats.queued, stats.delivered, stats.dead), (2, 1, 1));
 }
@@ -140,32 +198,65 @@ async fn check_replay_requeues_only_matching_dead_events(store: &dyn Store) {
         .insert_events(&[record("r1"), record("r2"), purchase], T0)
         .await
         .expect("insert");
-    let claimed = store.claim_due(PIXEL, 10, T0, T0 + 1000).await.expect("claim");
+    let claimed = store
+        .claim_due(PIXEL, 10, T0, T0 + 1000)
+        .await
+        .expect("claim");
     let updates: Vec<_> = claimed
         .iter()
-        .zip(["meta error 190: token", "meta error 100: bad", "meta error 190: token"])
+        .zip([
+            "meta error 190: token",
+            "meta error 100: bad",
+            "meta error 190: token",
+        ])
         .map(|(c, reason)| EventUpdate {
             row_id: c.row_id,
-            settlement: Settlement::Dead { reason: reason.to_owned() },
+            settlement: Settlement::Dead {
+                reason: reason.to_owned(),
+            },
             attempt: None,
         })
         .collect();
     store.settle(&updates, T0).await.expect("settle");
 
-    let by_id = ReplayFilter { event_ids: vec!["r2".to_owned()], ..ReplayFilter::default() };
+    let by_id = ReplayFilter {
+        event_ids: vec!["r2".to_owned()],
+        ..ReplayFilter::default()
+    };
     assert_eq!(store.requeue_dead(&by_id, T0 + 1).await.expect("replay"), 1);
     let by_reason = ReplayFilter {
         reason_contains: Some("190".to_owned()),
         event_name: Some("Purchase".to_owned()),
         ..ReplayFilter::default()
     };
-    assert_eq!(store.requeue_dead(&by_reason, T0 + 1).await.expect("replay"), 1);
-    assert_eq!(store.find_event("r1", T0 + 2).await.expect("find").expect("r1").state, "dead");
-    let replayed = store.find_event("r3", T0 + 2).await.expect("find").expect("r3");
+    assert_eq!(
+        store
+            .requeue_dead(&by_reason, T0 + 1)
+            .await
+            .expect("replay"),
+        1
+    );
+    assert_eq!(
+        store
+            .find_event("r1", T0 + 2)
+            .await
+            .expect("find")
+            .expect("r1")
+            .state,
+        "dead"
+    );
+    let replayed = store
+        .find_event("r3", T0 + 2)
+        .await
+        .expect("find")
+        .expect("r3");
     assert_eq!(replayed.state, "queued");
     assert_eq!(replayed.attempts, 0);
     assert_eq!(
-        store.requeue_dead(&ReplayFilter::default(), T0 + 3).await.expect("replay"),
+        store
+            .requeue_dead(&ReplayFilter::default(), T0 + 3)
+            .await
+            .expect("replay"),
         1,
         "an empty filter replays every dead event"
     );
@@ -176,8 +267,20 @@ async fn check_dry_run_events_are_stored_but_never_claimed(store: &dyn Store) {
     dry.dry_run = true;
     let outcome = store.insert_events(&[dry], T0).await.expect("insert");
     assert_eq!(outcome, [InsertOutcome::DryRun]);
-    assert!(store.claim_due(PIXEL, 10, T0, T0 + 1000).await.expect("claim").is_empty());
-    assert_eq!(store.find_event("d1", T0).await.expect("find").expect("d1").state, "dry_run");
+    assert!(store
+        .claim_due(PIXEL, 10, T0, T0 + 1000)
+        .await
+        .expect("claim")
+        .is_empty());
+    assert_eq!(
+        store
+            .find_event("d1", T0)
+            .await
+            .expect("find")
+            .expect("d1")
+            .state,
+        "dry_run"
+    );
 }
 
 macro_rules! sqlite_contract {

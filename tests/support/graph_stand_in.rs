@@ -204,7 +204,10 @@ fn graph_error(status: u16, code: i64, subcode: Option<i64>, title: &str, msg: &
 fn is_sha256_hex(v: &Value) -> bool {
     v.as_str().is_some_and(|s| {
         let hash = s.split('.').next().unwrap_or("");
-        hash.len() == 64 && hash.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        hash.len() == 64
+            && hash
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
     })
 }
 
@@ -252,7 +255,19 @@ fn check_event(event: &Value, now: i64, poison: &[String]) -> Option<Response> {
         ));
     }
     // Meta rejects unhashed contact information (meta-capi.md §2.1).
-    for key in ["em", "ph", "fn", "ln", "ct", "st", "zp", "country", "db", "ge", "external_id"] {
+    for key in [
+        "em",
+        "ph",
+        "fn",
+        "ln",
+        "ct",
+        "st",
+        "zp",
+        "country",
+        "db",
+        "ge",
+        "external_id",
+    ] {
         if let Some(values) = user_data.get(key) {
             let all_hashed = match values {
                 Value::Array(items) => items.iter().all(is_sha256_hex),
@@ -284,7 +299,9 @@ async fn events(
         let latency = state.latency;
         let data = parsed["data"].as_array().cloned().unwrap_or_default();
         let now = chrono::Utc::now().timestamp();
-        let (response, accepted): (Response, Vec<Value>) = if let Some(s) = state.scripted.pop_front() {
+        let (response, accepted): (Response, Vec<Value>) = if let Some(s) =
+            state.scripted.pop_front()
+        {
             let response = match s {
                 Scripted::Raw(status, body) => (
                     StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
@@ -300,7 +317,13 @@ async fn events(
             (response, Vec::new())
         } else if parsed["access_token"].as_str() != Some(state.valid_token.as_str()) {
             (
-                graph_error(400, 190, Some(463), "Session expired", "Error validating access token."),
+                graph_error(
+                    400,
+                    190,
+                    Some(463),
+                    "Session expired",
+                    "Error validating access token.",
+                ),
                 Vec::new(),
             )
         } else if pixel != state.pixel_id {
