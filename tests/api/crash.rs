@@ -1,1 +1,395 @@
 //! Crash safety: kill -9 while accepting and delivering; every acknowledged event still arrives.
+//!
+//! Unlike the other tests, this one runs the real binary as a child process, so that it can be
+//! killed with SIGKILL: no graceful shutdown, no flush, no destructor.
+#![cfg(unix)]
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::TcpListener;
+use std::os::unix::process::ExitStatusExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sqlx::Row as _;
+
+use crate::graph_stand_in::GraphStandIn;
+use crate::helpers::{lead, PIXEL, SECRET, TOKEN, WAIT};
+
+/// Concurrent clients posting single events.
+const CLIENTS: usize = 8;
+/// Acknowledged events before the kill.
+const ACKNOWLEDGED_BEFORE_KILL: usize = 1500;
+/// Latency of the Graph stand-in, so that deliveries are in flight when the kill happens.
+const GRAPH_LATENCY: Duration = Duration::from_millis(30);
+/// The signal `Child::kill` sends on Unix.
+const SIGKILL: i32 = 9;
+/// Lines of a service's log shown when the test fails.
+const LOG_TAIL_LINES: usize = 80;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_acknowledged_event_reaches_the_graph_after_a_kill_9() {
+    let started = Instant::now();
+    // Arrange: the stand-in in this process, the service as a child process.
+    let graph = GraphStandIn::start(TOKEN, PIXEL).await;
+    graph.set_latency(GRAPH_LATENCY);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let database = dir.path().join("crash.db");
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("http client");
+    let mut first = Service::start("first", dir.path(), &database, &graph, &http).await;
+
+    // Act 1: clients post events until the process is gone.
+    let acknowledged: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let refused: Arc<Mutex<Vec<String>>> = Arc::default();
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|task| {
+            let http = http.clone();
+            let url = format!("{}/v1/events", first.address);
+            let acknowledged = acknowledged.clone();
+            let refused = refused.clone();
+            tokio::spawn(async move {
+                for i in 0.. {
+                    let event_id = format!("crash-{task}-{i}");
+                    let answer = http
+                        .post(&url)
+                        .bearer_auth(SECRET)
+                        .json(&lead(&event_id))
+                        .send()
+                        .await;
+                    match answer {
+                        Ok(response) if response.status() == 202 => {
+                            lock(&acknowledged).insert(event_id);
+                        }
+                        Ok(response) => {
+                            lock(&refused).push(format!("{event_id}: {}", response.status()));
+                            return;
+                        }
+                        // The process is gone.
+                        Err(_) => return,
+                    }
+                }
+            })
+        })
+        .collect();
+
+    // Act 2: once enough events are acknowledged and a delivery is in flight, kill -9.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let in_flight_at_kill = loop {
+        let acked = lock(&acknowledged).len();
+        if acked >= ACKNOWLEDGED_BEFORE_KILL && graph.accepted_count() > 0 {
+            let in_flight = events_in_flight(&graph);
+            if in_flight > 0 {
+                break in_flight;
+            }
+        }
+        assert!(
+            lock(&refused).is_empty(),
+            "the service refused events before the kill: {:?}",
+            lock(&refused)
+        );
+        assert!(
+            !clients.iter().all(tokio::task::JoinHandle::is_finished),
+            "every client stopped before the kill, with {acked} events acknowledged"
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never reached {ACKNOWLEDGED_BEFORE_KILL} acknowledged events with a delivery in flight: {acked} acknowledged, {} accepted by the stand-in",
+            graph.accepted_count()
+        );
+        // Polling a condition (acknowledgements have no change feed), not sleeping for an outcome.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let accepted_at_kill = graph.accepted_count();
+    let status = first.kill_9();
+    assert_eq!(
+        status.signal(),
+        Some(SIGKILL),
+        "the first process must die of SIGKILL, not exit on its own: {status}"
+    );
+    for client in clients {
+        client.await.expect("client task");
+    }
+    assert!(
+        lock(&refused).is_empty(),
+        "the service refused events: {:?}",
+        lock(&refused)
+    );
+    let acknowledged: BTreeSet<String> = lock(&acknowledged).iter().cloned().collect();
+    println!(
+        "killed after {:?}: {} events acknowledged, {accepted_at_kill} accepted by the stand-in, about {in_flight_at_kill} in requests in flight",
+        started.elapsed(),
+        acknowledged.len()
+    );
+
+    // Act 3: a second process on the same database.
+    let second = Service::start("second", dir.path(), &database, &graph, &http).await;
+    let expected = Arc::new(acknowledged.clone());
+    let waiter = {
+        let graph = graph.clone();
+        let expected = expected.clone();
+        tokio::spawn(async move {
+            graph
+                .wait_until(
+                    WAIT * 2,
+                    "every acknowledged event at the stand-in",
+                    move |g| {
+                        let delivered: HashSet<String> = accepted_ids(g).into_iter().collect();
+                        expected.iter().all(|id| delivered.contains(id))
+                    },
+                )
+                .await;
+        })
+    };
+    // A timeout panics inside the task; the assertion below then lists what is missing.
+    let _ = waiter.await;
+
+    // Assert
+    let accepted = accepted_ids(&graph);
+    let delivered: HashSet<&str> = accepted.iter().map(String::as_str).collect();
+    let missing: Vec<&String> = acknowledged
+        .iter()
+        .filter(|id| !delivered.contains(id.as_str()))
+        .collect();
+    if !missing.is_empty() {
+        let states = stored_states(&database, &missing).await;
+        panic!(
+            "{} of {} acknowledged events never reached the Graph API after the kill -9 and restart; in the database:\n{}",
+            missing.len(),
+            acknowledged.len(),
+            states.join("\n")
+        );
+    }
+    // Let the second process finish what it leased from the first (leases end after 2 s), so
+    // that the duplicate count is final, and make sure nothing ended up dead.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let queue = loop {
+        let queue = second.queue(&http).await;
+        if queue["queued"] == 0 {
+            break queue;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the queue never drained after the restart: {queue}"
+        );
+        // Polling a condition (the queue has no change feed), not sleeping for an outcome.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(queue["dead"], 0, "no event may die: {queue}");
+    let accepted = accepted_ids(&graph);
+    let mut copies: HashMap<&str, usize> = HashMap::new();
+    for id in &accepted {
+        *copies.entry(id.as_str()).or_default() += 1;
+    }
+    assert_eq!(
+        queue["delivered"].as_u64(),
+        u64::try_from(copies.len()).ok(),
+        "every stored event is delivered, and every event the stand-in got was stored: {queue}"
+    );
+    let duplicates = accepted.len() - copies.len();
+    let unacknowledged = copies
+        .keys()
+        .filter(|id| !acknowledged.contains(**id))
+        .count();
+    println!(
+        "drained after {:?}: {} acknowledged, all delivered; the stand-in accepted {} events ({} distinct, as many as the database holds), {duplicates} duplicates in {} event ids (allowed: at-least-once, Meta dedups by event_id); {unacknowledged} events stored and delivered but never acknowledged (answer lost in the kill)",
+        started.elapsed(),
+        acknowledged.len(),
+        accepted.len(),
+        copies.len(),
+        copies.values().filter(|n| **n > 1).count(),
+    );
+}
+
+/// The real binary as a child process; killed (and its log shown on failure) when dropped.
+struct Service {
+    label: &'static str,
+    child: Child,
+    log: PathBuf,
+    address: String,
+}
+
+impl Service {
+    /// Starts the binary on a free port and waits until `/healthz` answers.
+    async fn start(
+        label: &'static str,
+        dir: &Path,
+        database: &Path,
+        graph: &GraphStandIn,
+        http: &reqwest::Client,
+    ) -> Self {
+        let listen_addr = format!("127.0.0.1:{}", free_port());
+        let log = dir.join(format!("{label}.log"));
+        let stderr = std::fs::File::create(&log).expect("create the log file");
+        let stdout = stderr.try_clone().expect("clone the log file");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_capi-bridge"));
+        // Nothing from the developer's environment or a `.env` file may leak in.
+        command.env_clear().current_dir(dir);
+        for name in ["PATH", "HOME"] {
+            if let Some(value) = std::env::var_os(name) {
+                command.env(name, value);
+            }
+        }
+        command
+            .env("DATABASE_URL", format!("sqlite://{}", database.display()))
+            .env("LISTEN_ADDR", &listen_addr)
+            .env("META_ACCESS_TOKEN", TOKEN)
+            .env("META_PIXEL_ID", PIXEL)
+            .env("META_GRAPH_URL", &graph.url)
+            .env("WEBHOOK_SECRET", SECRET)
+            .env("DELIVERY_LEASE_MS", "2000")
+            .env("DELIVERY_REQUEST_TIMEOUT_MS", "2000")
+            .env("DELIVERY_RETRY_BASE_MS", "20")
+            .env("DELIVERY_RETRY_MAX_MS", "200")
+            .env("DELIVERY_POLL_INTERVAL_MS", "100")
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr);
+        let child = command.spawn().expect("start the capi-bridge binary");
+        let mut service = Self {
+            label,
+            child,
+            log,
+            address: format!("http://{listen_addr}"),
+        };
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Some(status) = service.child.try_wait().expect("query the child process") {
+                panic!("the {label} process exited before answering /healthz: {status}");
+            }
+            let health = http
+                .get(format!("{}/healthz", service.address))
+                .timeout(Duration::from_secs(1))
+                .send()
+                .await;
+            if health.is_ok_and(|r| r.status() == 200) {
+                return service;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the {label} process never answered /healthz on {listen_addr}"
+            );
+            // Polling a condition (the child has no readiness signal), not sleeping for an outcome.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The queue counts from `/readyz`.
+    async fn queue(&self, http: &reqwest::Client) -> serde_json::Value {
+        let ready: serde_json::Value = http
+            .get(format!("{}/readyz", self.address))
+            .send()
+            .await
+            .expect("GET /readyz")
+            .json()
+            .await
+            .expect("/readyz answers JSON");
+        ready["queue"].clone()
+    }
+
+    /// SIGKILL, then reap the process.
+    fn kill_9(&mut self) -> ExitStatus {
+        if let Some(status) = self.child.try_wait().expect("query the child process") {
+            panic!("the {} process had already exited: {status}", self.label);
+        }
+        self.child.kill().expect("send SIGKILL");
+        self.child.wait().expect("reap the killed process")
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        // Already reaped after `kill_9`: both calls then fail harmlessly.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
+            eprintln!(
+                "--- last {} of {} log lines of the {} process ---\n{}\n--- end of the {} log ---",
+                tail.len(),
+                lines.len(),
+                self.label,
+                tail.join("\n"),
+                self.label
+            );
+        }
+    }
+}
+
+/// A port nobody listens on right now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind an ephemeral port")
+        .local_addr()
+        .expect("ephemeral port address")
+        .port()
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Every event id the stand-in accepted, duplicates included.
+fn accepted_ids(graph: &GraphStandIn) -> Vec<String> {
+    graph
+        .accepted()
+        .iter()
+        .filter_map(|event| event["event_id"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Events in requests the stand-in said yes to but has not answered yet (its latency).
+fn events_in_flight(graph: &GraphStandIn) -> usize {
+    // Accepted first: every accepted event's request is then in the list read after.
+    let accepted = graph.accepted_count();
+    let answered_ok: usize = graph
+        .requests()
+        .iter()
+        .filter(|r| r.status == 200)
+        .map(|r| r.body["data"].as_array().map_or(0, Vec::len))
+        .sum();
+    answered_ok.saturating_sub(accepted)
+}
+
+/// The stored row of each event id, for the failure message.
+async fn stored_states(database: &Path, event_ids: &[&String]) -> Vec<String> {
+    let url = format!("sqlite://{}?mode=ro", database.display());
+    let pool = match sqlx::SqlitePool::connect(&url).await {
+        Ok(pool) => pool,
+        Err(err) => return vec![format!("(cannot open {url}: {err})")],
+    };
+    let mut states = Vec::with_capacity(event_ids.len());
+    for event_id in event_ids {
+        let row = sqlx::query(
+            "select id, state, attempts, leased_until, next_attempt_at, last_error, delivered_at,
+                (select count(*) from dedup_key d where d.event_id = event.event_id) as keys
+             from event where event_id = ?1 order by id desc limit 1",
+        )
+        .bind(event_id.as_str())
+        .fetch_optional(&pool)
+        .await;
+        states.push(match row {
+            Ok(Some(row)) => format!(
+                "  {event_id}: row {:?}, state {:?}, attempts {:?}, leased_until {:?}, next_attempt_at {:?}, delivered_at {:?}, last_error {:?}, dedup keys {:?}",
+                row.try_get::<i64, _>("id"),
+                row.try_get::<String, _>("state"),
+                row.try_get::<i64, _>("attempts"),
+                row.try_get::<Option<i64>, _>("leased_until"),
+                row.try_get::<i64, _>("next_attempt_at"),
+                row.try_get::<Option<i64>, _>("delivered_at"),
+                row.try_get::<Option<String>, _>("last_error"),
+                row.try_get::<i64, _>("keys"),
+            ),
+            Ok(None) => format!("  {event_id}: no row in the event table"),
+            Err(err) => format!("  {event_id}: query failed: {err}"),
+        });
+    }
+    pool.close().await;
+    states
+}
