@@ -153,7 +153,8 @@ impl Ingestor {
             .collect();
         let outcomes = self.commit.insert(records).await?;
         if outcomes.contains(&InsertOutcome::Queued) {
-            self.wake.notify_waiters();
+            // One idle worker is enough; it takes up to a full batch.
+            self.wake.notify_one();
         }
         let accepted = outcomes
             .iter()

@@ -45,7 +45,9 @@ pub(super) async fn ingest(
             IngestError::Invalid(problems) => ApiError::Invalid(problems),
             IngestError::Store(err) => ApiError::from(err),
         })?;
-    tracing::info!(
+    // Per-request logging is debug: at thousands of requests a second it would cost more than
+    // the work itself.
+    tracing::debug!(
         accepted = report.accepted,
         duplicates = report.duplicates,
         warnings = report.warnings.len(),
