@@ -152,12 +152,8 @@ impl Store for SqliteStore {
         }
         let mut query = QueryBuilder::new("update event set leased_until = ");
         query.push_bind(lease_until);
-        query.push(" where state = 'queued' and id in (");
-        let mut ids = query.separated(", ");
-        for id in row_ids {
-            ids.push_bind(id);
-        }
-        query.push(")");
+        query.push(" where state = 'queued' and id in ");
+        push_id_list(&mut query, row_ids);
         query.build().execute(&self.pool).await?;
         Ok(())
     }
@@ -200,12 +196,8 @@ impl Store for SqliteStore {
             query.push_bind(now);
             query.push(", updated_at = ");
             query.push_bind(now);
-            query.push(" where state = 'queued' and id in (");
-            let mut ids = query.separated(", ");
-            for id in chunk {
-                ids.push_bind(id);
-            }
-            query.push(")");
+            query.push(" where state = 'queued' and id in ");
+            push_id_list(&mut query, chunk);
             query.build().execute(&mut *tx).await?;
         }
         for update in updates {
@@ -381,4 +373,14 @@ impl Store for SqliteStore {
         sqlx::query("select 1").execute(&self.pool).await?;
         Ok(())
     }
+}
+
+/// Appends `(?, ?, …)` binding each id.
+fn push_id_list<'q>(query: &mut QueryBuilder<'q, sqlx::Sqlite>, ids: &'q [i64]) {
+    query.push("(");
+    let mut list = query.separated(", ");
+    for id in ids {
+        list.push_bind(id);
+    }
+    query.push(")");
 }

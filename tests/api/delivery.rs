@@ -12,17 +12,6 @@ fn leads(prefix: &str, n: usize) -> Vec<Value> {
     (0..n).map(|i| lead(&format!("{prefix}-{i}"))).collect()
 }
 
-async fn readyz(app: &crate::helpers::TestApp) -> Value {
-    app.http
-        .get(format!("{}/readyz", app.address))
-        .send()
-        .await
-        .expect("readyz")
-        .json()
-        .await
-        .expect("json")
-}
-
 #[tokio::test]
 async fn events_2500_leave_as_3_requests() {
     // Arrange
@@ -101,7 +90,7 @@ async fn throttling_codes_back_off_before_trying_again() {
             g.request_count() >= 1
         })
         .await;
-    let status = readyz(&app).await;
+    let status = app.readyz().await;
     assert_eq!(status["pixels"][0]["state"], "throttled", "{status}");
 
     app.graph.wait_for_accepted(1, WAIT).await;
@@ -162,7 +151,7 @@ async fn an_invalid_token_pauses_without_loss_and_resumes_after_the_fix() {
         .wait_until(WAIT, "a refused request", |g| g.request_count() >= 1)
         .await;
 
-    let status = readyz(&app).await;
+    let status = app.readyz().await;
     assert_eq!(status["pixels"][0]["state"], "paused", "{status}");
     assert_eq!(status["status"], "degraded");
     assert!(status["pixels"][0]["reason"]
@@ -178,7 +167,7 @@ async fn an_invalid_token_pauses_without_loss_and_resumes_after_the_fix() {
     app.graph.set_valid_token(TOKEN);
     app.graph.wait_for_accepted(20, WAIT).await;
     app.wait_for_state("paused-19", "delivered").await;
-    assert_eq!(readyz(&app).await["pixels"][0]["state"], "running");
+    assert_eq!(app.readyz().await["pixels"][0]["state"], "running");
 }
 
 #[tokio::test]

@@ -134,6 +134,18 @@ impl TestApp {
             .expect("json")
     }
 
+    /// `GET /readyz` as JSON.
+    pub async fn readyz(&self) -> Value {
+        self.http
+            .get(format!("{}/readyz", self.address))
+            .send()
+            .await
+            .expect("readyz")
+            .json()
+            .await
+            .expect("json")
+    }
+
     /// The stored event, straight from the store.
     pub async fn stored(&self, event_id: &str) -> Option<EventDetail> {
         self.store

@@ -280,15 +280,7 @@ async fn dry_run_stores_and_shows_events_but_never_sends() {
         shown["payload"]["user_data"]["em"],
         json!([sha256("dry-1@example.com")])
     );
-    let ready: Value = app
-        .http
-        .get(format!("{}/readyz", app.address))
-        .send()
-        .await
-        .expect("readyz")
-        .json()
-        .await
-        .expect("json");
+    let ready = app.readyz().await;
     assert_eq!(ready["dry_run"], true);
     assert_eq!(app.graph.request_count(), 0);
 }
@@ -303,15 +295,7 @@ async fn health_readiness_and_me_answer() {
         .await
         .expect("healthz");
     assert_eq!(health.status(), 200);
-    let ready: Value = app
-        .http
-        .get(format!("{}/readyz", app.address))
-        .send()
-        .await
-        .expect("readyz")
-        .json()
-        .await
-        .expect("json");
+    let ready = app.readyz().await;
     assert_eq!(ready["status"], "ok");
     assert_eq!(ready["workers"], "running");
     assert_eq!(ready["pixels"][0]["state"], "running");
