@@ -178,6 +178,9 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
             "NO AUTHENTICATION: WEBHOOK_SECRET is not set; accepting unauthenticated requests because the address is loopback only"
         );
     }
+    if config.has_weak_secret() {
+        tracing::warn!("a WEBHOOK_SECRET is shorter than 16 characters; use a long random one (e.g. openssl rand -hex 24)");
+    }
     let app = App::build(config.clone()).await?;
     tracing::info!(
         listen_addr = %app.local_addr()?,
