@@ -7,16 +7,17 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
 
-use super::{ApiError, AppState};
+use super::{ApiError, SharedState};
 use crate::delivery::now_ms;
 use crate::ingest::IngestError;
 use crate::store::EventDetail;
 
 /// Validates, normalizes and durably queues events; answers 202 after the commit.
 pub(super) async fn ingest(
-    State(state): State<AppState>,
+    State(state): State<SharedState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
+    let state = &state.0;
     let body = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::PayloadTooLarge(format!(
@@ -67,9 +68,10 @@ fn describe_json_error(err: &serde_json::Error) -> String {
 
 /// An event's state, its attempts with Meta's answers, and the exact payload sent.
 pub(super) async fn show(
-    State(state): State<AppState>,
+    State(state): State<SharedState>,
     Path(event_id): Path<String>,
 ) -> Result<Json<EventDetail>, ApiError> {
+    let state = &state.0;
     state
         .store
         .find_event(&event_id, now_ms())

@@ -8,7 +8,7 @@ use axum::response::IntoResponse;
 use axum::Json;
 use serde_json::json;
 
-use super::AppState;
+use super::SharedState;
 
 /// The process is up.
 pub(super) async fn healthz() -> impl IntoResponse {
@@ -17,7 +17,8 @@ pub(super) async fn healthz() -> impl IntoResponse {
 
 /// Storage reachable and delivery workers alive; pixel states and queue depth for people.
 /// A paused pixel does not make the instance unready: ingest still works and nothing is lost.
-pub(super) async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+pub(super) async fn readyz(State(state): State<SharedState>) -> impl IntoResponse {
+    let state = &state.0;
     let storage = state.store.ping().await;
     let stats = state.store.stats().await.ok();
     let workers_alive = state.workers_alive.load(Ordering::Relaxed);
@@ -42,7 +43,8 @@ pub(super) async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 /// A cheap authenticated call to test credentials from n8n, Make or Zapier.
-pub(super) async fn me(State(state): State<AppState>) -> impl IntoResponse {
+pub(super) async fn me(State(state): State<SharedState>) -> impl IntoResponse {
+    let state = &state.0;
     Json(json!({
         "ok": true,
         "service": "capi-bridge",

@@ -40,9 +40,24 @@ pub struct AppState {
     pub workers_alive: Arc<std::sync::atomic::AtomicBool>,
 }
 
+/// Shared by every request: one `Arc` clone per request, nothing else copied.
+pub(crate) type SharedState = Arc<(AppState, SecretDigests)>;
+
+/// SHA-256 of each configured secret, computed once at start.
+pub(crate) struct SecretDigests(Vec<[u8; 32]>);
+
 /// All routes.
 pub fn router(state: AppState) -> Router {
     let body_limit = state.config.body_limit_bytes;
+    let digests = SecretDigests(
+        state
+            .config
+            .webhook_secrets
+            .iter()
+            .map(|secret| Sha256::digest(secret.as_bytes()).into())
+            .collect(),
+    );
+    let state: SharedState = Arc::new((state, digests));
     let protected = Router::new()
         .route("/v1/events", post(events::ingest))
         .route("/v1/events/{event_id}", get(events::show))
@@ -79,10 +94,11 @@ pub fn router(state: AppState) -> Router {
 /// Accepts `Authorization: Bearer <secret>`, `X-Webhook-Secret` or `X-API-Key`, compared in
 /// constant time against every configured secret (several allow rotation).
 async fn authenticate(
-    State(state): State<AppState>,
+    State(state): State<SharedState>,
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
+    let (state, SecretDigests(digests)) = &*state;
     if state.config.unauthenticated() {
         return Ok(next.run(request).await);
     }
@@ -90,8 +106,8 @@ async fn authenticate(
     // Hashing first makes the comparison constant-time in the length too.
     let presented = Sha256::digest(presented.as_bytes());
     let mut matched = subtle::Choice::from(0);
-    for secret in &state.config.webhook_secrets {
-        matched |= Sha256::digest(secret.as_bytes()).ct_eq(&presented);
+    for digest in digests {
+        matched |= digest.ct_eq(presented.as_slice());
     }
     if bool::from(matched) {
         Ok(next.run(request).await)
