@@ -1,6 +1,6 @@
 //! The embedded default backend: one SQLite file, zero setup.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -192,8 +192,10 @@ impl Store for SqliteStore {
         let mut tx = self.writer.begin().await?;
         // Attempts and deliveries are written in multi-row statements: a 1000-event batch costs
         // a handful of statements, not two thousand, on SQLite's single writer.
+        // The delivering attempt is recorded on the event row itself (see the migration).
         let attempts: Vec<(i64, &AttemptRecord)> = updates
             .iter()
+            .filter(|u| u.settlement != Settlement::Delivered)
             .filter_map(|u| u.attempt.as_ref().map(|a| (u.row_id, a)))
             .collect();
         for chunk in attempts.chunks(ROWS_PER_STATEMENT) {
@@ -214,21 +216,30 @@ impl Store for SqliteStore {
             });
             query.build().execute(&mut *tx).await?;
         }
-        let delivered: Vec<i64> = updates
-            .iter()
-            .filter(|u| u.settlement == Settlement::Delivered)
-            .map(|u| u.row_id)
-            .collect();
-        for chunk in delivered.chunks(ROWS_PER_STATEMENT) {
-            let mut query = QueryBuilder::new(
-                "update event set state = 'delivered', leased_until = null, last_error = null, delivered_at = ",
-            );
-            query.push_bind(now);
-            query.push(", updated_at = ");
-            query.push_bind(now);
-            query.push(" where state = 'queued' and id in ");
-            push_id_list(&mut query, chunk);
-            query.build().execute(&mut *tx).await?;
+        let mut delivered: BTreeMap<Option<&str>, Vec<i64>> = BTreeMap::new();
+        for update in updates {
+            if update.settlement == Settlement::Delivered {
+                let trace = update
+                    .attempt
+                    .as_ref()
+                    .and_then(|a| a.fbtrace_id.as_deref());
+                delivered.entry(trace).or_default().push(update.row_id);
+            }
+        }
+        for (trace, row_ids) in &delivered {
+            for chunk in row_ids.chunks(ROWS_PER_STATEMENT) {
+                let mut query = QueryBuilder::new(
+                    "update event set state = 'delivered', leased_until = null, last_error = null, delivered_at = ",
+                );
+                query.push_bind(now);
+                query.push(", updated_at = ");
+                query.push_bind(now);
+                query.push(", delivered_fbtrace_id = ");
+                query.push_bind(*trace);
+                query.push(" where state = 'queued' and id in ");
+                push_id_list(&mut query, chunk);
+                query.build().execute(&mut *tx).await?;
+            }
         }
         for update in updates {
             let query = match &update.settlement {
@@ -275,7 +286,8 @@ impl Store for SqliteStore {
     ) -> Result<Option<EventDetail>, StoreError> {
         let Some(row) = sqlx::query(
             "select id, event_id, event_name, pixel_id, state, attempts, last_error, received_at,
-                next_attempt_at, leased_until, delivered_at, test_event_code, payload
+                next_attempt_at, leased_until, delivered_at, delivered_fbtrace_id, test_event_code,
+                payload
              from event where event_id = ?1 order by id desc limit 1",
         )
         .bind(event_id)
@@ -305,7 +317,7 @@ impl Store for SqliteStore {
         .bind(row_id)
         .fetch_all(&self.reader)
         .await?;
-        let attempts_log = attempt_rows
+        let mut attempts_log = attempt_rows
             .into_iter()
             .map(|r| {
                 Ok(AttemptView {
@@ -324,6 +336,18 @@ impl Store for SqliteStore {
                 })
             })
             .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        let delivered_at: Option<i64> = row.try_get("delivered_at")?;
+        if let (Some(attempted_at), "delivered") = (delivered_at, stored_state.as_str()) {
+            attempts_log.push(AttemptView {
+                attempted_at,
+                record: AttemptRecord {
+                    outcome: "delivered".to_owned(),
+                    http_status: Some(200),
+                    fbtrace_id: row.try_get("delivered_fbtrace_id")?,
+                    ..AttemptRecord::default()
+                },
+            });
+        }
         Ok(Some(EventDetail {
             event_id: row.try_get("event_id")?,
             event_name: row.try_get("event_name")?,
@@ -337,7 +361,7 @@ impl Store for SqliteStore {
             attempts,
             last_error,
             received_at: row.try_get("received_at")?,
-            delivered_at: row.try_get("delivered_at")?,
+            delivered_at,
             test_event_code: row.try_get("test_event_code")?,
             payload,
             attempts_log,
