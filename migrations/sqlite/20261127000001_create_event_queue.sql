@@ -1,12 +1,11 @@
--- One row per accepted event: the event exactly as it will be sent (hashed values only) and its
--- place in the delivery queue. Writing both in one row makes "stored" and "queued" one fact.
+-- One row per accepted event and its place in the delivery queue: "stored" and "queued" are
+-- one fact. The payload lives in event_payload so that the queue updates (claim, settle) rewrite
+-- narrow rows only.
 create table event (
     id integer primary key,
     pixel_id text not null,
     event_id text not null,
     event_name text not null,
-    -- The data[i] object sent to Meta, as JSON.
-    payload text not null,
     test_event_code text,
     -- queued | delivered | dead | dry_run ("delivering" is a queued row with a live lease).
     state text not null,
@@ -23,6 +22,12 @@ create table event (
     -- Meta's trace id of the delivering request. The successful attempt lives here rather than
     -- in `attempt`, so delivering an event costs one row write, not two.
     delivered_fbtrace_id text
+);
+
+-- The data[i] object sent to Meta, as JSON (hashed values only), written once.
+create table event_payload (
+    event_row_id integer primary key references event (id) on delete cascade,
+    payload text not null
 );
 
 -- Workers look for due, unleased events of one pixel, oldest first.

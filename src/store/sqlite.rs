@@ -112,16 +112,22 @@ impl Store for SqliteStore {
                 outcomes.push(InsertOutcome::Duplicate);
             }
         }
+        // Row ids are assigned here so the payload rows can refer to them without relying on
+        // the order of RETURNING; safe because this transaction is the only writer.
+        let next_id: i64 = sqlx::query_scalar("select coalesce(max(id), 0) + 1 from event")
+            .fetch_one(&mut *tx)
+            .await?;
+        let fresh: Vec<(i64, &NewEventRecord)> = (next_id..).zip(fresh).collect();
         for chunk in fresh.chunks(ROWS_PER_STATEMENT) {
             let mut query = QueryBuilder::new(
-                "insert into event (pixel_id, event_id, event_name, payload, test_event_code,
+                "insert into event (id, pixel_id, event_id, event_name, test_event_code,
                     state, attempts, next_attempt_at, deadline_at, received_at, updated_at) ",
             );
-            query.push_values(chunk, |mut row, e| {
-                row.push_bind(&e.pixel_id)
+            query.push_values(chunk, |mut row, (id, e)| {
+                row.push_bind(id)
+                    .push_bind(&e.pixel_id)
                     .push_bind(&e.event_id)
                     .push_bind(&e.event_name)
-                    .push_bind(&e.payload)
                     .push_bind(&e.test_event_code)
                     .push_bind(if e.dry_run { "dry_run" } else { "queued" })
                     .push_bind(0_i64)
@@ -129,6 +135,11 @@ impl Store for SqliteStore {
                     .push_bind(e.deadline_at)
                     .push_bind(now)
                     .push_bind(now);
+            });
+            query.build().execute(&mut *tx).await?;
+            let mut query = QueryBuilder::new("insert into event_payload (event_row_id, payload) ");
+            query.push_values(chunk, |mut row, (id, e)| {
+                row.push_bind(id).push_bind(&e.payload);
             });
             query.build().execute(&mut *tx).await?;
         }
@@ -144,14 +155,14 @@ impl Store for SqliteStore {
         lease_until: i64,
     ) -> Result<Vec<ClaimedEvent>, StoreError> {
         let rows = sqlx::query(
-            "update event set leased_until = ?3, attempts = attempts + 1, updated_at = ?2
+            "update event set leased_until = ?3, attempts = attempts + 1
              where id in (
                  select id from event
                  where state = 'queued' and pixel_id = ?1 and next_attempt_at <= ?2
                    and (leased_until is null or leased_until <= ?2)
                  order by next_attempt_at, id
                  limit ?4)
-             returning id, event_id, payload, test_event_code, attempts, deadline_at",
+             returning id, event_id, test_event_code, attempts, deadline_at",
         )
         .bind(pixel_id)
         .bind(now)
@@ -159,13 +170,16 @@ impl Store for SqliteStore {
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .fetch_all(&self.writer)
         .await?;
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut claimed = rows
             .into_iter()
             .map(|row| {
                 Ok(ClaimedEvent {
                     row_id: row.try_get("id")?,
                     event_id: row.try_get("event_id")?,
-                    payload: row.try_get("payload")?,
+                    payload: String::new(),
                     test_event_code: row.try_get("test_event_code")?,
                     attempts: row.try_get("attempts")?,
                     deadline_at: row.try_get("deadline_at")?,
@@ -173,6 +187,27 @@ impl Store for SqliteStore {
             })
             .collect::<Result<Vec<_>, sqlx::Error>>()?;
         claimed.sort_by_key(|c| c.row_id);
+        // Payloads never change, so they are read outside the writer, from the read pool.
+        let ids: Vec<i64> = claimed.iter().map(|c| c.row_id).collect();
+        let mut payloads = BTreeMap::new();
+        for chunk in ids.chunks(ROWS_PER_STATEMENT * 5) {
+            let mut query = QueryBuilder::new(
+                "select event_row_id, payload from event_payload where event_row_id in ",
+            );
+            push_id_list(&mut query, chunk);
+            for row in query.build().fetch_all(&self.reader).await? {
+                let id: i64 = row.try_get(0)?;
+                let payload: String = row.try_get(1)?;
+                payloads.insert(id, payload);
+            }
+        }
+        for event in &mut claimed {
+            // Written in the same transaction as the event, so always there; should it ever be
+            // missing, an empty object makes Meta refuse the event and it is parked, not lost.
+            event.payload = payloads
+                .remove(&event.row_id)
+                .unwrap_or_else(|| "{}".to_owned());
+        }
         Ok(claimed)
     }
 
@@ -287,7 +322,7 @@ impl Store for SqliteStore {
         let Some(row) = sqlx::query(
             "select id, event_id, event_name, pixel_id, state, attempts, last_error, received_at,
                 next_attempt_at, leased_until, delivered_at, delivered_fbtrace_id, test_event_code,
-                payload
+                (select payload from event_payload where event_row_id = event.id) as payload
              from event where event_id = ?1 order by id desc limit 1",
         )
         .bind(event_id)
@@ -306,9 +341,10 @@ impl Store for SqliteStore {
             "queued" if attempts > 0 && last_error.is_some() => "failed".to_owned(),
             other => other.to_owned(),
         };
-        let payload_text: String = row.try_get("payload")?;
-        let payload =
-            serde_json::from_str(&payload_text).unwrap_or(serde_json::Value::String(payload_text));
+        let payload_text: Option<String> = row.try_get("payload")?;
+        let payload = payload_text.map_or(serde_json::Value::Null, |text| {
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))
+        });
         let attempt_rows = sqlx::query(
             "select attempted_at, outcome, http_status, code, subcode, fbtrace_id, error_title,
                 error_message
