@@ -48,7 +48,10 @@ impl SqliteStore {
             // 32 MiB of page cache (the default is 2 MiB): dedup keys and event ids arrive in no
             // particular order, so their indexes are updated all over; once they outgrow the
             // cache every insert pays for page reads and throughput sags as the log grows.
-            .pragma("cache_size", "-32768");
+            .pragma("cache_size", "-32768")
+            // Multi-row statements come in one shape per row count (1..=100) for each of the
+            // batched statements: keep them all prepared instead of re-parsing SQL per commit.
+            .statement_cache_capacity(1024);
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .connect_with(options.clone())
@@ -155,11 +158,13 @@ impl Store for SqliteStore {
         lease_until: i64,
     ) -> Result<Vec<ClaimedEvent>, StoreError> {
         let rows = sqlx::query(
-            "update event set leased_until = ?3, attempts = attempts + 1
+            // The lease end doubles as the next attempt time: leased rows move out of the due
+            // range of the index, so a claim never scans past other workers' rows, and an
+            // expired lease makes the row due again by itself.
+            "update event set leased_until = ?3, next_attempt_at = ?3, attempts = attempts + 1
              where id in (
                  select id from event
                  where state = 'queued' and pixel_id = ?1 and next_attempt_at <= ?2
-                   and (leased_until is null or leased_until <= ?2)
                  order by next_attempt_at, id
                  limit ?4)
              returning id, event_id, test_event_code, attempts, deadline_at",
@@ -216,6 +221,8 @@ impl Store for SqliteStore {
             return Ok(());
         }
         let mut query = QueryBuilder::new("update event set leased_until = ");
+        query.push_bind(lease_until);
+        query.push(", next_attempt_at = ");
         query.push_bind(lease_until);
         query.push(" where state = 'queued' and id in ");
         push_id_list(&mut query, row_ids);
@@ -301,7 +308,7 @@ impl Store for SqliteStore {
                 .bind(reason),
                 Settlement::Release { reason } => sqlx::query(
                     "update event set leased_until = null, attempts = max(attempts - 1, 0),
-                        last_error = ?3, updated_at = ?2
+                        next_attempt_at = ?2, last_error = ?3, updated_at = ?2
                      where id = ?1 and state = 'queued'",
                 )
                 .bind(update.row_id)
