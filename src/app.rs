@@ -43,14 +43,6 @@ impl App {
             .await
             .with_context(|| format!("cannot listen on {}", config.listen_addr))?;
         let wake = Arc::new(Notify::new());
-        let commit = GroupCommit::start(store.clone(), now_ms);
-        let ingestor = Ingestor::new(
-            config.ingest.clone(),
-            config.pixel_id().to_owned(),
-            config.dry_run(),
-            commit,
-            wake.clone(),
-        );
         let delivery = match &config.meta {
             Some(meta) => {
                 let client =
@@ -59,11 +51,23 @@ impl App {
                     store.clone(),
                     client,
                     config.delivery.clone(),
-                    wake,
+                    wake.clone(),
                 ))
             }
             None => None,
         };
+        let commit = GroupCommit::start(
+            store.clone(),
+            now_ms,
+            delivery.as_ref().map(Delivery::handoff),
+        );
+        let ingestor = Ingestor::new(
+            config.ingest.clone(),
+            config.pixel_id().to_owned(),
+            config.dry_run(),
+            commit,
+            wake,
+        );
         let workers_alive = Arc::new(AtomicBool::new(false));
         let state = AppState {
             config: Arc::new(config),

@@ -327,7 +327,7 @@ async fn send(config: Config, args: SendArgs) -> anyhow::Result<ExitCode> {
         config.ingest.clone(),
         config.pixel_id().to_owned(),
         config.dry_run(),
-        GroupCommit::start(store.clone(), now_ms),
+        GroupCommit::start(store.clone(), now_ms, None),
         wake.clone(),
     );
     let report = match ingestor.ingest(body, now_ms() / 1000).await {

@@ -9,16 +9,19 @@ pub mod batch;
 pub mod classify;
 pub mod client;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::DeliveryConfig;
-use crate::store::{AttemptRecord, ClaimedEvent, EventUpdate, Settlement, Store, StoreError};
+use crate::store::{
+    AttemptRecord, ClaimedEvent, EventUpdate, Handoff, Settlement, Store, StoreError,
+};
 use classify::{backoff_ms, GraphError, Verdict};
 pub use client::GraphClient;
 
@@ -54,6 +57,12 @@ pub struct PixelStatus {
     pub until: Option<i64>,
 }
 
+/// Handed-off commits, and what is left of one that was larger than a batch.
+struct Inbox {
+    receiver: mpsc::Receiver<Vec<ClaimedEvent>>,
+    carried: VecDeque<ClaimedEvent>,
+}
+
 #[derive(Debug, Default)]
 struct PixelState {
     paused: Option<(String, i64)>,
@@ -70,6 +79,11 @@ pub struct Delivery {
     config: DeliveryConfig,
     wake: Arc<Notify>,
     state: Arc<Mutex<PixelState>>,
+    /// Events ingest committed already leased to us (see [`Handoff`]).
+    inbox: Arc<tokio::sync::Mutex<Inbox>>,
+    inbox_sender: mpsc::Sender<Vec<ClaimedEvent>>,
+    /// Mirrors "neither paused nor throttled" for the committing task.
+    accepting: Arc<AtomicBool>,
 }
 
 impl Delivery {
@@ -80,12 +94,32 @@ impl Delivery {
         config: DeliveryConfig,
         wake: Arc<Notify>,
     ) -> Self {
+        // A few commits' worth: enough to keep every in-flight slot fed, small enough that
+        // handed-off events are sent long before their lease runs out. When it is full, new
+        // events wait in the database instead.
+        let (inbox_sender, receiver) = mpsc::channel(config.max_in_flight + 1);
+        let inbox = Inbox {
+            receiver,
+            carried: VecDeque::new(),
+        };
         Self {
             store,
             client,
             config,
             wake,
             state: Arc::new(Mutex::new(PixelState::default())),
+            inbox: Arc::new(tokio::sync::Mutex::new(inbox)),
+            inbox_sender,
+            accepting: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
+    /// Lets the group commit hand freshly stored events straight to these workers.
+    pub fn handoff(&self) -> Handoff {
+        Handoff {
+            inbox: self.inbox_sender.clone(),
+            accepting: self.accepting.clone(),
+            lease: self.config.lease,
         }
     }
 
@@ -124,6 +158,36 @@ impl Delivery {
             loops.spawn(async move { delivery.run_loop(worker, shutdown).await });
         }
         while loops.join_next().await.is_some() {}
+        // Events handed over but not started: give them back now rather than when their lease
+        // expires, so a restart sends them at once.
+        let leftover = self.take_handed_off().await;
+        if !leftover.is_empty() {
+            let updates = release_all(leftover, "shutting down");
+            if let Err(err) = self.store.settle(&updates, now_ms()).await {
+                tracing::warn!(error = %err, "could not release handed-off events at shutdown; they are sent when their lease expires");
+            }
+        }
+    }
+
+    /// Takes up to one batch of handed-off events without waiting.
+    async fn take_handed_off(&self) -> Vec<ClaimedEvent> {
+        let Ok(mut inbox) = self.inbox.try_lock() else {
+            // Another worker is taking a batch right now.
+            return Vec::new();
+        };
+        let max = self.config.max_batch_events;
+        let mut events: Vec<ClaimedEvent> = Vec::new();
+        while events.len() < max {
+            if inbox.carried.is_empty() {
+                match inbox.receiver.try_recv() {
+                    Ok(commit) => inbox.carried.extend(commit),
+                    Err(_) => break,
+                }
+            }
+            let take = (max - events.len()).min(inbox.carried.len());
+            events.extend(inbox.carried.drain(..take));
+        }
+        events
     }
 
     async fn run_loop(&self, worker: usize, shutdown: CancellationToken) {
@@ -159,11 +223,24 @@ impl Delivery {
         }
     }
 
-    /// One pass: lease a batch, send it, settle every event in it.
+    /// One pass: take handed-off events or lease a due batch, send it, settle every event.
     ///
     /// # Errors
     /// Storage failures; the leased events are then picked up again when their lease expires.
     pub async fn run_once(&self) -> Result<Progress, StoreError> {
+        let handed = self.take_handed_off().await;
+        if !handed.is_empty() {
+            if let Some(reason) = self.blocked_reason(now_ms()) {
+                // Paused or slowed down since the handoff: back to the database they go.
+                let n = handed.len();
+                self.store
+                    .settle(&release_all(handed, &reason), now_ms())
+                    .await?;
+                return Ok(Progress::Worked(n));
+            }
+            return self.deliver(handed).await;
+        }
+
         let now = now_ms();
         let probing = {
             let mut state = self.lock();
@@ -181,6 +258,7 @@ impl Delivery {
                     until: Some(state.throttled_until),
                 });
             } else {
+                self.accepting.store(true, Ordering::Relaxed);
                 false
             }
         };
@@ -189,7 +267,7 @@ impl Delivery {
         } else {
             self.config.max_batch_events
         };
-        let lease_ms = i64::try_from(self.config.lease.as_millis()).unwrap_or(i64::MAX);
+        let lease_ms = millis_i64(self.config.lease);
         let claimed = self
             .store
             .claim_due(self.client.pixel_id(), limit, now, now + lease_ms)
@@ -205,23 +283,41 @@ impl Delivery {
             self.lock().probing = false;
             return Ok(Progress::Idle { until: None });
         }
-        let n_claimed = claimed.len();
+        let progress = self.deliver(claimed).await;
+        self.lock().probing = false;
+        progress
+    }
+
+    /// Why nothing should be sent right now, if so.
+    fn blocked_reason(&self, now: i64) -> Option<String> {
+        let state = self.lock();
+        match &state.paused {
+            Some((reason, _)) => Some(format!("pixel paused: {reason}")),
+            None if state.throttled_until > now => Some(format!(
+                "pixel throttled: {}",
+                state.throttle_reason.as_deref().unwrap_or("rate limited")
+            )),
+            None => None,
+        }
+    }
+
+    /// Sends leased events (grouped by test code) and settles each of them.
+    async fn deliver(&self, events: Vec<ClaimedEvent>) -> Result<Progress, StoreError> {
+        let n_events = events.len();
         let mut by_test_code: BTreeMap<Option<String>, Vec<ClaimedEvent>> = BTreeMap::new();
-        for event in claimed {
+        for event in events {
             by_test_code
                 .entry(event.test_event_code.clone())
                 .or_default()
                 .push(event);
         }
-        let mut updates = Vec::with_capacity(n_claimed);
+        let mut updates = Vec::with_capacity(n_events);
         for (test_code, events) in by_test_code {
             self.deliver_group(events, test_code.as_deref(), &mut updates)
                 .await;
         }
-        let settled = self.store.settle(&updates, now_ms()).await;
-        self.lock().probing = false;
-        settled?;
-        Ok(Progress::Worked(n_claimed))
+        self.store.settle(&updates, now_ms()).await?;
+        Ok(Progress::Worked(n_events))
     }
 
     /// Sends events that share a test code; a refused batch is split in halves until the bad
@@ -311,6 +407,7 @@ impl Delivery {
                         let mut state = self.lock();
                         state.throttled_until = state.throttled_until.max(now + longest);
                         state.throttle_reason = Some(error.summary());
+                        self.accepting.store(false, Ordering::Relaxed);
                     }
                 }
                 Verdict::Rejected { error } if chunk.len() == 1 => {
@@ -355,6 +452,7 @@ impl Delivery {
                         "delivery paused: fix the credentials or configuration; events stay queued and delivery resumes by itself"
                     );
                     self.lock().paused = Some((error.summary(), probe_at));
+                    self.accepting.store(false, Ordering::Relaxed);
                     let reason = format!("pixel paused: {}", error.summary());
                     let attempt = attempt_record("paused", &error);
                     for event in chunk.into_iter().chain(pending.drain(..).flatten()) {
@@ -373,6 +471,9 @@ impl Delivery {
 
     fn clear_pause(&self) {
         let mut state = self.lock();
+        if state.throttled_until <= now_ms() {
+            self.accepting.store(true, Ordering::Relaxed);
+        }
         if state.paused.take().is_some() {
             tracing::info!(
                 pixel_id = self.client.pixel_id(),
@@ -380,6 +481,19 @@ impl Delivery {
             );
         }
     }
+}
+
+fn release_all(events: Vec<ClaimedEvent>, reason: &str) -> Vec<EventUpdate> {
+    events
+        .into_iter()
+        .map(|event| EventUpdate {
+            row_id: event.row_id,
+            settlement: Settlement::Release {
+                reason: reason.to_owned(),
+            },
+            attempt: None,
+        })
+        .collect()
 }
 
 fn retry_or_expire(event: ClaimedEvent, next: i64, error: &GraphError) -> EventUpdate {

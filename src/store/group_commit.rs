@@ -1,16 +1,35 @@
 //! Group commit: concurrent ingest requests share one transaction (and one fsync), so durable
 //! acknowledgement costs one disk flush per batch of requests rather than one per event.
+//!
+//! With a [`Handoff`], freshly queued events are stored already leased to this process and
+//! passed straight to its delivery workers, which then need no claim round trip through the
+//! database. When the workers' inbox is full or delivery is paused, events are stored unleased
+//! and the workers find them by polling, as after a restart.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::{InsertOutcome, NewEventRecord, Store, StoreError};
+use super::{ClaimedEvent, InsertOutcome, NewEventRecord, Store, StoreError};
 
 /// Most events written in one transaction.
 const MAX_EVENTS_PER_COMMIT: usize = 4096;
 
 type Reply = oneshot::Sender<Result<Vec<InsertOutcome>, String>>;
+
+/// Where freshly committed events go when delivery can take them at once.
+#[derive(Clone)]
+pub struct Handoff {
+    /// The delivery workers' inbox: one message per commit, so a worker never sees part of
+    /// a commit and batches stay whole.
+    pub inbox: mpsc::Sender<Vec<ClaimedEvent>>,
+    /// False while delivery is paused or throttled: events then wait in the database.
+    pub accepting: Arc<AtomicBool>,
+    /// How long handed-off events stay leased to this process.
+    pub lease: Duration,
+}
 
 /// A handle that submits events to the single committing task.
 #[derive(Clone)]
@@ -21,9 +40,9 @@ pub struct GroupCommit {
 impl GroupCommit {
     /// Starts the committing task. It stops when every handle is dropped, after committing
     /// what it has.
-    pub fn start(store: Arc<dyn Store>, clock: fn() -> i64) -> Self {
+    pub fn start(store: Arc<dyn Store>, clock: fn() -> i64, handoff: Option<Handoff>) -> Self {
         let (sender, receiver) = mpsc::channel(1024);
-        tokio::spawn(run(store, receiver, clock));
+        tokio::spawn(run(store, receiver, clock, handoff));
         Self { sender }
     }
 
@@ -51,6 +70,7 @@ async fn run(
     store: Arc<dyn Store>,
     mut receiver: mpsc::Receiver<(Vec<NewEventRecord>, Reply)>,
     clock: fn() -> i64,
+    handoff: Option<Handoff>,
 ) {
     while let Some(first) = receiver.recv().await {
         let mut pending = vec![first];
@@ -71,9 +91,46 @@ async fn run(
             replies.push((events.len(), reply));
             all.extend(events);
         }
-        match store.insert_events(&all, clock()).await {
-            Ok(outcomes) => {
-                let mut outcomes = outcomes.into_iter();
+
+        // Reserve room in the inbox before committing, so that every event stored as leased
+        // is certain to reach a worker.
+        let has_queueable = all.iter().any(|e| !e.dry_run);
+        let permit = handoff.as_ref().and_then(|h| {
+            if !has_queueable || !h.accepting.load(Ordering::Relaxed) {
+                return None;
+            }
+            h.inbox.try_reserve().ok().map(|permit| (h, permit))
+        });
+        let now = clock();
+        let lease_until = permit.as_ref().map(|(h, _)| {
+            now.saturating_add(i64::try_from(h.lease.as_millis()).unwrap_or(i64::MAX))
+        });
+
+        match store.insert_events(&all, now, lease_until).await {
+            Ok(results) => {
+                // Hand off before answering, so that by the time ingest wakes a worker the
+                // events are already in its inbox.
+                if let Some((_, permit)) = permit {
+                    let handed: Vec<ClaimedEvent> = all
+                        .into_iter()
+                        .zip(&results)
+                        .filter_map(|(event, result)| match (result.outcome, result.row_id) {
+                            (InsertOutcome::Queued, Some(row_id)) => Some(ClaimedEvent {
+                                row_id,
+                                event_id: event.event_id,
+                                payload: event.payload,
+                                test_event_code: event.test_event_code,
+                                attempts: 1,
+                                deadline_at: event.deadline_at,
+                            }),
+                            _ => None,
+                        })
+                        .collect();
+                    if !handed.is_empty() {
+                        permit.send(handed);
+                    }
+                }
+                let mut outcomes = results.iter().map(|r| r.outcome);
                 for (n, reply) in replies {
                     let mine: Vec<InsertOutcome> = outcomes.by_ref().take(n).collect();
                     // The requester may have gone away (client hung up); the events are stored.

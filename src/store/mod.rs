@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use serde::Serialize;
 
 pub use error::StoreError;
-pub use group_commit::GroupCommit;
+pub use group_commit::{GroupCommit, Handoff};
 pub use sqlite::SqliteStore;
 
 /// How long a `(pixel, event_name, event_id)` key stays a duplicate: Meta's window.
@@ -49,6 +49,15 @@ pub enum InsertOutcome {
     DryRun,
     /// The same key was accepted within 48 hours; nothing stored.
     Duplicate,
+}
+
+/// The result of storing one event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Inserted {
+    /// What happened.
+    pub outcome: InsertOutcome,
+    /// The new row, unless a duplicate.
+    pub row_id: Option<i64>,
 }
 
 /// A queued event a worker has leased.
@@ -191,12 +200,17 @@ pub struct QueueStats {
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Stores new events in one transaction, skipping keys seen in the last 48 hours.
-    /// Outcomes are in input order.
+    /// Results are in input order.
+    ///
+    /// With `lease_until`, queued events are stored already leased (one attempt counted) to
+    /// this process, which hands them straight to its delivery workers: no claim needed. If the
+    /// process dies, the lease expires and any worker claims them as usual.
     async fn insert_events(
         &self,
         events: &[NewEventRecord],
         now: i64,
-    ) -> Result<Vec<InsertOutcome>, StoreError>;
+        lease_until: Option<i64>,
+    ) -> Result<Vec<Inserted>, StoreError>;
 
     /// Leases up to `limit` due events of `pixel_id` until `lease_until`, counting an attempt.
     async fn claim_due(

@@ -9,7 +9,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{QueryBuilder, Row, SqlitePool};
 
 use super::{
-    AttemptRecord, AttemptView, ClaimedEvent, EventDetail, EventUpdate, InsertOutcome,
+    AttemptRecord, AttemptView, ClaimedEvent, EventDetail, EventUpdate, InsertOutcome, Inserted,
     NewEventRecord, QueueStats, ReplayFilter, Settlement, Store, StoreError, DEDUP_WINDOW_MS,
 };
 
@@ -71,7 +71,8 @@ impl Store for SqliteStore {
         &self,
         events: &[NewEventRecord],
         now: i64,
-    ) -> Result<Vec<InsertOutcome>, StoreError> {
+        lease_until: Option<i64>,
+    ) -> Result<Vec<Inserted>, StoreError> {
         let mut tx = self.writer.begin().await?;
         let cutoff = now - DEDUP_WINDOW_MS;
         // Multi-row statements: each statement is a round trip to sqlx's SQLite thread, so one
@@ -99,42 +100,59 @@ impl Store for SqliteStore {
                 fresh_keys.insert((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?));
             }
         }
-        let mut outcomes = Vec::with_capacity(events.len());
+        // Row ids are assigned here so the payload rows can refer to them without relying on
+        // the order of RETURNING; safe because this transaction is the only writer.
+        let mut next_id: i64 = sqlx::query_scalar("select coalesce(max(id), 0) + 1 from event")
+            .fetch_one(&mut *tx)
+            .await?;
+        let mut results = Vec::with_capacity(events.len());
         let mut fresh = Vec::with_capacity(events.len());
         for e in events {
             let key = (e.pixel_id.clone(), e.event_name.clone(), e.event_id.clone());
             // `remove`: a key repeated within this batch is fresh only the first time.
             if fresh_keys.remove(&key) {
-                fresh.push(e);
-                outcomes.push(if e.dry_run {
-                    InsertOutcome::DryRun
-                } else {
-                    InsertOutcome::Queued
+                fresh.push((next_id, e));
+                results.push(Inserted {
+                    outcome: if e.dry_run {
+                        InsertOutcome::DryRun
+                    } else {
+                        InsertOutcome::Queued
+                    },
+                    row_id: Some(next_id),
                 });
+                next_id += 1;
             } else {
-                outcomes.push(InsertOutcome::Duplicate);
+                results.push(Inserted {
+                    outcome: InsertOutcome::Duplicate,
+                    row_id: None,
+                });
             }
         }
-        // Row ids are assigned here so the payload rows can refer to them without relying on
-        // the order of RETURNING; safe because this transaction is the only writer.
-        let next_id: i64 = sqlx::query_scalar("select coalesce(max(id), 0) + 1 from event")
-            .fetch_one(&mut *tx)
-            .await?;
-        let fresh: Vec<(i64, &NewEventRecord)> = (next_id..).zip(fresh).collect();
+        let (attempts, next_attempt_at) = match lease_until {
+            Some(until) => (1_i64, until),
+            None => (0, now),
+        };
         for chunk in fresh.chunks(ROWS_PER_STATEMENT) {
             let mut query = QueryBuilder::new(
                 "insert into event (id, pixel_id, event_id, event_name, test_event_code,
-                    state, attempts, next_attempt_at, deadline_at, received_at, updated_at) ",
+                    state, attempts, next_attempt_at, leased_until, deadline_at, received_at,
+                    updated_at) ",
             );
             query.push_values(chunk, |mut row, (id, e)| {
+                let (state, attempts, next_attempt_at, leased_until) = if e.dry_run {
+                    ("dry_run", 0, now, None)
+                } else {
+                    ("queued", attempts, next_attempt_at, lease_until)
+                };
                 row.push_bind(id)
                     .push_bind(&e.pixel_id)
                     .push_bind(&e.event_id)
                     .push_bind(&e.event_name)
                     .push_bind(&e.test_event_code)
-                    .push_bind(if e.dry_run { "dry_run" } else { "queued" })
-                    .push_bind(0_i64)
-                    .push_bind(now)
+                    .push_bind(state)
+                    .push_bind(attempts)
+                    .push_bind(next_attempt_at)
+                    .push_bind(leased_until)
                     .push_bind(e.deadline_at)
                     .push_bind(now)
                     .push_bind(now);
@@ -147,7 +165,7 @@ impl Store for SqliteStore {
             query.build().execute(&mut *tx).await?;
         }
         tx.commit().await?;
-        Ok(outcomes)
+        Ok(results)
     }
 
     async fn claim_due(

@@ -23,6 +23,17 @@ fn record(event_id: &str) -> NewEventRecord {
     }
 }
 
+/// Inserts unleased (the polling path) and returns the outcomes.
+async fn insert(store: &dyn Store, records: &[NewEventRecord], now: i64) -> Vec<InsertOutcome> {
+    store
+        .insert_events(records, now, None)
+        .await
+        .expect("insert")
+        .into_iter()
+        .map(|r| r.outcome)
+        .collect()
+}
+
 async fn sqlite() -> (Arc<dyn Store>, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     let url = format!("sqlite://{}", dir.path().join("contract.db").display());
@@ -30,10 +41,7 @@ async fn sqlite() -> (Arc<dyn Store>, tempfile::TempDir) {
 }
 
 async fn check_duplicates_within_48_hours_are_skipped(store: &dyn Store) {
-    let first = store
-        .insert_events(&[record("a"), record("b"), record("a")], T0)
-        .await
-        .expect("insert");
+    let first = insert(store, &[record("a"), record("b"), record("a")], T0).await;
     assert_eq!(
         first,
         [
@@ -42,24 +50,15 @@ async fn check_duplicates_within_48_hours_are_skipped(store: &dyn Store) {
             InsertOutcome::Duplicate
         ]
     );
-    let within = store
-        .insert_events(&[record("a")], T0 + DEDUP_WINDOW_MS - 1)
-        .await
-        .expect("insert");
+    let within = insert(store, &[record("a")], T0 + DEDUP_WINDOW_MS - 1).await;
     assert_eq!(within, [InsertOutcome::Duplicate]);
     let mut other_name = record("a");
     other_name.event_name = "Purchase".to_owned();
     let mut other_pixel = record("a");
     other_pixel.pixel_id = "999".to_owned();
-    let different = store
-        .insert_events(&[other_name, other_pixel], T0)
-        .await
-        .expect("insert");
+    let different = insert(store, &[other_name, other_pixel], T0).await;
     assert_eq!(different, [InsertOutcome::Queued, InsertOutcome::Queued]);
-    let after = store
-        .insert_events(&[record("a")], T0 + DEDUP_WINDOW_MS + 1)
-        .await
-        .expect("insert");
+    let after = insert(store, &[record("a")], T0 + DEDUP_WINDOW_MS + 1).await;
     assert_eq!(
         after,
         [InsertOutcome::Queued],
@@ -68,10 +67,7 @@ async fn check_duplicates_within_48_hours_are_skipped(store: &dyn Store) {
 }
 
 async fn check_claims_respect_leases_and_due_times(store: &dyn Store) {
-    store
-        .insert_events(&[record("c1"), record("c2"), record("c3")], T0)
-        .await
-        .expect("insert");
+    insert(store, &[record("c1"), record("c2"), record("c3")], T0).await;
     let claimed = store
         .claim_due(PIXEL, 2, T0, T0 + 1000)
         .await
@@ -112,13 +108,12 @@ async fn check_claims_respect_leases_and_due_times(store: &dyn Store) {
 }
 
 async fn check_settlements_move_events_through_their_states(store: &dyn Store) {
-    store
-        .insert_events(
-            &[record("s1"), record("s2"), record("s3"), record("s4")],
-            T0,
-        )
-        .await
-        .expect("insert");
+    insert(
+        store,
+        &[record("s1"), record("s2"), record("s3"), record("s4")],
+        T0,
+    )
+    .await;
     let claimed = store
         .claim_due(PIXEL, 10, T0, T0 + 1000)
         .await
@@ -194,10 +189,7 @@ async fn check_settlements_move_events_through_their_states(store: &dyn Store) {
 async fn check_replay_requeues_only_matching_dead_events(store: &dyn Store) {
     let mut purchase = record("r3");
     purchase.event_name = "Purchase".to_owned();
-    store
-        .insert_events(&[record("r1"), record("r2"), purchase], T0)
-        .await
-        .expect("insert");
+    insert(store, &[record("r1"), record("r2"), purchase], T0).await;
     let claimed = store
         .claim_due(PIXEL, 10, T0, T0 + 1000)
         .await
@@ -265,7 +257,7 @@ async fn check_replay_requeues_only_matching_dead_events(store: &dyn Store) {
 async fn check_dry_run_events_are_stored_but_never_claimed(store: &dyn Store) {
     let mut dry = record("d1");
     dry.dry_run = true;
-    let outcome = store.insert_events(&[dry], T0).await.expect("insert");
+    let outcome = insert(store, &[dry], T0).await;
     assert_eq!(outcome, [InsertOutcome::DryRun]);
     assert!(store
         .claim_due(PIXEL, 10, T0, T0 + 1000)
@@ -281,6 +273,42 @@ async fn check_dry_run_events_are_stored_but_never_claimed(store: &dyn Store) {
             .state,
         "dry_run"
     );
+}
+
+async fn check_events_inserted_with_a_lease_are_claimable_only_after_it(store: &dyn Store) {
+    let inserted = store
+        .insert_events(
+            &[record("l1"), record("l2"), record("l1")],
+            T0,
+            Some(T0 + 1000),
+        )
+        .await
+        .expect("insert");
+    let ids: Vec<_> = inserted.iter().map(|r| r.row_id).collect();
+    assert!(ids[0].is_some() && ids[1].is_some() && ids[0] != ids[1]);
+    assert_eq!(inserted[2].outcome, InsertOutcome::Duplicate);
+    assert_eq!(ids[2], None);
+    let shown = store
+        .find_event("l1", T0 + 10)
+        .await
+        .expect("find")
+        .expect("l1");
+    assert_eq!(shown.state, "delivering");
+    assert_eq!(shown.attempts, 1);
+    // Handed to this process's workers: nobody claims them while the lease lives.
+    assert!(store
+        .claim_due(PIXEL, 10, T0 + 999, T0 + 2000)
+        .await
+        .expect("claim")
+        .is_empty());
+    // A crash leaves them leased; once the lease expires they are claimed like any other.
+    let again = store
+        .claim_due(PIXEL, 10, T0 + 1000, T0 + 2000)
+        .await
+        .expect("claim");
+    assert_eq!(again.len(), 2);
+    assert!(again.iter().all(|c| c.attempts == 2));
+    assert_eq!(again[0].payload, r#"{"event_id":"l1"}"#);
 }
 
 macro_rules! sqlite_contract {
@@ -303,4 +331,5 @@ sqlite_contract!(
     check_settlements_move_events_through_their_states,
     check_replay_requeues_only_matching_dead_events,
     check_dry_run_events_are_stored_but_never_claimed,
+    check_events_inserted_with_a_lease_are_claimable_only_after_it,
 );
