@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::DeliveryConfig;
@@ -59,7 +59,7 @@ pub struct PixelStatus {
 
 /// Handed-off commits, and what is left of one that was larger than a batch.
 struct Inbox {
-    receiver: mpsc::Receiver<Vec<ClaimedEvent>>,
+    receiver: mpsc::UnboundedReceiver<Vec<ClaimedEvent>>,
     carried: VecDeque<ClaimedEvent>,
 }
 
@@ -81,7 +81,8 @@ pub struct Delivery {
     state: Arc<Mutex<PixelState>>,
     /// Events ingest committed already leased to us (see [`Handoff`]).
     inbox: Arc<tokio::sync::Mutex<Inbox>>,
-    inbox_sender: mpsc::Sender<Vec<ClaimedEvent>>,
+    inbox_sender: mpsc::UnboundedSender<Vec<ClaimedEvent>>,
+    inbox_room: Arc<Semaphore>,
     /// Mirrors "neither paused nor throttled" for the committing task.
     accepting: Arc<AtomicBool>,
 }
@@ -94,10 +95,13 @@ impl Delivery {
         config: DeliveryConfig,
         wake: Arc<Notify>,
     ) -> Self {
-        // A few commits' worth: enough to keep every in-flight slot fed, small enough that
+        // A few batches' worth: enough to keep every in-flight slot fed, small enough that
         // handed-off events are sent long before their lease runs out. When it is full, new
         // events wait in the database instead.
-        let (inbox_sender, receiver) = mpsc::channel(config.max_in_flight + 1);
+        let (inbox_sender, receiver) = mpsc::unbounded_channel();
+        let inbox_room = Arc::new(Semaphore::new(
+            config.max_batch_events * (config.max_in_flight + 1),
+        ));
         let inbox = Inbox {
             receiver,
             carried: VecDeque::new(),
@@ -110,6 +114,7 @@ impl Delivery {
             state: Arc::new(Mutex::new(PixelState::default())),
             inbox: Arc::new(tokio::sync::Mutex::new(inbox)),
             inbox_sender,
+            inbox_room,
             accepting: Arc::new(AtomicBool::new(true)),
         }
     }
@@ -118,6 +123,7 @@ impl Delivery {
     pub fn handoff(&self) -> Handoff {
         Handoff {
             inbox: self.inbox_sender.clone(),
+            room: self.inbox_room.clone(),
             accepting: self.accepting.clone(),
             lease: self.config.lease,
         }
@@ -187,6 +193,7 @@ impl Delivery {
             let take = (max - events.len()).min(inbox.carried.len());
             events.extend(inbox.carried.drain(..take));
         }
+        self.inbox_room.add_permits(events.len());
         events
     }
 
@@ -223,82 +230,100 @@ impl Delivery {
         }
     }
 
-    /// One pass: take handed-off events or lease a due batch, send it, settle every event.
+    /// One pass: take handed-off events, top the batch up with due events from the database,
+    /// send it, settle every event.
     ///
     /// # Errors
     /// Storage failures; the leased events are then picked up again when their lease expires.
     pub async fn run_once(&self) -> Result<Progress, StoreError> {
-        let handed = self.take_handed_off().await;
-        if !handed.is_empty() {
-            if let Some(reason) = self.blocked_reason(now_ms()) {
-                // Paused or slowed down since the handoff: back to the database they go.
-                let n = handed.len();
-                self.store
-                    .settle(&release_all(handed, &reason), now_ms())
-                    .await?;
-                return Ok(Progress::Worked(n));
-            }
-            return self.deliver(handed).await;
-        }
-
         let now = now_ms();
-        let probing = {
+        let (blocked, probing) = {
             let mut state = self.lock();
-            if let Some((_, probe_at)) = &state.paused {
+            if let Some((reason, probe_at)) = &state.paused {
                 if now < *probe_at || state.probing {
-                    return Ok(Progress::Idle {
-                        until: Some(*probe_at),
-                    });
+                    (Some((format!("pixel paused: {reason}"), *probe_at)), false)
+                } else {
+                    // One worker probes with a single event; the others wait for its answer.
+                    state.probing = true;
+                    (None, true)
                 }
-                // One worker probes with a single event; the others wait for its answer.
-                state.probing = true;
-                true
             } else if state.throttled_until > now {
-                return Ok(Progress::Idle {
-                    until: Some(state.throttled_until),
-                });
+                let reason = state.throttle_reason.as_deref().unwrap_or("rate limited");
+                (
+                    Some((format!("pixel throttled: {reason}"), state.throttled_until)),
+                    false,
+                )
             } else {
                 self.accepting.store(true, Ordering::Relaxed);
-                false
+                (None, false)
             }
         };
+        let handed = self.take_handed_off().await;
+        if let Some((reason, until)) = blocked {
+            if handed.is_empty() {
+                return Ok(Progress::Idle { until: Some(until) });
+            }
+            // Paused or slowed down since the handoff: back to the database they go.
+            let n = handed.len();
+            self.store
+                .settle(&release_all(handed, &reason), now)
+                .await?;
+            return Ok(Progress::Worked(n));
+        }
         let limit = if probing {
             1
         } else {
             self.config.max_batch_events
         };
-        let lease_ms = millis_i64(self.config.lease);
-        let claimed = self
-            .store
-            .claim_due(self.client.pixel_id(), limit, now, now + lease_ms)
-            .await;
-        let claimed = match claimed {
-            Ok(claimed) => claimed,
-            Err(err) => {
-                self.lock().probing = false;
-                return Err(err);
+        let mut batch = if probing {
+            // The probe is one event from storage; these wait there too until it succeeds.
+            if !handed.is_empty() {
+                self.store
+                    .settle(&release_all(handed, "pixel paused: probing"), now)
+                    .await?;
             }
+            Vec::new()
+        } else {
+            handed
         };
-        if claimed.is_empty() {
-            self.lock().probing = false;
+        if batch.len() < limit {
+            // Events that could not be handed off (inbox full, paused, restarted) wait here.
+            let lease_ms = millis_i64(self.config.lease);
+            match self
+                .store
+                .claim_due(
+                    self.client.pixel_id(),
+                    limit - batch.len(),
+                    now,
+                    now + lease_ms,
+                )
+                .await
+            {
+                Ok(claimed) => batch.extend(claimed),
+                Err(err) => {
+                    if probing {
+                        self.lock().probing = false;
+                    }
+                    if !batch.is_empty() {
+                        // Keep what was handed off; its lease covers a retry by anyone.
+                        tracing::warn!(error = %err, "claiming from storage failed; sending what was handed off");
+                    } else {
+                        return Err(err);
+                    }
+                }
+            }
+        }
+        if batch.is_empty() {
+            if probing {
+                self.lock().probing = false;
+            }
             return Ok(Progress::Idle { until: None });
         }
-        let progress = self.deliver(claimed).await;
-        self.lock().probing = false;
-        progress
-    }
-
-    /// Why nothing should be sent right now, if so.
-    fn blocked_reason(&self, now: i64) -> Option<String> {
-        let state = self.lock();
-        match &state.paused {
-            Some((reason, _)) => Some(format!("pixel paused: {reason}")),
-            None if state.throttled_until > now => Some(format!(
-                "pixel throttled: {}",
-                state.throttle_reason.as_deref().unwrap_or("rate limited")
-            )),
-            None => None,
+        let progress = self.deliver(batch).await;
+        if probing {
+            self.lock().probing = false;
         }
+        progress
     }
 
     /// Sends leased events (grouped by test code) and settles each of them.

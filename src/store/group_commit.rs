@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::{ClaimedEvent, InsertOutcome, NewEventRecord, Store, StoreError};
 
@@ -22,9 +22,11 @@ type Reply = oneshot::Sender<Result<Vec<InsertOutcome>, String>>;
 /// Where freshly committed events go when delivery can take them at once.
 #[derive(Clone)]
 pub struct Handoff {
-    /// The delivery workers' inbox: one message per commit, so a worker never sees part of
-    /// a commit and batches stay whole.
-    pub inbox: mpsc::Sender<Vec<ClaimedEvent>>,
+    /// The delivery workers' inbox: one message per commit.
+    pub inbox: mpsc::UnboundedSender<Vec<ClaimedEvent>>,
+    /// Free event slots in the inbox: it is bounded in events, not messages, because commits
+    /// range from one event to thousands. Workers give slots back as they take events.
+    pub room: Arc<Semaphore>,
     /// False while delivery is paused or throttled: events then wait in the database.
     pub accepting: Arc<AtomicBool>,
     /// How long handed-off events stay leased to this process.
@@ -94,15 +96,20 @@ async fn run(
 
         // Reserve room in the inbox before committing, so that every event stored as leased
         // is certain to reach a worker.
-        let has_queueable = all.iter().any(|e| !e.dry_run);
-        let permit = handoff.as_ref().and_then(|h| {
-            if !has_queueable || !h.accepting.load(Ordering::Relaxed) {
+        let n_queueable = all.iter().filter(|e| !e.dry_run).count();
+        let reserved = handoff.as_ref().and_then(|h| {
+            if n_queueable == 0 || !h.accepting.load(Ordering::Relaxed) {
                 return None;
             }
-            h.inbox.try_reserve().ok().map(|permit| (h, permit))
+            let n = u32::try_from(n_queueable).ok()?;
+            h.room
+                .clone()
+                .try_acquire_many_owned(n)
+                .ok()
+                .map(|slots| (h, slots))
         });
         let now = clock();
-        let lease_until = permit.as_ref().map(|(h, _)| {
+        let lease_until = reserved.as_ref().map(|(h, _)| {
             now.saturating_add(i64::try_from(h.lease.as_millis()).unwrap_or(i64::MAX))
         });
 
@@ -110,7 +117,7 @@ async fn run(
             Ok(results) => {
                 // Hand off before answering, so that by the time ingest wakes a worker the
                 // events are already in its inbox.
-                if let Some((_, permit)) = permit {
+                if let Some((h, slots)) = reserved {
                     let handed: Vec<ClaimedEvent> = all
                         .into_iter()
                         .zip(&results)
@@ -126,8 +133,15 @@ async fn run(
                             _ => None,
                         })
                         .collect();
-                    if !handed.is_empty() {
-                        permit.send(handed);
+                    // The slots now belong to the handed events; duplicates give theirs back.
+                    slots.forget();
+                    h.room.add_permits(n_queueable - handed.len());
+                    if !handed.is_empty() && h.inbox.send(handed).is_err() {
+                        // Delivery has stopped (shutdown): the events stay leased in storage
+                        // and are sent when the lease expires.
+                        tracing::debug!(
+                            "delivery inbox closed; handed-off events wait for their lease"
+                        );
                     }
                 }
                 let mut outcomes = results.iter().map(|r| r.outcome);
