@@ -258,6 +258,11 @@ impl Delivery {
                 (None, false)
             }
         };
+        // However this pass ends, a probe in progress ends with it.
+        let _probe = ProbeEnd {
+            delivery: self,
+            probing,
+        };
         let handed = self.take_handed_off().await;
         if let Some((reason, until)) = blocked {
             if handed.is_empty() {
@@ -301,9 +306,6 @@ impl Delivery {
             {
                 Ok(claimed) => batch.extend(claimed),
                 Err(err) => {
-                    if probing {
-                        self.lock().probing = false;
-                    }
                     if !batch.is_empty() {
                         // Keep what was handed off; its lease covers a retry by anyone.
                         tracing::warn!(error = %err, "claiming from storage failed; sending what was handed off");
@@ -314,16 +316,9 @@ impl Delivery {
             }
         }
         if batch.is_empty() {
-            if probing {
-                self.lock().probing = false;
-            }
             return Ok(Progress::Idle { until: None });
         }
-        let progress = self.deliver(batch).await;
-        if probing {
-            self.lock().probing = false;
-        }
-        progress
+        self.deliver(batch).await
     }
 
     /// Sends leased events (grouped by test code) and settles each of them.
@@ -504,6 +499,20 @@ impl Delivery {
                 pixel_id = self.client.pixel_id(),
                 "delivery resumed: meta accepts requests again"
             );
+        }
+    }
+}
+
+/// Clears the probing flag when a probing pass ends, on every path.
+struct ProbeEnd<'a> {
+    delivery: &'a Delivery,
+    probing: bool,
+}
+
+impl Drop for ProbeEnd<'_> {
+    fn drop(&mut self) {
+        if self.probing {
+            self.delivery.lock().probing = false;
         }
     }
 }
