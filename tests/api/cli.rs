@@ -3,7 +3,7 @@
 
 use std::process::{Command, Output, Stdio};
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::graph_stand_in::GraphStandIn;
 use crate::helpers::{lead, sha256, PIXEL, SECRET, TOKEN, WAIT};
@@ -226,7 +226,9 @@ async fn sigterm_stops_the_server_gracefully_after_in_flight_work() {
         .env("META_PIXEL_ID", PIXEL)
         .env("META_GRAPH_URL", &graph.url)
         .env("WEBHOOK_SECRET", SECRET)
-        .stderr(Stdio::null())
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "debug")
+        .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .expect("spawn");
@@ -246,7 +248,11 @@ async fn sigterm_stops_the_server_gracefully_after_in_flight_work() {
     let response = http
         .post(format!("http://{listen}/v1/events"))
         .bearer_auth(SECRET)
-        .json(&lead("term-1"))
+        .json(&json!({
+            "event_name": "Lead", "event_id": "term-1", "email": "Distinctive.Person@Example.com",
+            "phone": "+55 11 98765-4321", "first_name": "Zebediah", "client_ip_address": "203.0.113.77",
+            "client_user_agent": "DistinctiveAgent/9.9", "event_time": chrono::Utc::now().timestamp()
+        }))
         .send()
         .await
         .expect("post");
@@ -276,5 +282,85 @@ async fn sigterm_stops_the_server_gracefully_after_in_flight_work() {
         .expect("find")
         .expect("stored");
     assert_eq!(detail.state, "delivered");
-    let _: Value = serde_json::to_value(&detail).expect("serializable");
+
+    // Logs: one JSON object per line, even at debug level, and no personal data or secrets,
+    // raw or hashed.
+    let mut stderr = String::new();
+    use tokio::io::AsyncReadExt as _;
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .await
+        .expect("read logs");
+    // Debug level really was on (request spans and per-request lines are there to inspect).
+    assert!(stderr.contains("events accepted"), "{stderr}");
+    for line in stderr.lines() {
+        let parsed: Result<Value, _> = serde_json::from_str(line);
+        assert!(parsed.is_ok(), "not JSON: {line}");
+    }
+    for secret in [
+        TOKEN,
+        SECRET,
+        "distinctive",
+        "Distinctive",
+        "98765",
+        "Zebediah",
+        "zebediah",
+        "203.0.113.77",
+        "DistinctiveAgent",
+        &sha256("distinctive.person@example.com"),
+        &sha256("5511987654321"),
+        &sha256("zebediah"),
+    ] {
+        assert!(!stderr.contains(secret), "{secret:?} appears in the logs");
+    }
+}
+
+#[test]
+fn send_reads_an_event_as_json_from_stdin_and_refuses_invalid_ones() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = |input: &str| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_capi-bridge"))
+            .arg("send")
+            .current_dir(dir.path())
+            .env_clear()
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("write");
+        child.wait_with_output().expect("output")
+    };
+    // Without credentials this is a dry run: validated, hashed, stored, shown.
+    let out =
+        run(r#"{"event_name":"purchase","email":"a@example.com","value":"9.90","currency":"brl"}"#);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report: Value = serde_json::from_str(&text(&out.stdout)).expect("a JSON report");
+    assert_eq!(report["events"][0]["status"], "dry_run");
+    assert_eq!(report["events"][0]["event_name"], "Purchase");
+
+    let out = run(r#"{"event_name":"Purchase","email":"a@example.com"}"#);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("custom_data.value"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = run("not json");
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("not JSON"),
+        "{}",
+        text(&out.stderr)
+    );
 }
