@@ -6,7 +6,7 @@ use std::process::{Command, Output, Stdio};
 use serde_json::{json, Value};
 
 use crate::graph_stand_in::GraphStandIn;
-use crate::helpers::{lead, sha256, PIXEL, SECRET, TOKEN, WAIT};
+use crate::helpers::{sha256, PIXEL, SECRET, TOKEN, WAIT};
 
 /// The binary in a clean environment, run from `dir` so no developer `.env` leaks in.
 fn capi_bridge(dir: &std::path::Path, env: &[(&str, &str)], args: &[&str]) -> Output {
