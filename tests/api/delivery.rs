@@ -107,6 +107,24 @@ async fn throttling_codes_back_off_before_trying_again() {
 }
 
 #[tokio::test]
+async fn a_retry_after_header_from_meta_is_honoured() {
+    // Backoff alone would retry after at most 20 ms.
+    let app = spawn_app().await;
+    app.graph.script([Scripted::RateLimited {
+        retry_after_secs: 1,
+    }]);
+    assert_eq!(app.post_events(&lead("hint-1")).await.status(), 202);
+    app.graph.wait_for_accepted(1, WAIT).await;
+    let times: Vec<_> = app.graph.requests().iter().map(|r| r.at).collect();
+    assert_eq!(times.len(), 2);
+    assert!(
+        times[1] - times[0] >= Duration::from_millis(950),
+        "retried after {:?}",
+        times[1] - times[0]
+    );
+}
+
+#[tokio::test]
 async fn a_batch_with_one_bad_event_delivers_the_other_999_and_parks_the_bad_one() {
     let app = spawn_app().await;
     app.graph.poison("batch-417");

@@ -25,6 +25,11 @@ use tokio::sync::Notify;
 pub enum Scripted {
     /// An HTTP status with a raw body.
     Raw(u16, String),
+    /// Meta's rate-limit error (code 4) with a `Retry-After` header.
+    RateLimited {
+        /// `Retry-After` in seconds.
+        retry_after_secs: u64,
+    },
     /// A Graph error envelope with this code (and subcode).
     GraphError {
         /// HTTP status.
@@ -313,6 +318,14 @@ async fn events(
                     code,
                     subcode,
                 } => graph_error(status, code, subcode, "Scripted", "scripted error"),
+                Scripted::RateLimited { retry_after_secs } => {
+                    let mut response =
+                        graph_error(400, 4, None, "", "Application request limit reached");
+                    if let Ok(value) = retry_after_secs.to_string().parse() {
+                        response.headers_mut().insert("retry-after", value);
+                    }
+                    response
+                }
             };
             (response, Vec::new())
         } else if parsed["access_token"].as_str() != Some(state.valid_token.as_str()) {
