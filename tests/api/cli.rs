@@ -171,7 +171,7 @@ async fn send_delivers_one_event_and_replay_requeues_a_dead_one() {
         sha256("cli@example.com").as_str()
     );
 
-    // An event Meta rejects ends up dead; after the cause is fixed, replay sends it again.
+    // An event Meta rejects ends up dead; replay (after a fix) queues it again.
     graph.poison("cli-2");
     let out = tokio::task::block_in_place(|| {
         capi_bridge(
