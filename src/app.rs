@@ -107,6 +107,7 @@ impl App {
                 alive.store(false, Ordering::Relaxed);
             })
         });
+        let maintenance = tokio::spawn(prune_periodically(self.store.clone(), shutdown.clone()));
         let server_shutdown = shutdown.clone();
         let server = axum::serve(self.listener, self.router)
             .with_graceful_shutdown(async move { server_shutdown.cancelled().await });
@@ -118,7 +119,26 @@ impl App {
                 tracing::error!(error = %err, "delivery workers ended abnormally");
             }
         }
+        let _ = maintenance.await;
         served
+    }
+}
+
+/// How often expired dedup keys are removed.
+const PRUNE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Keeps the dedup index to the 48-hour window so inserts stay fast as months go by.
+async fn prune_periodically(store: Arc<dyn Store>, shutdown: CancellationToken) {
+    loop {
+        match store.prune_dedup_keys(now_ms()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(n, "pruned expired dedup keys"),
+            Err(err) => tracing::warn!(error = %err, "could not prune expired dedup keys"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(PRUNE_INTERVAL) => {}
+        }
     }
 }
 

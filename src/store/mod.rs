@@ -237,6 +237,10 @@ pub trait Store: Send + Sync + 'static {
     /// Counts by state.
     async fn stats(&self) -> Result<QueueStats, StoreError>;
 
+    /// Forgets dedup keys older than the 48-hour window (they can no longer match anything);
+    /// returns how many. Events themselves are kept.
+    async fn prune_dedup_keys(&self, now: i64) -> Result<u64, StoreError>;
+
     /// Cheap reachability check.
     async fn ping(&self) -> Result<(), StoreError>;
 }

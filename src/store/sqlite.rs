@@ -484,6 +484,14 @@ impl Store for SqliteStore {
         Ok(stats)
     }
 
+    async fn prune_dedup_keys(&self, now: i64) -> Result<u64, StoreError> {
+        let result = sqlx::query("delete from dedup_key where first_seen_at < ?1")
+            .bind(now - DEDUP_WINDOW_MS)
+            .execute(&self.writer)
+            .await?;
+        Ok(result.rows_affected())
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("select 1").execute(&self.reader).await?;
         Ok(())

@@ -311,6 +311,27 @@ async fn check_events_inserted_with_a_lease_are_claimable_only_after_it(store: &
     assert_eq!(again[0].payload, r#"{"event_id":"l1"}"#);
 }
 
+async fn check_expired_dedup_keys_are_pruned_and_events_kept(store: &dyn Store) {
+    insert(store, &[record("p1")], T0).await;
+    insert(store, &[record("p2")], T0 + DEDUP_WINDOW_MS).await;
+    let pruned = store
+        .prune_dedup_keys(T0 + DEDUP_WINDOW_MS + 1)
+        .await
+        .expect("prune");
+    assert_eq!(pruned, 1);
+    // p2 is still inside its window; p1 may come again as a new conversion.
+    assert_eq!(
+        insert(
+            store,
+            &[record("p1"), record("p2")],
+            T0 + DEDUP_WINDOW_MS + 2
+        )
+        .await,
+        [InsertOutcome::Queued, InsertOutcome::Duplicate]
+    );
+    assert!(store.find_event("p1", T0).await.expect("find").is_some());
+}
+
 macro_rules! sqlite_contract {
     ($($check:ident),* $(,)?) => {
         mod sqlite_store {
@@ -332,4 +353,5 @@ sqlite_contract!(
     check_replay_requeues_only_matching_dead_events,
     check_dry_run_events_are_stored_but_never_claimed,
     check_events_inserted_with_a_lease_are_claimable_only_after_it,
+    check_expired_dedup_keys_are_pruned_and_events_kept,
 );
