@@ -350,6 +350,10 @@ impl Delivery {
     ) {
         let mut pending: Vec<Vec<ClaimedEvent>> = vec![events];
         let mut first_request = true;
+        // Single events refused in a row for the very same reason, with nothing delivered in
+        // between: past a few, the cause is not the events (a field Meta stopped accepting, a
+        // bad test code) and splitting on would cost two requests per event and kill them all.
+        let mut same_refusals: Option<(String, u32)> = None;
         while let Some(chunk) = pending.pop() {
             if !first_request {
                 // Splitting takes several requests; keep the lease so no one else takes these.
@@ -373,6 +377,7 @@ impl Delivery {
             let pixel_id = self.client.pixel_id();
             match verdict {
                 Verdict::Delivered { fbtrace_id } => {
+                    same_refusals = None;
                     tracing::info!(
                         pixel_id,
                         n_events = chunk.len(),
@@ -439,13 +444,39 @@ impl Delivery {
                         "meta rejected an event; it is dead"
                     );
                     self.clear_pause();
+                    let summary = error.summary();
+                    let refusals = match &same_refusals {
+                        Some((last, n)) if *last == summary => n + 1,
+                        _ => 1,
+                    };
+                    same_refusals = Some((summary.clone(), refusals));
                     updates.extend(chunk.into_iter().map(|e| EventUpdate {
                         row_id: e.row_id,
                         settlement: Settlement::Dead {
-                            reason: error.summary(),
+                            reason: summary.clone(),
                         },
                         attempt: Some(attempt_record("rejected", &error)),
                     }));
+                    if refusals >= SYSTEMIC_REFUSALS && !pending.is_empty() {
+                        let reason = format!("Meta refuses every event the same way: {summary}");
+                        tracing::error!(
+                            pixel_id,
+                            code = error.code,
+                            subcode = error.subcode,
+                            refusals,
+                            "delivery paused: meta refuses every event for the same reason; the rest stay queued"
+                        );
+                        self.pause(reason.clone(), now);
+                        for event in pending.drain(..).flatten() {
+                            updates.push(EventUpdate {
+                                row_id: event.row_id,
+                                settlement: Settlement::Release {
+                                    reason: format!("pixel paused: {reason}"),
+                                },
+                                attempt: None,
+                            });
+                        }
+                    }
                 }
                 Verdict::Rejected { error } => {
                     tracing::info!(
@@ -461,7 +492,6 @@ impl Delivery {
                     pending.push(first_half);
                 }
                 Verdict::Pause { error } => {
-                    let probe_at = now + millis_i64(self.config.pause_probe_interval);
                     tracing::error!(
                         pixel_id,
                         code = error.code,
@@ -471,8 +501,7 @@ impl Delivery {
                         reason = %error.summary(),
                         "delivery paused: fix the credentials or configuration; events stay queued and delivery resumes by itself"
                     );
-                    self.lock().paused = Some((error.summary(), probe_at));
-                    self.accepting.store(false, Ordering::Relaxed);
+                    self.pause(error.summary(), now);
                     let reason = format!("pixel paused: {}", error.summary());
                     let attempt = attempt_record("paused", &error);
                     for event in chunk.into_iter().chain(pending.drain(..).flatten()) {
@@ -489,6 +518,12 @@ impl Delivery {
         }
     }
 
+    fn pause(&self, reason: String, now: i64) {
+        let probe_at = now + millis_i64(self.config.pause_probe_interval);
+        self.lock().paused = Some((reason, probe_at));
+        self.accepting.store(false, Ordering::Relaxed);
+    }
+
     fn clear_pause(&self) {
         let mut state = self.lock();
         if state.throttled_until <= now_ms() {
@@ -502,6 +537,9 @@ impl Delivery {
         }
     }
 }
+
+/// Identical single-event refusals in a row that pause the pixel instead of splitting on.
+const SYSTEMIC_REFUSALS: u32 = 10;
 
 /// Clears the probing flag when a probing pass ends, on every path.
 struct ProbeEnd<'a> {

@@ -158,6 +158,47 @@ async fn a_batch_with_one_bad_event_delivers_the_other_999_and_parks_the_bad_one
 }
 
 #[tokio::test]
+async fn when_meta_refuses_every_event_alike_the_pixel_pauses_instead_of_killing_them_all() {
+    let app = spawn_app_with(&[("DELIVERY_PAUSE_PROBE_INTERVAL_MS", "3600000")]).await;
+    for i in 0..200 {
+        app.graph.poison(&format!("refused-{i}"));
+    }
+    let response = app.post_events(&Value::Array(leads("refused", 200))).await;
+    assert_eq!(response.status(), 202);
+
+    app.graph
+        .wait_until(WAIT, "the pixel to pause", |g| g.request_count() >= 10)
+        .await;
+    app.wait_for_state("refused-9", "dead").await;
+    let status = app.readyz().await;
+    assert_eq!(status["pixels"][0]["state"], "paused", "{status}");
+    assert!(status["pixels"][0]["reason"]
+        .as_str()
+        .is_some_and(|r| r.contains("every event the same way")));
+    // A handful died to establish the pattern; the rest wait, replayable or sent after a fix.
+    let mut dead = 0;
+    for i in 0..200 {
+        let state = app
+            .stored(&format!("refused-{i}"))
+            .await
+            .expect("stored")
+            .state;
+        if state == "dead" {
+            dead += 1;
+        } else {
+            assert_eq!(state, "queued", "refused-{i}");
+        }
+    }
+    assert_eq!(dead, 10);
+    // Splitting stopped early: far fewer than the ~400 requests that isolating all would take.
+    assert!(
+        app.graph.request_count() < 30,
+        "{} requests",
+        app.graph.request_count()
+    );
+}
+
+#[tokio::test]
 async fn an_invalid_token_pauses_without_loss_and_resumes_after_the_fix() {
     let app = spawn_app().await;
     app.graph
