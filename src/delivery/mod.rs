@@ -443,8 +443,13 @@ impl Delivery {
                         fbtrace_id = error.fbtrace_id.as_deref(),
                         "meta rejected an event; it is dead"
                     );
-                    self.clear_pause();
                     let summary = error.summary();
+                    // A probe refused for the reason the pixel was paused for keeps it paused.
+                    let paused_reason = self.lock().paused.as_ref().map(|(r, _)| r.clone());
+                    match paused_reason {
+                        Some(reason) if reason.ends_with(&summary) => self.pause(reason, now),
+                        _ => self.clear_pause(),
+                    }
                     let refusals = match &same_refusals {
                         Some((last, n)) if *last == summary => n + 1,
                         _ => 1,

@@ -120,6 +120,11 @@ impl GraphStandIn {
         self.lock().poison_event_ids.push(event_id.to_owned());
     }
 
+    /// Meta accepts every event id again (the user fixed the cause).
+    pub fn clear_poison(&self) {
+        self.lock().poison_event_ids.clear();
+    }
+
     /// Changes the token the stand-in accepts (a user fixing their credentials).
     pub fn set_valid_token(&self, token: &str) {
         self.lock().valid_token = token.to_owned();
