@@ -15,7 +15,7 @@ use crate::api::{self, AppState};
 use crate::config::Config;
 use crate::delivery::{now_ms, Delivery, GraphClient};
 use crate::ingest::Ingestor;
-use crate::store::{self, GroupCommit, Store};
+use crate::store::{self, GroupCommit, Pruned, Retention, Store};
 
 /// A built, bound, not yet running service.
 pub struct App {
@@ -23,6 +23,7 @@ pub struct App {
     router: axum::Router,
     delivery: Option<Delivery>,
     workers_alive: Arc<AtomicBool>,
+    retention: Retention,
     /// The store, for tests and tools.
     pub store: Arc<dyn Store>,
 }
@@ -69,6 +70,7 @@ impl App {
             wake,
         );
         let workers_alive = Arc::new(AtomicBool::new(false));
+        let retention = config.retention;
         let state = AppState {
             config: Arc::new(config),
             store: store.clone(),
@@ -81,6 +83,7 @@ impl App {
             router: api::router(state),
             delivery,
             workers_alive,
+            retention,
             store,
         })
     }
@@ -107,7 +110,11 @@ impl App {
                 alive.store(false, Ordering::Relaxed);
             })
         });
-        let maintenance = tokio::spawn(prune_periodically(self.store.clone(), shutdown.clone()));
+        let maintenance = tokio::spawn(prune_periodically(
+            self.store.clone(),
+            self.retention,
+            shutdown.clone(),
+        ));
         let server_shutdown = shutdown.clone();
         let server = axum::serve(self.listener, self.router)
             .with_graceful_shutdown(async move { server_shutdown.cancelled().await });
@@ -124,16 +131,26 @@ impl App {
     }
 }
 
-/// How often expired dedup keys are removed.
+/// How often retention runs.
 const PRUNE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(600);
 
-/// Keeps the dedup index to the 48-hour window so inserts stay fast as months go by.
-async fn prune_periodically(store: Arc<dyn Store>, shutdown: CancellationToken) {
+/// Applies retention, and keeps the dedup index to the 48-hour window so inserts stay fast as
+/// months go by.
+async fn prune_periodically(
+    store: Arc<dyn Store>,
+    retention: Retention,
+    shutdown: CancellationToken,
+) {
     loop {
-        match store.prune_dedup_keys(now_ms()).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(n, "pruned expired dedup keys"),
-            Err(err) => tracing::warn!(error = %err, "could not prune expired dedup keys"),
+        match store.prune(now_ms(), &retention).await {
+            Ok(pruned) if pruned == Pruned::default() => {}
+            Ok(pruned) => tracing::info!(
+                dedup_keys = pruned.dedup_keys,
+                delivered = pruned.delivered,
+                dead = pruned.dead,
+                "pruned past retention"
+            ),
+            Err(err) => tracing::warn!(error = %err, "could not prune past retention"),
         }
         tokio::select! {
             () = shutdown.cancelled() => return,

@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::domain::{ActionSource, IngestRules};
+use crate::store::Retention;
 
 /// Everything the service needs to run, validated.
 #[derive(Clone)]
@@ -34,6 +35,8 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     /// `json` or `text` log lines.
     pub log_format: LogFormat,
+    /// How long finished events are kept.
+    pub retention: Retention,
 }
 
 /// Credentials for one pixel (dataset).
@@ -130,6 +133,8 @@ struct FileConfig {
     body_limit_bytes: Option<usize>,
     max_future_skew_secs: Option<u64>,
     log_format: Option<String>,
+    retention_delivered_days: Option<u64>,
+    retention_dead_days: Option<u64>,
     #[serde(default)]
     meta: FileMeta,
     #[serde(default)]
@@ -483,6 +488,37 @@ pub fn load(env: &Env, config_path: Option<&Path>) -> Result<Config, Vec<String>
         }
     };
 
+    const DAY_MS: i64 = 24 * 60 * 60 * 1000;
+    let days = |name: &str, file_value: Option<u64>, default: i64, problems: &mut Vec<String>| {
+        number(env, name, problems)
+            .or(file_value)
+            .map_or(default, |d| {
+                i64::try_from(d)
+                    .unwrap_or(i64::MAX / DAY_MS)
+                    .saturating_mul(DAY_MS)
+            })
+    };
+    let retention = Retention {
+        delivered_ms: days(
+            "RETENTION_DELIVERED_DAYS",
+            file.retention_delivered_days,
+            Retention::default().delivered_ms,
+            &mut problems,
+        ),
+        dead_ms: days(
+            "RETENTION_DEAD_DAYS",
+            file.retention_dead_days,
+            Retention::default().dead_ms,
+            &mut problems,
+        ),
+    };
+    if retention.delivered_ms < 2 * DAY_MS || retention.dead_ms < 2 * DAY_MS {
+        problems.push(
+            "RETENTION_DELIVERED_DAYS and RETENTION_DEAD_DAYS must be at least 2 (Meta's 48-hour dedup window)"
+                .to_owned(),
+        );
+    }
+
     if webhook_secrets.is_empty() && !listen_addr.ip().is_loopback() {
         problems.push(format!(
             "refusing to listen on {listen_addr} without authentication: set WEBHOOK_SECRET (a long random string; several may be separated by commas), or LISTEN_ADDR=127.0.0.1:{} for local use",
@@ -509,6 +545,7 @@ pub fn load(env: &Env, config_path: Option<&Path>) -> Result<Config, Vec<String>
         body_limit_bytes,
         delivery,
         log_format,
+        retention,
     })
 }
 

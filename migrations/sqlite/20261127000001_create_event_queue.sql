@@ -34,8 +34,11 @@ create table event_payload (
 create index event_due on event (pixel_id, next_attempt_at) where state = 'queued';
 -- GET /v1/events/{event_id}.
 create index event_by_event_id on event (event_id);
--- Replay of dead letters.
+-- Replay and retention of dead letters.
 create index event_dead on event (updated_at) where state = 'dead';
+-- Retention of delivered and dry-run events.
+create index event_delivered on event (delivered_at) where state = 'delivered';
+create index event_dry_run on event (received_at) where state = 'dry_run';
 
 -- Every unsuccessful Graph request an event took part in, with Meta's answer.
 create table attempt (

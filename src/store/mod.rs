@@ -181,6 +181,36 @@ pub struct AttemptView {
     pub record: AttemptRecord,
 }
 
+/// How long finished events are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Delivered and dry-run events, after delivery (or receipt for dry-run), in ms.
+    pub delivered_ms: i64,
+    /// Dead events, after they died, in ms. Longer: people replay them after a fix.
+    pub dead_ms: i64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        const DAY_MS: i64 = 24 * 60 * 60 * 1000;
+        Self {
+            delivered_ms: 30 * DAY_MS,
+            dead_ms: 90 * DAY_MS,
+        }
+    }
+}
+
+/// What one pruning pass removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Pruned {
+    /// Expired dedup keys.
+    pub dedup_keys: u64,
+    /// Delivered and dry-run events.
+    pub delivered: u64,
+    /// Dead events.
+    pub dead: u64,
+}
+
 /// Counts by state, for readiness and metrics.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct QueueStats {
@@ -237,9 +267,11 @@ pub trait Store: Send + Sync + 'static {
     /// Counts by state.
     async fn stats(&self) -> Result<QueueStats, StoreError>;
 
-    /// Forgets dedup keys older than the 48-hour window (they can no longer match anything);
-    /// returns how many. Events themselves are kept.
-    async fn prune_dedup_keys(&self, now: i64) -> Result<u64, StoreError>;
+    /// Deletes what is past its retention: dedup keys older than the 48-hour window (they can
+    /// no longer match anything), delivered and dry-run events older than
+    /// `retention.delivered_ms`, dead events older than `retention.dead_ms`. Queued events are
+    /// never pruned.
+    async fn prune(&self, now: i64, retention: &Retention) -> Result<Pruned, StoreError>;
 
     /// Cheap reachability check.
     async fn ping(&self) -> Result<(), StoreError>;

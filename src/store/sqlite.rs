@@ -10,7 +10,8 @@ use sqlx::{QueryBuilder, Row, SqlitePool};
 
 use super::{
     AttemptRecord, AttemptView, ClaimedEvent, EventDetail, EventUpdate, InsertOutcome, Inserted,
-    NewEventRecord, QueueStats, ReplayFilter, Settlement, Store, StoreError, DEDUP_WINDOW_MS,
+    NewEventRecord, Pruned, QueueStats, ReplayFilter, Retention, Settlement, Store, StoreError,
+    DEDUP_WINDOW_MS,
 };
 
 /// Rows per multi-row statement (9 parameters each stays far below SQLite's limit).
@@ -28,6 +29,24 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
+    /// Deletes the events `select_ids` (one `?1` parameter) returns, a slice at a time.
+    async fn delete_in_slices(&self, select_ids: &str, before: i64) -> Result<u64, StoreError> {
+        let sql =
+            format!("delete from event where id in (select id from ({select_ids}) limit 2000)");
+        let mut total = 0;
+        loop {
+            let n = sqlx::query(&sql)
+                .bind(before)
+                .execute(&self.writer)
+                .await?
+                .rows_affected();
+            total += n;
+            if n == 0 {
+                return Ok(total);
+            }
+        }
+    }
+
     /// Opens (creating if needed) the database at `url` and applies migrations.
     ///
     /// # Errors
@@ -484,12 +503,34 @@ impl Store for SqliteStore {
         Ok(stats)
     }
 
-    async fn prune_dedup_keys(&self, now: i64) -> Result<u64, StoreError> {
-        let result = sqlx::query("delete from dedup_key where first_seen_at < ?1")
+    async fn prune(&self, now: i64, retention: &Retention) -> Result<Pruned, StoreError> {
+        let dedup_keys = sqlx::query("delete from dedup_key where first_seen_at < ?1")
             .bind(now - DEDUP_WINDOW_MS)
             .execute(&self.writer)
+            .await?
+            .rows_affected();
+        // Payloads and attempts go with their event (on delete cascade). Deleting in slices
+        // keeps each write short, so ingest never waits long behind a big clean-up.
+        let delivered_before = now - retention.delivered_ms;
+        let delivered = self
+            .delete_in_slices(
+                "select id from event where state = 'delivered' and delivered_at < ?1
+                 union all
+                 select id from event where state = 'dry_run' and received_at < ?1",
+                delivered_before,
+            )
             .await?;
-        Ok(result.rows_affected())
+        let dead = self
+            .delete_in_slices(
+                "select id from event where state = 'dead' and updated_at < ?1",
+                now - retention.dead_ms,
+            )
+            .await?;
+        Ok(Pruned {
+            dedup_keys,
+            delivered,
+            dead,
+        })
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use capi_bridge::store::{
-    self, AttemptRecord, EventUpdate, InsertOutcome, NewEventRecord, ReplayFilter, Settlement,
-    Store, DEDUP_WINDOW_MS,
+    self, AttemptRecord, EventUpdate, InsertOutcome, NewEventRecord, ReplayFilter, Retention,
+    Settlement, Store, DEDUP_WINDOW_MS,
 };
 
 const T0: i64 = 1_790_000_000_000;
@@ -311,25 +311,74 @@ async fn check_events_inserted_with_a_lease_are_claimable_only_after_it(store: &
     assert_eq!(again[0].payload, r#"{"event_id":"l1"}"#);
 }
 
-async fn check_expired_dedup_keys_are_pruned_and_events_kept(store: &dyn Store) {
-    insert(store, &[record("p1")], T0).await;
-    insert(store, &[record("p2")], T0 + DEDUP_WINDOW_MS).await;
+async fn check_retention_prunes_finished_events_and_expired_dedup_keys(store: &dyn Store) {
+    const DAY: i64 = 24 * 60 * 60 * 1000;
+    let retention = Retention {
+        delivered_ms: 30 * DAY,
+        dead_ms: 90 * DAY,
+    };
+    let mut dry = record("p-dry");
+    dry.dry_run = true;
+    insert(
+        store,
+        &[
+            record("p-delivered"),
+            record("p-dead"),
+            record("p-queued"),
+            dry,
+        ],
+        T0,
+    )
+    .await;
+    let claimed = store
+        .claim_due(PIXEL, 2, T0, T0 + 1000)
+        .await
+        .expect("claim");
+    let updates = vec![
+        EventUpdate {
+            row_id: claimed[0].row_id,
+            settlement: Settlement::Delivered,
+            attempt: None,
+        },
+        EventUpdate {
+            row_id: claimed[1].row_id,
+            settlement: Settlement::Dead {
+                reason: "meta error 100: bad".to_owned(),
+            },
+            attempt: Some(AttemptRecord {
+                outcome: "rejected".to_owned(),
+                ..AttemptRecord::default()
+            }),
+        },
+    ];
+    store.settle(&updates, T0).await.expect("settle");
+
+    // Past the dedup window only the keys go.
     let pruned = store
-        .prune_dedup_keys(T0 + DEDUP_WINDOW_MS + 1)
+        .prune(T0 + DEDUP_WINDOW_MS + 1, &retention)
         .await
         .expect("prune");
-    assert_eq!(pruned, 1);
-    // p2 is still inside its window; p1 may come again as a new conversion.
+    assert_eq!(pruned.dedup_keys, 4);
+    assert_eq!((pruned.delivered, pruned.dead), (0, 0));
+    // A month later the delivered and dry-run events go; the dead and the queued stay.
+    let pruned = store.prune(T0 + 31 * DAY, &retention).await.expect("prune");
+    assert_eq!((pruned.delivered, pruned.dead), (2, 0));
+    let exists =
+        |id: &'static str| async move { store.find_event(id, T0).await.expect("find").is_some() };
+    assert!(!exists("p-delivered").await);
+    assert!(!exists("p-dry").await);
+    assert!(exists("p-dead").await);
+    assert!(exists("p-queued").await);
+    // Dead letters are kept longer; queued events never expire here.
+    let pruned = store.prune(T0 + 91 * DAY, &retention).await.expect("prune");
+    assert_eq!(pruned.dead, 1);
+    assert!(!exists("p-dead").await);
+    assert!(exists("p-queued").await);
+    // A key past its window may come again as a new conversion.
     assert_eq!(
-        insert(
-            store,
-            &[record("p1"), record("p2")],
-            T0 + DEDUP_WINDOW_MS + 2
-        )
-        .await,
-        [InsertOutcome::Queued, InsertOutcome::Duplicate]
+        insert(store, &[record("p-delivered")], T0 + 91 * DAY).await,
+        [InsertOutcome::Queued]
     );
-    assert!(store.find_event("p1", T0).await.expect("find").is_some());
 }
 
 macro_rules! sqlite_contract {
@@ -353,5 +402,5 @@ sqlite_contract!(
     check_replay_requeues_only_matching_dead_events,
     check_dry_run_events_are_stored_but_never_claimed,
     check_events_inserted_with_a_lease_are_claimable_only_after_it,
-    check_expired_dedup_keys_are_pruned_and_events_kept,
+    check_retention_prunes_finished_events_and_expired_dedup_keys,
 );
