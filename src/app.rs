@@ -34,12 +34,14 @@ impl App {
     /// # Errors
     /// Storage that cannot be opened, an address that cannot be bound, a TLS setup failure.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        let store = store::open(&config.database_url).await.with_context(|| {
-            format!(
-                "cannot open storage {}",
-                crate::config::redact_url(&config.database_url)
-            )
-        })?;
+        let store = store::open(&config.database_url, &config.database_schema)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot open storage {}",
+                    crate::config::redact_url(&config.database_url)
+                )
+            })?;
         let listener = TcpListener::bind(config.listen_addr)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen_addr))?;

@@ -212,7 +212,7 @@ async fn check(config: Config) -> anyhow::Result<ExitCode> {
             format!("{} webhook secret(s)", config.webhook_secrets.len())
         }
     );
-    match store::open(&config.database_url).await {
+    match store::open(&config.database_url, &config.database_schema).await {
         Ok(_) => println!("storage: ok"),
         Err(err) => {
             println!("storage: FAILED: {err}");
@@ -321,7 +321,7 @@ async fn send(config: Config, args: SendArgs) -> anyhow::Result<ExitCode> {
     if let Some(code) = &args.test_event_code {
         body = json!({ "data": [body], "test_event_code": code });
     }
-    let store = store::open(&config.database_url).await?;
+    let store = store::open(&config.database_url, &config.database_schema).await?;
     let wake = Arc::new(Notify::new());
     let ingestor = Ingestor::new(
         config.ingest.clone(),
@@ -373,7 +373,7 @@ async fn replay(config: Config, args: ReplayArgs) -> anyhow::Result<ExitCode> {
         eprintln!("say which dead events to replay: --id EVENT_ID (repeatable) or --all (with optional --event-name / --reason-contains)");
         return Ok(ExitCode::from(2));
     }
-    let store = store::open(&config.database_url).await?;
+    let store = store::open(&config.database_url, &config.database_schema).await?;
     let filter = ReplayFilter {
         event_ids: args.ids,
         event_name: args.event_name,
@@ -385,7 +385,7 @@ async fn replay(config: Config, args: ReplayArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn migrate(config: Config) -> anyhow::Result<ExitCode> {
-    store::open(&config.database_url).await?;
+    store::open(&config.database_url, &config.database_schema).await?;
     println!(
         "storage migrated: {}",
         config::redact_url(&config.database_url)

@@ -17,8 +17,10 @@ use crate::store::Retention;
 pub struct Config {
     /// Address the HTTP server binds to.
     pub listen_addr: SocketAddr,
-    /// Storage location, e.g. `sqlite://capi-bridge.db`.
+    /// Storage location, e.g. `sqlite://capi-bridge.db` or `postgres://…`.
     pub database_url: String,
+    /// Postgres schema holding capi-bridge's tables (ignored by SQLite).
+    pub database_schema: String,
     /// Meta credentials; `None` means dry-run.
     pub meta: Option<MetaConfig>,
     /// Graph API version, e.g. `v25.0`.
@@ -128,6 +130,7 @@ impl Config {
 struct FileConfig {
     listen_addr: Option<String>,
     database_url: Option<String>,
+    database_schema: Option<String>,
     default_country: Option<String>,
     default_action_source: Option<String>,
     body_limit_bytes: Option<usize>,
@@ -281,8 +284,10 @@ pub fn load(env: &Env, config_path: Option<&Path>) -> Result<Config, Vec<String>
         (None, None, None) => default_addr(),
     };
 
+    // SUPABASE_DB_URL: the name Supabase's own docs and CLI use for the Postgres connection.
     let database_url = env
         .get("DATABASE_URL")
+        .or_else(|| env.get("SUPABASE_DB_URL"))
         .or(file.database_url)
         .unwrap_or_else(|| "sqlite://capi-bridge.db".to_owned());
     if !database_url.starts_with("sqlite:")
@@ -290,8 +295,25 @@ pub fn load(env: &Env, config_path: Option<&Path>) -> Result<Config, Vec<String>
         && !database_url.starts_with("postgresql://")
     {
         problems.push(format!(
-            "DATABASE_URL must start with sqlite:// (or postgres:// once supported), got {:?}",
+            "DATABASE_URL must start with sqlite:// or postgres://, got {:?}",
             redact_url(&database_url)
+        ));
+    }
+    let database_schema = env
+        .get("DATABASE_SCHEMA")
+        .or(file.database_schema)
+        .unwrap_or_else(|| "capi_bridge".to_owned());
+    let valid_identifier = database_schema
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && database_schema
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && database_schema.len() <= 63;
+    if !valid_identifier {
+        problems.push(format!(
+            "DATABASE_SCHEMA must be a lowercase SQL identifier (letters, digits, _), got {database_schema:?}"
         ));
     }
 
@@ -532,6 +554,7 @@ pub fn load(env: &Env, config_path: Option<&Path>) -> Result<Config, Vec<String>
     Ok(Config {
         listen_addr,
         database_url,
+        database_schema,
         meta,
         api_version,
         graph_url,

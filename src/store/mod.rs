@@ -277,12 +277,17 @@ pub trait Store: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), StoreError>;
 }
 
-/// Opens the store named by `database_url` and applies its migrations.
+/// Opens the store named by `database_url` and applies its migrations. `schema` is the
+/// Postgres schema that holds capi-bridge's tables (SQLite ignores it).
 ///
 /// # Errors
 /// [`StoreError::Unsupported`] for a scheme this build cannot serve, else connection or
 /// migration failures.
-pub async fn open(database_url: &str) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+pub async fn open(
+    database_url: &str,
+    schema: &str,
+) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+    let _ = schema;
     if database_url.starts_with("sqlite:") {
         let store = SqliteStore::open(database_url).await?;
         Ok(std::sync::Arc::new(store))

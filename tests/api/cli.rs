@@ -275,7 +275,9 @@ async fn sigterm_stops_the_server_gracefully_after_in_flight_work() {
     // The in-flight delivery finished and was recorded before exit.
     assert_eq!(graph.accepted_count(), 1);
     let db = format!("sqlite://{}", dir.path().join("capi-bridge.db").display());
-    let store = capi_bridge::store::open(&db).await.expect("open");
+    let store = capi_bridge::store::open(&db, "capi_bridge")
+        .await
+        .expect("open");
     let detail = store
         .find_event("term-1", capi_bridge::delivery::now_ms())
         .await

@@ -37,7 +37,7 @@ async fn insert(store: &dyn Store, records: &[NewEventRecord], now: i64) -> Vec<
 async fn sqlite() -> (Arc<dyn Store>, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     let url = format!("sqlite://{}", dir.path().join("contract.db").display());
-    (store::open(&url).await.expect("open"), dir)
+    (store::open(&url, "capi_bridge").await.expect("open"), dir)
 }
 
 async fn check_duplicates_within_48_hours_are_skipped(store: &dyn Store) {
