@@ -415,12 +415,17 @@ impl Delivery {
                         "delivery will be retried"
                     );
                     let mut longest = 0;
-                    for event in chunk {
+                    // One draw for the whole batch: events that failed together retry together
+                    // (one request, not dozens); jitter spreads different batches apart.
+                    let jitter = rand::random::<f64>();
+                    // The rest of a split batch would meet the same outage or limit: it waits
+                    // too, instead of spending requests on a Graph API that is not answering.
+                    for event in chunk.into_iter().chain(pending.drain(..).flatten()) {
                         let delay = i64::try_from(backoff_ms(
                             event.attempts,
                             millis(self.config.retry_base),
                             millis(self.config.retry_max),
-                            rand::random::<f64>(),
+                            jitter,
                         ))
                         .unwrap_or(i64::MAX)
                         .max(hint);

@@ -125,6 +125,41 @@ async fn a_retry_after_header_from_meta_is_honoured() {
 }
 
 #[tokio::test]
+async fn an_outage_in_the_middle_of_a_split_puts_the_whole_batch_back() {
+    let app = spawn_app_with(&[
+        ("DELIVERY_RETRY_BASE_MS", "300"),
+        ("DELIVERY_RETRY_MAX_MS", "300"),
+    ])
+    .await;
+    app.graph.poison("split-7");
+    // The batch is refused for split-7, then the Graph API goes down for one answer.
+    app.graph
+        .script([Scripted::Normal, Scripted::Raw(503, "down".to_owned())]);
+    assert_eq!(
+        app.post_events(&Value::Array(leads("split", 100)))
+            .await
+            .status(),
+        202
+    );
+    app.graph.wait_for_accepted(99, WAIT).await;
+    app.wait_for_state("split-7", "dead").await;
+    let requests = app.graph.requests();
+    let log: Vec<_> = requests
+        .iter()
+        .map(|r| (r.status, r.body["data"].as_array().map_or(0, Vec::len)))
+        .collect();
+    // Refused whole, then the first half meets the outage.
+    assert_eq!(log[..2], [(400, 100), (503, 50)], "{log:?}");
+    let times: Vec<_> = requests.iter().map(|r| r.at).collect();
+    // The request after the 503 waits for the backoff instead of hitting the outage again.
+    assert!(
+        times[2] - times[1] >= Duration::from_millis(150),
+        "next request after {:?}",
+        times[2] - times[1]
+    );
+}
+
+#[tokio::test]
 async fn a_batch_with_one_bad_event_delivers_the_other_999_and_parks_the_bad_one() {
     let app = spawn_app().await;
     app.graph.poison("batch-417");

@@ -23,6 +23,8 @@ use tokio::sync::Notify;
 /// One scripted answer, used instead of the normal checks for the next request.
 #[derive(Debug, Clone)]
 pub enum Scripted {
+    /// Behave normally for this request (to script a later one).
+    Normal,
     /// An HTTP status with a raw body.
     Raw(u16, String),
     /// Meta's rate-limit error (code 4) with a `Retry-After` header.
@@ -309,10 +311,13 @@ async fn events(
         let latency = state.latency;
         let data = parsed["data"].as_array().cloned().unwrap_or_default();
         let now = chrono::Utc::now().timestamp();
-        let (response, accepted): (Response, Vec<Value>) = if let Some(s) =
-            state.scripted.pop_front()
-        {
+        let scripted = match state.scripted.pop_front() {
+            Some(Scripted::Normal) | None => None,
+            Some(other) => Some(other),
+        };
+        let (response, accepted): (Response, Vec<Value>) = if let Some(s) = scripted {
             let response = match s {
+                Scripted::Normal => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
                 Scripted::Raw(status, body) => (
                     StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
                     body,
