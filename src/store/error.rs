@@ -6,6 +6,9 @@ pub enum StoreError {
     /// The configured backend is not available in this build.
     #[error("{0}")]
     Unsupported(String),
+    /// The storage settings are wrong (a malformed URL, an invalid schema name).
+    #[error("invalid storage configuration: {0}")]
+    InvalidConfig(String),
     /// The database could not be reached or is overloaded; the caller may retry.
     #[error("storage unavailable: {0}")]
     Unavailable(String),

@@ -8,6 +8,7 @@
 
 mod error;
 mod group_commit;
+mod postgres;
 mod sqlite;
 
 use async_trait::async_trait;
@@ -15,6 +16,7 @@ use serde::Serialize;
 
 pub use error::StoreError;
 pub use group_commit::{GroupCommit, Handoff};
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 /// How long a `(pixel, event_name, event_id)` key stays a duplicate: Meta's window.
@@ -287,17 +289,15 @@ pub async fn open(
     database_url: &str,
     schema: &str,
 ) -> Result<std::sync::Arc<dyn Store>, StoreError> {
-    let _ = schema;
     if database_url.starts_with("sqlite:") {
         let store = SqliteStore::open(database_url).await?;
         Ok(std::sync::Arc::new(store))
     } else if database_url.starts_with("postgres://") || database_url.starts_with("postgresql://") {
-        Err(StoreError::Unsupported(
-            "Postgres storage is not supported yet (it is the next milestone); use DATABASE_URL=sqlite://capi-bridge.db".to_owned(),
-        ))
+        let store = PostgresStore::open(database_url, schema).await?;
+        Ok(std::sync::Arc::new(store))
     } else {
         Err(StoreError::Unsupported(
-            "DATABASE_URL must start with sqlite://".to_owned(),
+            "DATABASE_URL must start with sqlite:// or postgres://".to_owned(),
         ))
     }
 }

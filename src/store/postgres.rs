@@ -1,0 +1,1046 @@
+//! The production backend: Postgres (Supabase included), shared by any number of instances.
+//!
+//! Same semantics as [`super::SqliteStore`], method for method; what differs is how Postgres is
+//! best used:
+//! - Several instances share one database. Claims lock the rows they take with
+//!   `for update skip locked`, so two instances never lease the same event and never wait on
+//!   each other; deduplication is the `dedup_key` primary key, so it holds across instances.
+//! - Multi-row statements pass one array per column (`unnest($1::text[], …)`), so every
+//!   statement has one shape whatever the batch size: one prepared statement, not one per
+//!   row count.
+//! - Every table lives in capi-bridge's own schema (`DATABASE_SCHEMA`, default `capi_bridge`),
+//!   and every statement names its tables with that schema. Nothing at run time depends on
+//!   `search_path`, which a transaction-mode pooler does not carry from one transaction to the
+//!   next; only the migrations, which must name their tables without a schema, run with
+//!   `set local search_path` inside their one transaction.
+//! - Behind a transaction-mode pooler (Supabase's port 6543) see
+//!   [`detect_transaction_pooler`].
+
+use std::collections::{HashMap, HashSet};
+use std::ops::{Deref, DerefMut};
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgPoolOptions};
+use sqlx::query::Query;
+use sqlx::{Connection, Executor, PgConnection, PgPool, Postgres, QueryBuilder, Row, Transaction};
+
+use super::{
+    AttemptRecord, AttemptView, ClaimedEvent, EventDetail, EventUpdate, InsertOutcome, Inserted,
+    NewEventRecord, Pruned, QueueStats, ReplayFilter, Retention, Settlement, Store, StoreError,
+    DEDUP_WINDOW_MS,
+};
+
+/// Connections per instance. Several instances (and the user's own tools) share the server's
+/// `max_connections`, so the pool is bounded; group commit keeps ingest to one writer anyway.
+const MAX_CONNECTIONS: u32 = 10;
+
+/// A statement running longer than this is cancelled by the server: the queue's statements
+/// touch a few thousand rows at most, so anything slower is stuck (a lock held elsewhere).
+const STATEMENT_TIMEOUT_MS: u32 = 30_000;
+
+/// How long to wait for a free connection, or for a new one to be established.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Supabase's transaction-mode pooler (Supavisor, or the dedicated PgBouncer) listens here.
+const TRANSACTION_POOLER_PORT: u16 = 6543;
+
+/// Rows deleted per statement when pruning, so ingest never waits long behind a clean-up.
+const DELETE_SLICE: i64 = 2000;
+
+/// The schema-qualified, quoted names of capi-bridge's tables.
+#[derive(Debug, Clone)]
+struct Tables {
+    event: String,
+    payload: String,
+    attempt: String,
+    dedup: String,
+}
+
+impl Tables {
+    fn new(schema: &str) -> Self {
+        let name = |table: &str| format!("\"{schema}\".{table}");
+        Self {
+            event: name("event"),
+            payload: name("event_payload"),
+            attempt: name("attempt"),
+            dedup: name("dedup_key"),
+        }
+    }
+}
+
+/// [`Store`] over Postgres.
+#[derive(Debug, Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+    tables: Tables,
+    /// Behind a transaction-mode pooler: no named prepared statements, every operation in an
+    /// explicit transaction (see [`detect_transaction_pooler`]).
+    transaction_pooler: bool,
+}
+
+/// A connection for one operation: a plain pooled connection, or behind a transaction-mode
+/// pooler an open transaction (the only way to keep one server connection for a statement's
+/// Parse and its Bind, which sqlx sends in two round trips).
+enum Conn {
+    Pooled(PoolConnection<Postgres>),
+    Transaction(Transaction<'static, Postgres>),
+}
+
+impl Conn {
+    /// Commits, when this is a transaction.
+    async fn finish(self) -> Result<(), sqlx::Error> {
+        match self {
+            Conn::Pooled(_) => Ok(()),
+            Conn::Transaction(tx) => tx.commit().await,
+        }
+    }
+}
+
+impl Deref for Conn {
+    type Target = PgConnection;
+
+    fn deref(&self) -> &PgConnection {
+        match self {
+            Conn::Pooled(conn) => conn,
+            Conn::Transaction(tx) => tx,
+        }
+    }
+}
+
+impl DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        match self {
+            Conn::Pooled(conn) => conn,
+            Conn::Transaction(tx) => tx,
+        }
+    }
+}
+
+/// Whether `url` goes through a transaction-mode pooler, and the connect options for it (the
+/// `pgbouncer` parameter is ours, so it is taken out before sqlx reads the rest).
+///
+/// A transaction-mode pooler (Supabase's Supavisor or PgBouncer on port 6543) hands each
+/// transaction, or each statement outside one, to whichever server connection is free. sqlx
+/// prepares every statement under a name (`sqlx_s_1`, …) and keeps it on the server connection
+/// for reuse; through such a pooler the name is missing on the next server connection or
+/// already taken by another client's, and queries fail with "prepared statement … does not
+/// exist / already exists". Turning the statement cache off is not enough in sqlx 0.8: it still
+/// prepares under a name (and never closes it). So behind the pooler the store
+/// - turns the statement cache off, and marks every query non-persistent, which makes sqlx
+///   use the unnamed statement;
+/// - runs every operation inside an explicit transaction, because sqlx sends Parse and Bind in
+///   two round trips and only an open transaction keeps them on the same server connection;
+/// - sets `statement_timeout` with `set local` at the start of each transaction instead of once
+///   per session, since session settings do not follow a client through the pooler;
+/// - migrates inside one transaction (pinned to one server connection, `search_path` set with
+///   `set local`, an advisory transaction lock instead of sqlx's session lock) and removes the
+///   named statements sqlx's migrator leaves behind.
+///
+/// Detection is by port 6543, Supabase's (and the usual self-hosted) transaction-mode port, or
+/// an explicit `pgbouncer=true` parameter (Prisma's spelling) for a pooler elsewhere. Session
+/// mode (5432) and direct connections keep named statements, cached, which saves a parse per
+/// statement. `LISTEN/NOTIFY` does not work through a transaction-mode pooler at all, so a
+/// long-running instance is better served by session mode or a direct connection.
+pub(crate) fn detect_transaction_pooler(url: &str) -> Result<(PgConnectOptions, bool), StoreError> {
+    let mut parsed = url::Url::parse(url)
+        .map_err(|e| StoreError::InvalidConfig(format!("DATABASE_URL is not a valid URL: {e}")))?;
+    let mut flag = false;
+    let kept: Vec<(String, String)> = parsed
+        .query_pairs()
+        .filter_map(|(key, value)| {
+            if key == "pgbouncer" {
+                flag = matches!(value.to_ascii_lowercase().as_str(), "true" | "1" | "yes");
+                None
+            } else {
+                Some((key.into_owned(), value.into_owned()))
+            }
+        })
+        .collect();
+    if kept.is_empty() {
+        parsed.set_query(None);
+    } else {
+        parsed.query_pairs_mut().clear().extend_pairs(kept);
+    }
+    let options = PgConnectOptions::from_str(parsed.as_str())?;
+    // The port as sqlx resolved it: from the URL, a `port` parameter or PGPORT.
+    let pooled = flag || options.get_port() == TRANSACTION_POOLER_PORT;
+    Ok((options, pooled))
+}
+
+/// A lowercase SQL identifier, safe to put between double quotes in SQL text.
+fn valid_schema(schema: &str) -> bool {
+    schema
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && schema
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && schema.len() <= 63
+}
+
+impl PostgresStore {
+    /// Connects to `url`, creates `schema` if needed and applies the migrations in it.
+    ///
+    /// TLS follows the URL's `sslmode` (`require` encrypts without checking the certificate,
+    /// `verify-full` checks it against `sslrootcert` or the bundled web roots), with rustls.
+    ///
+    /// # Errors
+    /// When the schema name is not a lowercase identifier, or the database cannot be reached
+    /// or migrated.
+    pub async fn open(url: &str, schema: &str) -> Result<Self, StoreError> {
+        if !valid_schema(schema) {
+            return Err(StoreError::InvalidConfig(format!(
+                "the Postgres schema must be a lowercase SQL identifier, got {schema:?}"
+            )));
+        }
+        let (mut options, transaction_pooler) = detect_transaction_pooler(url)?;
+        if options.get_application_name().is_none() {
+            // Shown in pg_stat_activity, so the user can tell our connections from theirs.
+            options = options.application_name("capi-bridge");
+        }
+        let mut pool = PgPoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .acquire_timeout(ACQUIRE_TIMEOUT);
+        if transaction_pooler {
+            options = options.statement_cache_capacity(0);
+        } else {
+            // One server session per connection: a session setting holds for its lifetime.
+            pool = pool.after_connect(|conn, _| {
+                Box::pin(async move {
+                    conn.execute(
+                        format!("set statement_timeout = {STATEMENT_TIMEOUT_MS}").as_str(),
+                    )
+                    .await?;
+                    Ok(())
+                })
+            });
+        }
+        // The migrations run on a connection of their own, made before the pool: a failure to
+        // connect (refused; unreachable, as Supabase's IPv6-only direct host is from an
+        // IPv4-only network) is reported as it is, where the pool would only time out.
+        let mut conn = PgConnection::connect_with(&options).await?;
+        migrate(&mut conn, schema, transaction_pooler).await?;
+        conn.close().await?;
+        Ok(Self {
+            pool: pool.connect_with(options).await?,
+            tables: Tables::new(schema),
+            transaction_pooler,
+        })
+    }
+
+    /// A query, prepared under a name (and cached) unless behind a transaction-mode pooler.
+    fn query<'q>(&self, sql: &'q str) -> Query<'q, Postgres, PgArguments> {
+        sqlx::query(sql).persistent(!self.transaction_pooler)
+    }
+
+    /// A transaction; behind a transaction-mode pooler it also carries the statement timeout.
+    async fn begin(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+        if self.transaction_pooler {
+            self.pool
+                .begin_with(format!(
+                    "begin; set local statement_timeout = {STATEMENT_TIMEOUT_MS}"
+                ))
+                .await
+        } else {
+            self.pool.begin().await
+        }
+    }
+
+    /// A connection for an operation that needs no transaction of its own.
+    async fn conn(&self) -> Result<Conn, sqlx::Error> {
+        if self.transaction_pooler {
+            Ok(Conn::Transaction(self.begin().await?))
+        } else {
+            Ok(Conn::Pooled(self.pool.acquire().await?))
+        }
+    }
+
+    /// Deletes the rows of `table` that `condition` (one `$1` parameter) selects, a slice at a
+    /// time, so each write is short and ingest never waits long behind a clean-up. `key` names
+    /// the columns that identify a row. Rows another transaction holds (another instance
+    /// pruning at the same moment, a replay) are skipped rather than waited for, and picked
+    /// up by a later pass: a clean-up never blocks, and two never deadlock.
+    async fn delete_in_slices(
+        &self,
+        table: &str,
+        key: &[&str],
+        condition: &str,
+        before: i64,
+    ) -> Result<u64, StoreError> {
+        let columns = key.join(", ");
+        let matches = key
+            .iter()
+            .map(|c| format!("t.{c} = doomed.{c}"))
+            .collect::<Vec<_>>()
+            .join(" and ");
+        let sql = format!(
+            "with doomed as materialized (
+                 select {columns} from {table} where {condition}
+                 limit {DELETE_SLICE}
+                 for update skip locked
+             )
+             delete from {table} as t using doomed where {matches}"
+        );
+        let mut total = 0;
+        loop {
+            let mut conn = self.conn().await?;
+            let n = self
+                .query(&sql)
+                .bind(before)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+            conn.finish().await?;
+            total += n;
+            if n == 0 {
+                return Ok(total);
+            }
+        }
+    }
+}
+
+/// Creates the schema and applies the migrations, in one transaction. Instances starting
+/// together wait for each other on an advisory transaction lock (sqlx's own lock is a
+/// session lock, which a transaction-mode pooler cannot hold). `search_path` is set for
+/// this transaction only, so the migrations and sqlx's `_sqlx_migrations` table land in
+/// the schema, and two schemas in one database keep separate migration histories.
+async fn migrate(
+    conn: &mut PgConnection,
+    schema: &str,
+    transaction_pooler: bool,
+) -> Result<(), StoreError> {
+    let mut tx = conn.begin().await?;
+    if transaction_pooler {
+        forget_sqlx_statements(&mut tx).await?;
+    }
+    sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .persistent(!transaction_pooler)
+        .bind(format!("capi-bridge migrate {schema}"))
+        .execute(&mut *tx)
+        .await?;
+    // Schema changes may take longer than a queue statement.
+    tx.execute(
+        format!(
+            "create schema if not exists \"{schema}\";
+             set local search_path to \"{schema}\";
+             set local statement_timeout = 0"
+        )
+        .as_str(),
+    )
+    .await?;
+    let mut migrator = sqlx::migrate!("./migrations/postgres");
+    migrator.set_locking(false);
+    migrator.run(&mut *tx).await?;
+    if transaction_pooler {
+        forget_sqlx_statements(&mut tx).await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Removes the named statements sqlx prepared on this server connection (`sqlx_s_…`). Behind a
+/// transaction-mode pooler they outlive the client and collide with the next sqlx client's
+/// names; sqlx's migrator prepares named statements whatever the settings. Statements a pooler
+/// manages itself (PgBouncer renames them) do not carry this prefix and are left alone.
+async fn forget_sqlx_statements(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    let names: Vec<String> = sqlx::query_scalar(
+        "select name from pg_prepared_statements where name like 'sqlx\\_s\\_%'",
+    )
+    .persistent(false)
+    .fetch_all(&mut *conn)
+    .await?;
+    for name in names {
+        conn.execute(format!("deallocate \"{}\"", name.replace('"', "\"\"")).as_str())
+            .await?;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn insert_events(
+        &self,
+        events: &[NewEventRecord],
+        now: i64,
+        lease_until: Option<i64>,
+    ) -> Result<Vec<Inserted>, StoreError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let Tables {
+            event,
+            payload,
+            dedup,
+            ..
+        } = &self.tables;
+        let cutoff = now - DEDUP_WINDOW_MS;
+        // Each key once (`on conflict do update` may not touch a row twice in one statement),
+        // and sorted, so that concurrent inserts from several instances take the key locks in
+        // the same order and never deadlock.
+        let mut keys: Vec<(&str, &str, &str)> = events
+            .iter()
+            .map(|e| {
+                (
+                    e.pixel_id.as_str(),
+                    e.event_name.as_str(),
+                    e.event_id.as_str(),
+                )
+            })
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let mut tx = self.begin().await?;
+        // A key older than the window is renewed (a new conversion); a fresh one is returned.
+        // A key another instance is inserting right now waits for its commit, then counts as
+        // a duplicate.
+        let sql = format!(
+            "insert into {dedup} as d (pixel_id, event_name, event_id, first_seen_at)
+             select pixel_id, event_name, event_id, $4
+             from unnest($1::text[], $2::text[], $3::text[]) with ordinality
+                 as k(pixel_id, event_name, event_id, ord)
+             order by ord
+             on conflict (pixel_id, event_name, event_id)
+             do update set first_seen_at = excluded.first_seen_at
+             where d.first_seen_at < $5
+             returning pixel_id, event_name, event_id"
+        );
+        let mut fresh_keys: HashSet<(String, String, String)> = HashSet::new();
+        for row in self
+            .query(&sql)
+            .bind(keys.iter().map(|k| k.0).collect::<Vec<_>>())
+            .bind(keys.iter().map(|k| k.1).collect::<Vec<_>>())
+            .bind(keys.iter().map(|k| k.2).collect::<Vec<_>>())
+            .bind(now)
+            .bind(cutoff)
+            .fetch_all(&mut *tx)
+            .await?
+        {
+            fresh_keys.insert((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?));
+        }
+        let mut results = Vec::with_capacity(events.len());
+        // (index in `results`, event) of the events to store, in input order.
+        let mut fresh = Vec::with_capacity(fresh_keys.len());
+        for e in events {
+            let key = (e.pixel_id.clone(), e.event_name.clone(), e.event_id.clone());
+            // `remove`: a key repeated within this batch is fresh only the first time.
+            if fresh_keys.remove(&key) {
+                fresh.push((results.len(), e));
+                results.push(Inserted {
+                    outcome: if e.dry_run {
+                        InsertOutcome::DryRun
+                    } else {
+                        InsertOutcome::Queued
+                    },
+                    row_id: None,
+                });
+            } else {
+                results.push(Inserted {
+                    outcome: InsertOutcome::Duplicate,
+                    row_id: None,
+                });
+            }
+        }
+        if fresh.is_empty() {
+            tx.commit().await?;
+            return Ok(results);
+        }
+        let (attempts, next_attempt_at) = match lease_until {
+            Some(until) => (1_i32, until),
+            None => (0, now),
+        };
+        let rows: Vec<_> = fresh
+            .iter()
+            .map(|(_, e)| {
+                if e.dry_run {
+                    ("dry_run", 0, now, None)
+                } else {
+                    ("queued", attempts, next_attempt_at, lease_until)
+                }
+            })
+            .collect();
+        // Events and payloads in one statement. The database assigns the ids; Postgres does not
+        // promise that `returning` follows the input order, so the ids are matched back by key,
+        // which is unique among the fresh events. `order by ord` hands the rows to the insert
+        // in input order, so ids ascend in input order as they do on SQLite (claims take equal
+        // due times by id).
+        let sql = format!(
+            "with input as (
+                 select * from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                     $6::int4[], $7::int8[], $8::int8[], $9::int8[], $10::text[]) with ordinality
+                     as i(pixel_id, event_id, event_name, test_event_code, state, attempts,
+                         next_attempt_at, leased_until, deadline_at, payload, ord)
+             ),
+             stored as (
+                 insert into {event} (pixel_id, event_id, event_name, test_event_code, state,
+                     attempts, next_attempt_at, leased_until, deadline_at, received_at, updated_at)
+                 select pixel_id, event_id, event_name, test_event_code, state, attempts,
+                     next_attempt_at, leased_until, deadline_at, $11, $11
+                 from input order by ord
+                 returning id, pixel_id, event_name, event_id
+             ),
+             payloads as (
+                 insert into {payload} (event_row_id, payload)
+                 select stored.id, input.payload
+                 from stored join input using (pixel_id, event_name, event_id)
+             )
+             select id, pixel_id, event_name, event_id from stored"
+        );
+        let stored = self
+            .query(&sql)
+            .bind(
+                fresh
+                    .iter()
+                    .map(|(_, e)| e.pixel_id.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                fresh
+                    .iter()
+                    .map(|(_, e)| e.event_id.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                fresh
+                    .iter()
+                    .map(|(_, e)| e.event_name.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                fresh
+                    .iter()
+                    .map(|(_, e)| e.test_event_code.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(rows.iter().map(|r| r.0).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.1).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.2).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.3).collect::<Vec<_>>())
+            .bind(fresh.iter().map(|(_, e)| e.deadline_at).collect::<Vec<_>>())
+            .bind(
+                fresh
+                    .iter()
+                    .map(|(_, e)| e.payload.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(now)
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut ids: HashMap<(String, String, String), i64> = HashMap::with_capacity(stored.len());
+        for row in stored {
+            ids.insert(
+                (row.try_get(1)?, row.try_get(2)?, row.try_get(3)?),
+                row.try_get(0)?,
+            );
+        }
+        for (index, e) in &fresh {
+            let key = (e.pixel_id.clone(), e.event_name.clone(), e.event_id.clone());
+            let Some(id) = ids.get(&key) else {
+                // Cannot happen (one stored row per fresh key); never answer without an id.
+                return Err(StoreError::Database(sqlx::Error::Protocol(format!(
+                    "no row id returned for event {:?}",
+                    e.event_id
+                ))));
+            };
+            results[*index].row_id = Some(*id);
+        }
+        tx.commit().await?;
+        Ok(results)
+    }
+
+    async fn claim_due(
+        &self,
+        pixel_id: &str,
+        limit: usize,
+        now: i64,
+        lease_until: i64,
+    ) -> Result<Vec<ClaimedEvent>, StoreError> {
+        let Tables { event, payload, .. } = &self.tables;
+        // `for update skip locked`: rows another instance is claiming at this moment are
+        // passed over, not waited for, and never claimed twice (a row claimed and committed
+        // meanwhile is re-checked and no longer due). The lease end doubles as the next attempt
+        // time: leased rows leave the due range of the index, and an expired lease makes the
+        // row due again by itself. `materialized` keeps the locking select a separate step that
+        // runs once. Payloads come back in the same round trip.
+        let sql = format!(
+            "with due as materialized (
+                 select id from {event}
+                 where state = 'queued' and pixel_id = $1 and next_attempt_at <= $2
+                 order by next_attempt_at, id
+                 limit $4
+                 for update skip locked
+             ),
+             claimed as (
+                 update {event} as e
+                 set leased_until = $3, next_attempt_at = $3, attempts = e.attempts + 1
+                 from due where e.id = due.id
+                 returning e.id, e.event_id, e.test_event_code, e.attempts, e.deadline_at
+             )
+             select claimed.*, p.payload
+             from claimed left join {payload} as p on p.event_row_id = claimed.id
+             order by claimed.id"
+        );
+        let mut conn = self.conn().await?;
+        let rows = self
+            .query(&sql)
+            .bind(pixel_id)
+            .bind(now)
+            .bind(lease_until)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&mut *conn)
+            .await?;
+        conn.finish().await?;
+        let claimed = rows
+            .into_iter()
+            .map(|row| {
+                Ok(ClaimedEvent {
+                    row_id: row.try_get("id")?,
+                    event_id: row.try_get("event_id")?,
+                    // Written in the same transaction as the event, so always there; should it
+                    // ever be missing, an empty object makes Meta refuse the event and it is
+                    // parked, not lost.
+                    payload: row
+                        .try_get::<Option<String>, _>("payload")?
+                        .unwrap_or_else(|| "{}".to_owned()),
+                    test_event_code: row.try_get("test_event_code")?,
+                    attempts: i64::from(row.try_get::<i32, _>("attempts")?),
+                    deadline_at: row.try_get("deadline_at")?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        Ok(claimed)
+    }
+
+    async fn extend_lease(&self, row_ids: &[i64], lease_until: i64) -> Result<(), StoreError> {
+        if row_ids.is_empty() {
+            return Ok(());
+        }
+        let event = &self.tables.event;
+        let sql = format!(
+            "update {event} set leased_until = $1, next_attempt_at = $1
+             where state = 'queued' and id = any($2)"
+        );
+        let mut conn = self.conn().await?;
+        self.query(&sql)
+            .bind(lease_until)
+            .bind(row_ids)
+            .execute(&mut *conn)
+            .await?;
+        conn.finish().await?;
+        Ok(())
+    }
+
+    async fn settle(&self, updates: &[EventUpdate], now: i64) -> Result<(), StoreError> {
+        if updates.is_empty() {
+            return Ok(());
+        }
+        let Tables { event, attempt, .. } = &self.tables;
+        let mut tx = self.begin().await?;
+        // Three statements whatever the batch size: attempts, deliveries, everything else.
+        // The delivering attempt is recorded on the event row itself (see the migration).
+        let attempts: Vec<(i64, &AttemptRecord)> = updates
+            .iter()
+            .filter(|u| u.settlement != Settlement::Delivered)
+            .filter_map(|u| u.attempt.as_ref().map(|a| (u.row_id, a)))
+            .collect();
+        if !attempts.is_empty() {
+            let sql = format!(
+                "insert into {attempt} (event_row_id, attempted_at, outcome, http_status, code,
+                     subcode, fbtrace_id, error_title, error_message)
+                 select event_row_id, $9, outcome, http_status, code, subcode, fbtrace_id,
+                     error_title, error_message
+                 from unnest($1::int8[], $2::text[], $3::int4[], $4::int8[], $5::int8[],
+                     $6::text[], $7::text[], $8::text[]) with ordinality
+                     as a(event_row_id, outcome, http_status, code, subcode, fbtrace_id,
+                         error_title, error_message, ord)
+                 order by ord"
+            );
+            self.query(&sql)
+                .bind(attempts.iter().map(|(id, _)| *id).collect::<Vec<_>>())
+                .bind(
+                    attempts
+                        .iter()
+                        .map(|(_, a)| a.outcome.as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    attempts
+                        .iter()
+                        .map(|(_, a)| a.http_status.map(i32::from))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(attempts.iter().map(|(_, a)| a.code).collect::<Vec<_>>())
+                .bind(attempts.iter().map(|(_, a)| a.subcode).collect::<Vec<_>>())
+                .bind(
+                    attempts
+                        .iter()
+                        .map(|(_, a)| a.fbtrace_id.as_deref())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    attempts
+                        .iter()
+                        .map(|(_, a)| a.error_title.as_deref())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    attempts
+                        .iter()
+                        .map(|(_, a)| a.error_message.as_deref())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+        }
+        // Deliveries first, as on SQLite: a row also listed with another settlement stays
+        // delivered (the later statement only touches queued rows). Each row once: an update
+        // joined to two input rows would pick one of them at random.
+        let mut seen = HashSet::new();
+        let delivered: Vec<(i64, Option<&str>)> = updates
+            .iter()
+            .filter(|u| u.settlement == Settlement::Delivered && seen.insert(u.row_id))
+            .map(|u| {
+                let trace = u.attempt.as_ref().and_then(|a| a.fbtrace_id.as_deref());
+                (u.row_id, trace)
+            })
+            .collect();
+        if !delivered.is_empty() {
+            let sql = format!(
+                "update {event} as e
+                 set state = 'delivered', leased_until = null, last_error = null,
+                     delivered_at = $3, updated_at = $3, delivered_fbtrace_id = d.fbtrace_id
+                 from unnest($1::int8[], $2::text[]) as d(id, fbtrace_id)
+                 where e.id = d.id and e.state = 'queued'"
+            );
+            self.query(&sql)
+                .bind(delivered.iter().map(|d| d.0).collect::<Vec<_>>())
+                .bind(delivered.iter().map(|d| d.1).collect::<Vec<_>>())
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+        }
+        // The rest in one statement. A row listed twice takes its last settlement (SQLite
+        // applies them in turn, so there the last one wins too, unless an earlier one was
+        // dead); the delivery loop never lists a row twice.
+        let mut seen = HashSet::new();
+        let mut rest: Vec<(i64, &str, Option<i64>, &str)> = updates
+            .iter()
+            .rev()
+            .filter_map(|u| {
+                let (kind, next_attempt_at, reason) = match &u.settlement {
+                    Settlement::Delivered => return None,
+                    Settlement::Retry {
+                        next_attempt_at,
+                        reason,
+                    } => ("retry", Some(*next_attempt_at), reason),
+                    Settlement::Dead { reason } => ("dead", None, reason),
+                    Settlement::Release { reason } => ("release", None, reason),
+                };
+                seen.insert(u.row_id)
+                    .then_some((u.row_id, kind, next_attempt_at, reason.as_str()))
+            })
+            .collect();
+        rest.reverse();
+        if !rest.is_empty() {
+            // retry: due again later. dead: parked. release: not attempted after all, so the
+            // attempt counted by the claim is given back and the event is due at once.
+            let sql = format!(
+                "update {event} as e
+                 set state = case when u.kind = 'dead' then 'dead' else e.state end,
+                     leased_until = null,
+                     attempts = case when u.kind = 'release'
+                         then greatest(e.attempts - 1, 0) else e.attempts end,
+                     next_attempt_at = case u.kind
+                         when 'retry' then u.next_attempt_at
+                         when 'release' then $5
+                         else e.next_attempt_at end,
+                     last_error = u.reason,
+                     updated_at = $5
+                 from unnest($1::int8[], $2::text[], $3::int8[], $4::text[])
+                     as u(id, kind, next_attempt_at, reason)
+                 where e.id = u.id and e.state = 'queued'"
+            );
+            self.query(&sql)
+                .bind(rest.iter().map(|r| r.0).collect::<Vec<_>>())
+                .bind(rest.iter().map(|r| r.1).collect::<Vec<_>>())
+                .bind(rest.iter().map(|r| r.2).collect::<Vec<_>>())
+                .bind(rest.iter().map(|r| r.3).collect::<Vec<_>>())
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn find_event(
+        &self,
+        event_id: &str,
+        now: i64,
+    ) -> Result<Option<EventDetail>, StoreError> {
+        let Tables {
+            event,
+            payload,
+            attempt,
+            ..
+        } = &self.tables;
+        let sql = format!(
+            "select id, event_id, event_name, pixel_id, state, attempts, last_error, received_at,
+                next_attempt_at, leased_until, delivered_at, delivered_fbtrace_id, test_event_code,
+                (select payload from {payload} as p where p.event_row_id = e.id) as payload
+             from {event} as e where event_id = $1 order by id desc limit 1"
+        );
+        let mut conn = self.conn().await?;
+        let Some(row) = self
+            .query(&sql)
+            .bind(event_id)
+            .fetch_optional(&mut *conn)
+            .await?
+        else {
+            conn.finish().await?;
+            return Ok(None);
+        };
+        let row_id: i64 = row.try_get("id")?;
+        let attempts_sql = format!(
+            "select attempted_at, outcome, http_status, code, subcode, fbtrace_id, error_title,
+                error_message
+             from {attempt} where event_row_id = $1 order by id"
+        );
+        let attempt_rows = self
+            .query(&attempts_sql)
+            .bind(row_id)
+            .fetch_all(&mut *conn)
+            .await?;
+        conn.finish().await?;
+        let stored_state: String = row.try_get("state")?;
+        let leased_until: Option<i64> = row.try_get("leased_until")?;
+        let last_error: Option<String> = row.try_get("last_error")?;
+        let attempts = i64::from(row.try_get::<i32, _>("attempts")?);
+        let state = match stored_state.as_str() {
+            "queued" if leased_until.is_some_and(|l| l > now) => "delivering".to_owned(),
+            "queued" if attempts > 0 && last_error.is_some() => "failed".to_owned(),
+            other => other.to_owned(),
+        };
+        let payload_text: Option<String> = row.try_get("payload")?;
+        let payload = payload_text.map_or(serde_json::Value::Null, |text| {
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))
+        });
+        let mut attempts_log = attempt_rows
+            .into_iter()
+            .map(|r| {
+                Ok(AttemptView {
+                    attempted_at: r.try_get("attempted_at")?,
+                    record: AttemptRecord {
+                        outcome: r.try_get("outcome")?,
+                        http_status: r
+                            .try_get::<Option<i32>, _>("http_status")?
+                            .and_then(|s| u16::try_from(s).ok()),
+                        code: r.try_get("code")?,
+                        subcode: r.try_get("subcode")?,
+                        fbtrace_id: r.try_get("fbtrace_id")?,
+                        error_title: r.try_get("error_title")?,
+                        error_message: r.try_get("error_message")?,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        let delivered_at: Option<i64> = row.try_get("delivered_at")?;
+        if let (Some(attempted_at), "delivered") = (delivered_at, stored_state.as_str()) {
+            attempts_log.push(AttemptView {
+                attempted_at,
+                record: AttemptRecord {
+                    outcome: "delivered".to_owned(),
+                    http_status: Some(200),
+                    fbtrace_id: row.try_get("delivered_fbtrace_id")?,
+                    ..AttemptRecord::default()
+                },
+            });
+        }
+        Ok(Some(EventDetail {
+            event_id: row.try_get("event_id")?,
+            event_name: row.try_get("event_name")?,
+            pixel_id: row.try_get("pixel_id")?,
+            next_attempt_at: if stored_state == "queued" {
+                row.try_get("next_attempt_at")?
+            } else {
+                None
+            },
+            state,
+            attempts,
+            last_error,
+            received_at: row.try_get("received_at")?,
+            delivered_at,
+            test_event_code: row.try_get("test_event_code")?,
+            payload,
+            attempts_log,
+        }))
+    }
+
+    async fn requeue_dead(&self, filter: &ReplayFilter, now: i64) -> Result<u64, StoreError> {
+        let mut query = QueryBuilder::new(format!(
+            "update {} set state = 'queued', leased_until = null, attempts = 0, next_attempt_at = ",
+            self.tables.event
+        ));
+        query.push_bind(now);
+        query.push(", updated_at = ");
+        query.push_bind(now);
+        // A replayed event gets a fresh 7-day window only if its event_time allows it; the
+        // deadline stays, so an event Meta would refuse as too old dies again at once.
+        query.push(" where state = 'dead'");
+        if !filter.event_ids.is_empty() {
+            query.push(" and event_id = any(");
+            query.push_bind(filter.event_ids.as_slice());
+            query.push(")");
+        }
+        if let Some(name) = &filter.event_name {
+            query.push(" and event_name = ");
+            query.push_bind(name);
+        }
+        if let Some(text) = &filter.reason_contains {
+            // strpos, not like: the text is matched literally, `%` and `_` included.
+            query.push(" and strpos(coalesce(last_error, ''), ");
+            query.push_bind(text);
+            query.push(") > 0");
+        }
+        let mut conn = self.conn().await?;
+        let result = query
+            .build()
+            .persistent(!self.transaction_pooler)
+            .execute(&mut *conn)
+            .await?;
+        conn.finish().await?;
+        Ok(result.rows_affected())
+    }
+
+    async fn stats(&self) -> Result<QueueStats, StoreError> {
+        let sql = format!(
+            "select state, count(*) as n, min(received_at) as oldest from {} group by state",
+            self.tables.event
+        );
+        let mut conn = self.conn().await?;
+        let rows = self.query(&sql).fetch_all(&mut *conn).await?;
+        conn.finish().await?;
+        let mut stats = QueueStats::default();
+        for row in rows {
+            let state: String = row.try_get("state")?;
+            let n: i64 = row.try_get("n")?;
+            match state.as_str() {
+                "queued" => {
+                    stats.queued = n;
+                    stats.oldest_queued_at = row.try_get("oldest")?;
+                }
+                "delivered" => stats.delivered = n,
+                "dead" => stats.dead = n,
+                "dry_run" => stats.dry_run = n,
+                _ => {}
+            }
+        }
+        Ok(stats)
+    }
+
+    async fn prune(&self, now: i64, retention: &Retention) -> Result<Pruned, StoreError> {
+        let Tables { event, dedup, .. } = &self.tables;
+        let dedup_keys = self
+            .delete_in_slices(
+                dedup,
+                &["pixel_id", "event_name", "event_id"],
+                "first_seen_at < $1",
+                now - DEDUP_WINDOW_MS,
+            )
+            .await?;
+        // Payloads and attempts go with their event (on delete cascade).
+        let delivered_before = now - retention.delivered_ms;
+        let delivered = self
+            .delete_in_slices(
+                event,
+                &["id"],
+                "state = 'delivered' and delivered_at < $1",
+                delivered_before,
+            )
+            .await?
+            + self
+                .delete_in_slices(
+                    event,
+                    &["id"],
+                    "state = 'dry_run' and received_at < $1",
+                    delivered_before,
+                )
+                .await?;
+        let dead = self
+            .delete_in_slices(
+                event,
+                &["id"],
+                "state = 'dead' and updated_at < $1",
+                now - retention.dead_ms,
+            )
+            .await?;
+        Ok(Pruned {
+            dedup_keys,
+            delivered,
+            dead,
+        })
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        self.query("select 1").execute(&mut *conn).await?;
+        conn.finish().await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::detect_transaction_pooler;
+
+    fn pooled(url: &str) -> bool {
+        detect_transaction_pooler(url).expect("valid url").1
+    }
+
+    #[test]
+    fn supabase_transaction_pooler_is_detected_by_its_port() {
+        assert!(pooled(
+            "postgresql://postgres.abcdefghijklmnop:secret@aws-0-eu-central-1.pooler.supabase.com:6543/postgres?sslmode=require"
+        ));
+        assert!(pooled(
+            "postgres://postgres:secret@db.abcdefghijklmnop.supabase.co:6543/postgres"
+        ));
+        assert!(pooled("postgres://postgres@localhost/postgres?port=6543"));
+    }
+
+    #[test]
+    fn session_pooler_and_direct_connections_keep_prepared_statements() {
+        assert!(!pooled(
+            "postgresql://postgres.abcdefghijklmnop:secret@aws-0-eu-central-1.pooler.supabase.com:5432/postgres?sslmode=require"
+        ));
+        assert!(!pooled(
+            "postgres://postgres:secret@db.abcdefghijklmnop.supabase.co:5432/postgres"
+        ));
+        assert!(!pooled("postgres://postgres@127.0.0.1/test"));
+        assert!(!pooled(
+            "postgres://postgres@127.0.0.1:6432/test?pgbouncer=false"
+        ));
+    }
+
+    #[test]
+    fn the_pgbouncer_parameter_marks_a_pooler_on_any_port_and_the_rest_of_the_url_is_kept() {
+        let (options, flagged) = detect_transaction_pooler(
+            "postgres://app@pgbouncer.internal:6432/app?pgbouncer=true&sslmode=require&application_name=x",
+        )
+        .expect("valid url");
+        assert!(flagged);
+        assert_eq!(options.get_port(), 6432);
+        assert_eq!(options.get_database(), Some("app"));
+        assert_eq!(options.get_application_name(), Some("x"));
+        assert!(matches!(
+            options.get_ssl_mode(),
+            sqlx::postgres::PgSslMode::Require
+        ));
+        assert!(pooled("postgres://app@h/app?pgbouncer=1"));
+        assert!(pooled("postgres://app@h/app?pgbouncer=TRUE"));
+    }
+}
