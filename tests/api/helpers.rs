@@ -24,6 +24,7 @@ pub struct TestApp {
     pub http: reqwest::Client,
     pub dir: Arc<tempfile::TempDir>,
     env: Vec<(String, String)>,
+    _schema: Option<Arc<PostgresSchemaGuard>>,
     shutdown: CancellationToken,
     server: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -69,6 +70,42 @@ pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
     start(graph, dir, env).await
 }
 
+/// The service on the local Postgres, in a schema of its own that is dropped afterwards.
+pub async fn spawn_app_on_postgres() -> TestApp {
+    let url = std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    let schema = format!("api_{}", hex::encode(rand::random::<[u8; 6]>()));
+    let guard = Arc::new(PostgresSchemaGuard {
+        url: url.clone(),
+        schema: schema.clone(),
+    });
+    let mut app = spawn_app_with(&[("DATABASE_URL", &url), ("DATABASE_SCHEMA", &schema)]).await;
+    app._schema = Some(guard);
+    app
+}
+
+/// Drops a test's Postgres schema when the last handle goes.
+pub struct PostgresSchemaGuard {
+    url: String,
+    schema: String,
+}
+
+impl Drop for PostgresSchemaGuard {
+    fn drop(&mut self) {
+        let dropped = std::process::Command::new("psql")
+            .args([
+                self.url.as_str(),
+                "-q",
+                "-c",
+                &format!("drop schema if exists {} cascade", self.schema),
+            ])
+            .output();
+        if !dropped.is_ok_and(|o| o.status.success()) {
+            eprintln!("could not drop test schema {}", self.schema);
+        }
+    }
+}
+
 async fn start(
     graph: GraphStandIn,
     dir: Arc<tempfile::TempDir>,
@@ -87,6 +124,7 @@ async fn start(
         http: reqwest::Client::new(),
         dir,
         env,
+        _schema: None,
         shutdown,
         server,
     }
@@ -174,19 +212,28 @@ impl TestApp {
     }
 
     /// Stops the service gracefully (as SIGTERM does) and waits for it.
-    pub async fn stop(self) -> (GraphStandIn, Arc<tempfile::TempDir>, Vec<(String, String)>) {
+    pub async fn stop(
+        self,
+    ) -> (
+        GraphStandIn,
+        Arc<tempfile::TempDir>,
+        Vec<(String, String)>,
+        Option<Arc<PostgresSchemaGuard>>,
+    ) {
         self.shutdown.cancel();
         self.server
             .await
             .expect("server task")
             .expect("server stopped cleanly");
-        (self.graph, self.dir, self.env)
+        (self.graph, self.dir, self.env, self._schema)
     }
 
     /// Stops and starts the service again on the same database and stand-in.
     pub async fn restart(self) -> TestApp {
-        let (graph, dir, env) = self.stop().await;
-        start(graph, dir, env).await
+        let (graph, dir, env, schema) = self.stop().await;
+        let mut app = start(graph, dir, env).await;
+        app._schema = schema;
+        app
     }
 }
 

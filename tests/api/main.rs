@@ -9,4 +9,5 @@ mod crash;
 mod delivery;
 mod helpers;
 mod ingest;
+mod postgres;
 mod store_contract;
