@@ -5,6 +5,7 @@
 mod graph_stand_in;
 
 mod cli;
+mod cluster;
 mod crash;
 mod delivery;
 mod helpers;
