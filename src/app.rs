@@ -24,6 +24,8 @@ pub struct App {
     delivery: Option<Delivery>,
     workers_alive: Arc<AtomicBool>,
     retention: Retention,
+    ingestor: Ingestor,
+    poll_interval: std::time::Duration,
     /// The store, for tests and tools.
     pub store: Arc<dyn Store>,
 }
@@ -73,10 +75,11 @@ impl App {
         );
         let workers_alive = Arc::new(AtomicBool::new(false));
         let retention = config.retention;
+        let poll_interval = config.delivery.poll_interval;
         let state = AppState {
             config: Arc::new(config),
             store: store.clone(),
-            ingestor,
+            ingestor: ingestor.clone(),
             delivery: delivery.clone(),
             workers_alive: workers_alive.clone(),
         };
@@ -86,6 +89,8 @@ impl App {
             delivery,
             workers_alive,
             retention,
+            ingestor,
+            poll_interval,
             store,
         })
     }
@@ -117,6 +122,12 @@ impl App {
             self.retention,
             shutdown.clone(),
         ));
+        let inbox = tokio::spawn(crate::inbox::run(
+            self.store.clone(),
+            self.ingestor,
+            self.poll_interval,
+            shutdown.clone(),
+        ));
         let server_shutdown = shutdown.clone();
         let server = axum::serve(self.listener, self.router)
             .with_graceful_shutdown(async move { server_shutdown.cancelled().await });
@@ -129,6 +140,7 @@ impl App {
             }
         }
         let _ = maintenance.await;
+        let _ = inbox.await;
         served
     }
 }

@@ -118,6 +118,9 @@ pub struct ReplayArgs {
     /// Only events whose last error contains this text.
     #[arg(long)]
     pub reason_contains: Option<String>,
+    /// Instead: make every invalid inbox payload (queued by the database) pending again.
+    #[arg(long, conflicts_with_all = ["ids", "all", "event_name", "reason_contains"])]
+    pub inbox: bool,
 }
 
 /// Runs the parsed command line.
@@ -369,8 +372,14 @@ async fn send(config: Config, args: SendArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn replay(config: Config, args: ReplayArgs) -> anyhow::Result<ExitCode> {
+    if args.inbox {
+        let store = store::open(&config.database_url, &config.database_schema).await?;
+        let n = store.requeue_invalid_inbox(now_ms()).await?;
+        println!("{n} invalid inbox payload(s) made pending again; a running server processes them at once");
+        return Ok(ExitCode::SUCCESS);
+    }
     if args.ids.is_empty() && !args.all {
-        eprintln!("say which dead events to replay: --id EVENT_ID (repeatable) or --all (with optional --event-name / --reason-contains)");
+        eprintln!("say which dead events to replay: --id EVENT_ID (repeatable) or --all (with optional --event-name / --reason-contains), or --inbox for invalid inbox payloads");
         return Ok(ExitCode::from(2));
     }
     let store = store::open(&config.database_url, &config.database_schema).await?;

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod delivery;
 pub mod domain;
+pub mod inbox;
 pub mod ingest;
 pub mod store;
 pub mod telemetry;

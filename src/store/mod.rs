@@ -213,6 +213,17 @@ pub struct Pruned {
     pub dead: u64,
 }
 
+/// A raw payload waiting in the inbox.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InboxItem {
+    /// Row id.
+    pub id: i64,
+    /// Who queued it (`sql` for `enqueue()`).
+    pub source: String,
+    /// An event, an array of events or Meta's envelope, unvalidated.
+    pub payload: serde_json::Value,
+}
+
 /// Counts by state, for readiness and metrics.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct QueueStats {
@@ -277,6 +288,41 @@ pub trait Store: Send + Sync + 'static {
 
     /// Cheap reachability check.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Puts a raw payload in the inbox (what `enqueue()` does inside a user's transaction on
+    /// Postgres); returns its id.
+    async fn enqueue_inbox(
+        &self,
+        source: &str,
+        payload: &serde_json::Value,
+        now: i64,
+    ) -> Result<i64, StoreError>;
+
+    /// Leases up to `limit` pending inbox rows until `lease_until`, oldest first.
+    async fn claim_inbox(
+        &self,
+        limit: usize,
+        now: i64,
+        lease_until: i64,
+    ) -> Result<Vec<InboxItem>, StoreError>;
+
+    /// Deletes the rows whose events are stored, and marks the others invalid with their
+    /// problems (JSON), in one transaction.
+    async fn finish_inbox(
+        &self,
+        stored: &[i64],
+        invalid: &[(i64, serde_json::Value)],
+        now: i64,
+    ) -> Result<(), StoreError>;
+
+    /// Makes invalid inbox rows pending again (after a fix); returns how many.
+    async fn requeue_invalid_inbox(&self, now: i64) -> Result<u64, StoreError>;
+
+    /// Waits until the inbox may have new rows, or `timeout`. Backends that can be told
+    /// (Postgres `LISTEN`) wake at once; the default just waits.
+    async fn wait_for_inbox(&self, timeout: std::time::Duration) {
+        tokio::time::sleep(timeout).await;
+    }
 }
 
 /// Opens the store named by `database_url` and applies its migrations. `schema` is the

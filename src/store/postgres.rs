@@ -23,14 +23,14 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgArguments, PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::query::Query;
 use sqlx::{Connection, Executor, PgConnection, PgPool, Postgres, QueryBuilder, Row, Transaction};
 
 use super::{
-    AttemptRecord, AttemptView, ClaimedEvent, EventDetail, EventUpdate, InsertOutcome, Inserted,
-    NewEventRecord, Pruned, QueueStats, ReplayFilter, Retention, Settlement, Store, StoreError,
-    DEDUP_WINDOW_MS,
+    AttemptRecord, AttemptView, ClaimedEvent, EventDetail, EventUpdate, InboxItem, InsertOutcome,
+    Inserted, NewEventRecord, Pruned, QueueStats, ReplayFilter, Retention, Settlement, Store,
+    StoreError, DEDUP_WINDOW_MS,
 };
 
 /// Connections per instance. Several instances (and the user's own tools) share the server's
@@ -57,6 +57,9 @@ struct Tables {
     payload: String,
     attempt: String,
     dedup: String,
+    inbox: String,
+    /// `NOTIFY` channel of `enqueue()` for this schema.
+    inbox_channel: String,
 }
 
 impl Tables {
@@ -67,6 +70,8 @@ impl Tables {
             payload: name("event_payload"),
             attempt: name("attempt"),
             dedup: name("dedup_key"),
+            inbox: name("inbox"),
+            inbox_channel: format!("capi_bridge_inbox_{schema}"),
         }
     }
 }
@@ -79,6 +84,8 @@ pub struct PostgresStore {
     /// Behind a transaction-mode pooler: no named prepared statements, every operation in an
     /// explicit transaction (see [`detect_transaction_pooler`]).
     transaction_pooler: bool,
+    /// `LISTEN`s for `enqueue()`; opened on first use, reopened after a failure.
+    inbox_listener: std::sync::Arc<tokio::sync::Mutex<Option<PgListener>>>,
 }
 
 /// A connection for one operation: a plain pooled connection, or behind a transaction-mode
@@ -228,6 +235,7 @@ impl PostgresStore {
         Ok(Self {
             pool: pool.connect_with(options).await?,
             tables: Tables::new(schema),
+            inbox_listener: std::sync::Arc::new(tokio::sync::Mutex::new(None)),
             transaction_pooler,
         })
     }
@@ -983,6 +991,160 @@ impl Store for PostgresStore {
             delivered,
             dead,
         })
+    }
+
+    async fn enqueue_inbox(
+        &self,
+        source: &str,
+        payload: &serde_json::Value,
+        now: i64,
+    ) -> Result<i64, StoreError> {
+        let sql = format!(
+            "insert into {} (source, payload, created_at, updated_at)
+             values ($1, $2::jsonb, $3, $3) returning id",
+            self.tables.inbox
+        );
+        let mut conn = self.conn().await?;
+        let id: i64 = self
+            .query(&sql)
+            .bind(source)
+            .bind(payload.to_string())
+            .bind(now)
+            .fetch_one(&mut *conn)
+            .await?
+            .try_get(0)?;
+        conn.finish().await?;
+        Ok(id)
+    }
+
+    async fn claim_inbox(
+        &self,
+        limit: usize,
+        now: i64,
+        lease_until: i64,
+    ) -> Result<Vec<InboxItem>, StoreError> {
+        let inbox = &self.tables.inbox;
+        // Skip locked: several instances take disjoint rows and never wait on each other.
+        let sql = format!(
+            "with picked as materialized (
+                 select id from {inbox}
+                 where state = 'pending' and (leased_until is null or leased_until <= $2)
+                 order by id limit $1
+                 for update skip locked
+             )
+             update {inbox} as t set leased_until = $3 from picked where t.id = picked.id
+             returning t.id, t.source, t.payload::text as payload"
+        );
+        let mut conn = self.conn().await?;
+        let rows = self
+            .query(&sql)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .bind(now)
+            .bind(lease_until)
+            .fetch_all(&mut *conn)
+            .await?;
+        conn.finish().await?;
+        let mut items = rows
+            .into_iter()
+            .map(|row| {
+                let payload: String = row.try_get("payload")?;
+                Ok(InboxItem {
+                    id: row.try_get("id")?,
+                    source: row.try_get("source")?,
+                    payload: serde_json::from_str(&payload)
+                        .unwrap_or(serde_json::Value::String(payload)),
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        items.sort_by_key(|item| item.id);
+        Ok(items)
+    }
+
+    async fn finish_inbox(
+        &self,
+        stored: &[i64],
+        invalid: &[(i64, serde_json::Value)],
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let inbox = &self.tables.inbox;
+        let mut tx = self.begin().await?;
+        if !stored.is_empty() {
+            let sql = format!("delete from {inbox} where id = any($1::bigint[])");
+            self.query(&sql).bind(stored).execute(&mut *tx).await?;
+        }
+        if !invalid.is_empty() {
+            let ids: Vec<i64> = invalid.iter().map(|(id, _)| *id).collect();
+            let problems: Vec<String> = invalid.iter().map(|(_, p)| p.to_string()).collect();
+            let sql = format!(
+                "update {inbox} as t
+                 set state = 'invalid', problems = v.problems::jsonb, leased_until = null,
+                     updated_at = $3
+                 from unnest($1::bigint[], $2::text[]) as v(id, problems)
+                 where t.id = v.id"
+            );
+            self.query(&sql)
+                .bind(&ids)
+                .bind(&problems)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn requeue_invalid_inbox(&self, now: i64) -> Result<u64, StoreError> {
+        let sql = format!(
+            "update {} set state = 'pending', problems = null, leased_until = null,
+                 updated_at = $1
+             where state = 'invalid'",
+            self.tables.inbox
+        );
+        let mut conn = self.conn().await?;
+        let n = self
+            .query(&sql)
+            .bind(now)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+        conn.finish().await?;
+        Ok(n)
+    }
+
+    async fn wait_for_inbox(&self, timeout: Duration) {
+        // LISTEN needs a session of its own, which a transaction-mode pooler cannot keep.
+        if self.transaction_pooler {
+            tokio::time::sleep(timeout).await;
+            return;
+        }
+        let mut listener = self.inbox_listener.lock().await;
+        if listener.is_none() {
+            match PgListener::connect_with(&self.pool).await {
+                Ok(mut fresh) => match fresh.listen(&self.tables.inbox_channel).await {
+                    Ok(()) => *listener = Some(fresh),
+                    Err(err) => {
+                        tracing::warn!(error = %err, "cannot LISTEN for the inbox; polling")
+                    }
+                },
+                Err(err) => tracing::warn!(error = %err, "cannot LISTEN for the inbox; polling"),
+            }
+        }
+        match listener.as_mut() {
+            Some(active) => match tokio::time::timeout(timeout, active.recv()).await {
+                // Notified, or the timeout: either way, look at the inbox.
+                Ok(Ok(_)) | Err(_) => {}
+                Ok(Err(err)) => {
+                    tracing::warn!(error = %err, "inbox LISTEN connection lost; reconnecting");
+                    *listener = None;
+                    drop(listener);
+                    tokio::time::sleep(timeout).await;
+                }
+            },
+            None => {
+                drop(listener);
+                tokio::time::sleep(timeout).await;
+            }
+        }
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -9,9 +9,9 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{QueryBuilder, Row, SqlitePool};
 
 use super::{
-    AttemptRecord, AttemptView, ClaimedEvent, EventDetail, EventUpdate, InsertOutcome, Inserted,
-    NewEventRecord, Pruned, QueueStats, ReplayFilter, Retention, Settlement, Store, StoreError,
-    DEDUP_WINDOW_MS,
+    AttemptRecord, AttemptView, ClaimedEvent, EventDetail, EventUpdate, InboxItem, InsertOutcome,
+    Inserted, NewEventRecord, Pruned, QueueStats, ReplayFilter, Retention, Settlement, Store,
+    StoreError, DEDUP_WINDOW_MS,
 };
 
 /// Rows per multi-row statement (9 parameters each stays far below SQLite's limit).
@@ -531,6 +531,100 @@ impl Store for SqliteStore {
             delivered,
             dead,
         })
+    }
+
+    async fn enqueue_inbox(
+        &self,
+        source: &str,
+        payload: &serde_json::Value,
+        now: i64,
+    ) -> Result<i64, StoreError> {
+        let id = sqlx::query_scalar(
+            "insert into inbox (source, payload, created_at, updated_at) values (?1, ?2, ?3, ?3)
+             returning id",
+        )
+        .bind(source)
+        .bind(payload.to_string())
+        .bind(now)
+        .fetch_one(&self.writer)
+        .await?;
+        Ok(id)
+    }
+
+    async fn claim_inbox(
+        &self,
+        limit: usize,
+        now: i64,
+        lease_until: i64,
+    ) -> Result<Vec<InboxItem>, StoreError> {
+        let rows = sqlx::query(
+            "update inbox set leased_until = ?3
+             where id in (
+                 select id from inbox
+                 where state = 'pending' and (leased_until is null or leased_until <= ?2)
+                 order by id limit ?1)
+             returning id, source, payload",
+        )
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .bind(now)
+        .bind(lease_until)
+        .fetch_all(&self.writer)
+        .await?;
+        let mut items = rows
+            .into_iter()
+            .map(|row| {
+                let payload: String = row.try_get("payload")?;
+                Ok(InboxItem {
+                    id: row.try_get("id")?,
+                    source: row.try_get("source")?,
+                    // A row written by hand may not be JSON: it is then invalid, not lost.
+                    payload: serde_json::from_str(&payload)
+                        .unwrap_or(serde_json::Value::String(payload)),
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        items.sort_by_key(|item| item.id);
+        Ok(items)
+    }
+
+    async fn finish_inbox(
+        &self,
+        stored: &[i64],
+        invalid: &[(i64, serde_json::Value)],
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.writer.begin().await?;
+        for chunk in stored.chunks(ROWS_PER_STATEMENT) {
+            let mut query = QueryBuilder::new("delete from inbox where id in ");
+            push_id_list(&mut query, chunk);
+            query.build().execute(&mut *tx).await?;
+        }
+        for (id, problems) in invalid {
+            sqlx::query(
+                "update inbox set state = 'invalid', problems = ?2, leased_until = null,
+                    updated_at = ?3
+                 where id = ?1",
+            )
+            .bind(id)
+            .bind(problems.to_string())
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn requeue_invalid_inbox(&self, now: i64) -> Result<u64, StoreError> {
+        let result = sqlx::query(
+            "update inbox set state = 'pending', problems = null, leased_until = null,
+                updated_at = ?1
+             where state = 'invalid'",
+        )
+        .bind(now)
+        .execute(&self.writer)
+        .await?;
+        Ok(result.rows_affected())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -92,15 +92,24 @@ pub struct PostgresSchemaGuard {
 
 impl Drop for PostgresSchemaGuard {
     fn drop(&mut self) {
-        let dropped = std::process::Command::new("psql")
+        // Not waited for: the app's tasks may still hold a transaction that only this test's
+        // runtime (blocked while we wait) could finish. psql runs on, waits for those locks to
+        // go when the runtime ends, and drops the schema, even after this process has exited.
+        let spawned = std::process::Command::new("psql")
             .args([
                 self.url.as_str(),
                 "-q",
                 "-c",
-                &format!("drop schema if exists {} cascade", self.schema),
+                &format!(
+                    "set lock_timeout = '120s'; drop schema if exists {} cascade",
+                    self.schema
+                ),
             ])
-            .output();
-        if !dropped.is_ok_and(|o| o.status.success()) {
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        if spawned.is_err() {
             eprintln!("could not drop test schema {}", self.schema);
         }
     }
@@ -170,6 +179,13 @@ impl TestApp {
             .json()
             .await
             .expect("json")
+    }
+
+    /// The Postgres URL and schema of an app from [`spawn_app_on_postgres`].
+    pub fn postgres(&self) -> Option<(&str, &str)> {
+        self._schema
+            .as_deref()
+            .map(|g| (g.url.as_str(), g.schema.as_str()))
     }
 
     /// `GET /readyz` as JSON.

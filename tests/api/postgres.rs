@@ -2,7 +2,8 @@
 
 use std::collections::HashSet;
 
-use serde_json::Value;
+use serde_json::{json, Value};
+use sqlx::{Connection, Executor, PgConnection, Row};
 
 use crate::graph_stand_in::Scripted;
 use crate::helpers::{lead, sha256, spawn_app_on_postgres, TOKEN, WAIT};
@@ -60,4 +61,200 @@ async fn retries_pauses_and_restarts_work_on_postgres() {
         .attempts_log
         .iter()
         .any(|a| a.record.code == Some(190)));
+}
+
+async fn connect(app: &crate::helpers::TestApp) -> (PgConnection, String) {
+    let (url, schema) = app.postgres().expect("a Postgres app");
+    let conn = PgConnection::connect(url).await.expect("connect");
+    (conn, schema.to_owned())
+}
+
+async fn enqueue(conn: &mut PgConnection, schema: &str, event: &Value) {
+    sqlx::query(&format!("select \"{schema}\".enqueue($1::text::jsonb)"))
+        .bind(event.to_string())
+        .execute(conn)
+        .await
+        .expect("enqueue");
+}
+
+#[tokio::test]
+async fn enqueue_in_a_rolled_back_transaction_queues_nothing_and_in_a_committed_one_delivers() {
+    let app = spawn_app_on_postgres().await;
+    let (mut conn, schema) = connect(&app).await;
+
+    let mut tx = conn.begin().await.expect("begin");
+    enqueue(&mut tx, &schema, &lead("rolled-back-1")).await;
+    tx.rollback().await.expect("rollback");
+    let mut tx = conn.begin().await.expect("begin");
+    enqueue(&mut tx, &schema, &lead("committed-1")).await;
+    // A raw event without an id gets one derived from its inbox row.
+    enqueue(
+        &mut tx,
+        &schema,
+        &json!({"event_name": "Contact", "email": "raw@example.com"}),
+    )
+    .await;
+    tx.commit().await.expect("commit");
+
+    let accepted = app.graph.wait_for_accepted(2, WAIT).await;
+    let ids: HashSet<String> = accepted
+        .iter()
+        .map(|e| e["event_id"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert!(ids.contains("committed-1"));
+    assert!(ids.iter().any(|id| id.starts_with("inbox-")), "{ids:?}");
+    assert!(!ids.contains("rolled-back-1"));
+    let committed = accepted
+        .iter()
+        .find(|e| e["event_id"] == "committed-1")
+        .expect("committed event");
+    assert_eq!(
+        committed["user_data"]["em"][0],
+        sha256("committed-1@example.com").as_str()
+    );
+    // Processed rows leave the inbox; the rolled-back one never entered it.
+    let left: i64 = conn
+        .fetch_one(format!("select count(*) from \"{schema}\".inbox").as_str())
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(left, 0);
+}
+
+#[tokio::test]
+async fn an_invalid_enqueued_event_is_kept_with_its_reason_and_replayable_after_a_fix() {
+    let app = spawn_app_on_postgres().await;
+    let (mut conn, schema) = connect(&app).await;
+    enqueue(
+        &mut conn,
+        &schema,
+        &json!({"event_name": "Purchase", "event_id": "order-1", "email": "buyer@example.com"}),
+    )
+    .await;
+
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let problems: String = loop {
+        let row = conn
+            .fetch_optional(
+                format!("select problems::text from \"{schema}\".inbox where state = 'invalid'")
+                    .as_str(),
+            )
+            .await
+            .expect("query");
+        if let Some(row) = row {
+            break row.get(0);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never marked invalid"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert!(problems.contains("custom_data.value"), "{problems}");
+    assert_eq!(app.graph.accepted_count(), 0);
+
+    // The user fixes the payload and replays it.
+    conn.execute(
+        format!(
+            "update \"{schema}\".inbox set payload = payload || '{{\"value\": 99.9, \"currency\": \"BRL\"}}'"
+        )
+        .as_str(),
+    )
+    .await
+    .expect("fix");
+    assert_eq!(
+        app.store
+            .requeue_invalid_inbox(capi_bridge::delivery::now_ms())
+            .await
+            .expect("replay"),
+        1
+    );
+    let accepted = app.graph.wait_for_accepted(1, WAIT).await;
+    assert_eq!(accepted[0]["event_id"], "order-1");
+    assert_eq!(accepted[0]["custom_data"]["value"], json!(99.9));
+}
+
+#[tokio::test]
+async fn the_example_leads_trigger_sends_lead_schedule_and_purchase() {
+    let app = spawn_app_on_postgres().await;
+    let (mut conn, schema) = connect(&app).await;
+    conn.execute(
+        format!(
+            "create table \"{schema}\".leads (
+                 id bigserial primary key, email text, phone text, first_name text,
+                 last_name text, status text not null default 'new', deal_value numeric)"
+        )
+        .as_str(),
+    )
+    .await
+    .expect("leads table");
+    // The shipped example, pointed at this test's schema.
+    let example = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/sql/leads-trigger-example.sql"
+    ))
+    .expect("example")
+    .replace("capi_bridge.", &format!("\"{schema}\"."))
+    .replace("public.", &format!("\"{schema}\"."))
+    .replace(
+        "search_path = public",
+        &format!("search_path = \"{schema}\""),
+    );
+    conn.execute(example.as_str())
+        .await
+        .expect("install the example trigger");
+
+    let leads = format!("\"{schema}\".leads");
+    let id: i64 = conn
+        .fetch_one(
+            format!(
+                "insert into {leads} (email, phone, first_name) \
+                 values ('Ana@Example.com', '(11) 98765-4321', 'Ana') returning id"
+            )
+            .as_str(),
+        )
+        .await
+        .expect("insert")
+        .get(0);
+    conn.execute(format!("update {leads} set status = 'booked' where id = {id}").as_str())
+        .await
+        .expect("booked");
+    conn.execute(
+        format!("update {leads} set status = 'won', deal_value = 1500 where id = {id}").as_str(),
+    )
+    .await
+    .expect("won");
+    // A change that rolls back sends nothing.
+    let mut tx = conn.begin().await.expect("begin");
+    tx.execute(format!("insert into {leads} (email) values ('ghost@example.com')").as_str())
+        .await
+        .expect("insert");
+    tx.rollback().await.expect("rollback");
+
+    let accepted = app.graph.wait_for_accepted(3, WAIT).await;
+    let by_name = |name: &str| {
+        accepted
+            .iter()
+            .find(|e| e["event_name"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {accepted:?}"))
+            .clone()
+    };
+    let lead_event = by_name("Lead");
+    assert_eq!(lead_event["event_id"], format!("lead-{id}"));
+    assert_eq!(lead_event["action_source"], "system_generated");
+    assert_eq!(
+        lead_event["user_data"]["em"][0],
+        sha256("ana@example.com").as_str()
+    );
+    // The national number is completed with the row's country (BR).
+    assert_eq!(
+        lead_event["user_data"]["ph"][0],
+        sha256("5511987654321").as_str()
+    );
+    assert_eq!(by_name("Schedule")["event_id"], format!("schedule-{id}"));
+    let purchase = by_name("Purchase");
+    assert_eq!(purchase["event_id"], format!("purchase-{id}"));
+    assert_eq!(purchase["custom_data"]["value"], json!(1500));
+    assert_eq!(purchase["custom_data"]["currency"], "BRL");
+    assert_eq!(accepted.len(), 3, "the rolled-back insert sent nothing");
 }

@@ -1,0 +1,167 @@
+//! The inbox worker: takes raw payloads that a database queued (Postgres `enqueue()`, called
+//! inside the user's own transaction) and runs them through exactly the same pipeline as HTTP
+//! events ([`Ingestor`]). A payload whose events are stored is deleted from the inbox; one that
+//! breaks a rule stays there as `invalid` with its problems, visible and replayable after a fix
+//! (`capi-bridge replay --inbox`). Nothing is dropped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+use crate::delivery::now_ms;
+use crate::ingest::{IngestError, Ingestor};
+use crate::store::{InboxItem, Store, StoreError};
+
+/// Payloads taken per pass.
+const BATCH: usize = 200;
+
+/// How long a taken payload belongs to this worker; another instance retries it after that.
+const LEASE: Duration = Duration::from_secs(60);
+
+/// Runs until `shutdown`: waits for the inbox (Postgres `LISTEN`, else polling every
+/// `poll_interval`), processes what is there.
+pub async fn run(
+    store: Arc<dyn Store>,
+    ingestor: Ingestor,
+    poll_interval: Duration,
+    shutdown: CancellationToken,
+) {
+    while !shutdown.is_cancelled() {
+        let worked = match process_once(store.as_ref(), &ingestor).await {
+            Ok(n) => n > 0,
+            Err(err) => {
+                tracing::warn!(error = %err, "inbox pass failed; retrying");
+                false
+            }
+        };
+        if worked {
+            continue;
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = store.wait_for_inbox(poll_interval) => {}
+        }
+    }
+}
+
+/// Takes one batch of pending payloads and processes it; returns how many were taken.
+///
+/// # Errors
+/// Storage failures; taken payloads are then retried when their lease expires.
+pub async fn process_once(store: &dyn Store, ingestor: &Ingestor) -> Result<usize, StoreError> {
+    let now = now_ms();
+    let lease_ms = i64::try_from(LEASE.as_millis()).unwrap_or(i64::MAX);
+    let items = store.claim_inbox(BATCH, now, now + lease_ms).await?;
+    if items.is_empty() {
+        return Ok(0);
+    }
+    let n_items = items.len();
+    // Concurrently: the group commit then stores them in a few transactions, not one each.
+    let mut tasks = tokio::task::JoinSet::new();
+    for item in items {
+        let ingestor = ingestor.clone();
+        tasks.spawn(async move {
+            let body = with_stable_event_ids(&item);
+            let result = ingestor.ingest(body, now_ms() / 1000).await;
+            (item.id, result)
+        });
+    }
+    let mut stored = Vec::new();
+    let mut invalid = Vec::new();
+    let mut failed = None;
+    while let Some(joined) = tasks.join_next().await {
+        let Ok((id, result)) = joined else {
+            continue;
+        };
+        match result {
+            Ok(_) => stored.push(id),
+            Err(IngestError::Invalid(problems)) => {
+                invalid.push((id, serde_json::to_value(&problems).unwrap_or_default()));
+            }
+            Err(IngestError::BadRequest(reason) | IngestError::TooMany(reason)) => {
+                invalid.push((id, json!([{ "field": "", "reason": reason }])));
+            }
+            // Left leased: retried once the lease expires, nothing is lost.
+            Err(IngestError::Store(err)) => failed = Some(err),
+        }
+    }
+    store.finish_inbox(&stored, &invalid, now_ms()).await?;
+    if !invalid.is_empty() {
+        tracing::warn!(
+            n_invalid = invalid.len(),
+            "inbox payloads break Meta's rules; kept as invalid with their problems"
+        );
+    }
+    match failed {
+        Some(err) => Err(err),
+        None => Ok(n_items),
+    }
+}
+
+/// Gives every event without an `event_id` one derived from the inbox row (`inbox-<id>`, or
+/// `inbox-<id>-<index>` in an array), so that processing the row again after a crash is a
+/// duplicate, never a second conversion.
+fn with_stable_event_ids(item: &InboxItem) -> Value {
+    let mut body = item.payload.clone();
+    let id = item.id;
+    let fill = |event: &mut Value, suffix: Option<usize>| {
+        if let Value::Object(map) = event {
+            if map.get("event_id").is_none_or(Value::is_null) {
+                let event_id = match suffix {
+                    Some(index) => format!("inbox-{id}-{index}"),
+                    None => format!("inbox-{id}"),
+                };
+                map.insert("event_id".to_owned(), Value::String(event_id));
+            }
+        }
+    };
+    match &mut body {
+        Value::Array(events) => {
+            for (index, event) in events.iter_mut().enumerate() {
+                fill(event, Some(index));
+            }
+        }
+        Value::Object(map) if map.get("data").is_some_and(Value::is_array) => {
+            if let Some(Value::Array(events)) = map.get_mut("data") {
+                for (index, event) in events.iter_mut().enumerate() {
+                    fill(event, Some(index));
+                }
+            }
+        }
+        event => fill(event, None),
+    }
+    body
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(payload: Value) -> InboxItem {
+        InboxItem {
+            id: 42,
+            source: "sql".to_owned(),
+            payload,
+        }
+    }
+
+    #[test]
+    fn events_without_an_id_get_one_derived_from_the_inbox_row() {
+        let one = with_stable_event_ids(&item(json!({"event_name": "Lead"})));
+        assert_eq!(one["event_id"], "inbox-42");
+        let kept = with_stable_event_ids(&item(json!({"event_name": "Lead", "event_id": "x"})));
+        assert_eq!(kept["event_id"], "x");
+        let many = with_stable_event_ids(&item(json!([{"event_name": "Lead"}, {"event_id": "y"}])));
+        assert_eq!(many[0]["event_id"], "inbox-42-0");
+        assert_eq!(many[1]["event_id"], "y");
+        let envelope = with_stable_event_ids(&item(json!({"data": [{"event_name": "Lead"}]})));
+        assert_eq!(envelope["data"][0]["event_id"], "inbox-42-0");
+        // The same row processed twice gives the same ids.
+        assert_eq!(
+            with_stable_event_ids(&item(json!({"event_name": "Lead"}))),
+            one
+        );
+    }
+}
