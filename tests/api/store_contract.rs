@@ -511,6 +511,59 @@ async fn check_concurrent_claims_take_each_event_once(url: String) {
         .is_empty());
 }
 
+async fn check_inbox_payloads_are_leased_then_stored_or_kept_invalid(store: &dyn Store) {
+    let a = store
+        .enqueue_inbox("sql", &serde_json::json!({"event_name": "Lead"}), T0)
+        .await
+        .expect("enqueue");
+    let b = store
+        .enqueue_inbox("sql", &serde_json::json!([{"event_name": "Purchase"}]), T0)
+        .await
+        .expect("enqueue");
+    let taken = store.claim_inbox(10, T0, T0 + 1000).await.expect("claim");
+    assert_eq!(taken.iter().map(|i| i.id).collect::<Vec<_>>(), [a, b]);
+    assert_eq!(taken[0].payload["event_name"], "Lead");
+    assert_eq!(taken[0].source, "sql");
+    // Leased: not taken again until the lease ends (a crashed worker's rows come back).
+    assert!(store
+        .claim_inbox(10, T0 + 999, T0 + 2000)
+        .await
+        .expect("claim")
+        .is_empty());
+    assert_eq!(
+        store
+            .claim_inbox(10, T0 + 1000, T0 + 2000)
+            .await
+            .expect("claim")
+            .len(),
+        2
+    );
+
+    let problems = serde_json::json!([{"field": "custom_data.value", "reason": "needed"}]);
+    store
+        .finish_inbox(&[a], &[(b, problems)], T0 + 1001)
+        .await
+        .expect("finish");
+    // Stored ones are gone, invalid ones stay out of the way until replayed.
+    assert!(store
+        .claim_inbox(10, T0 + 5000, T0 + 6000)
+        .await
+        .expect("claim")
+        .is_empty());
+    assert_eq!(
+        store
+            .requeue_invalid_inbox(T0 + 5001)
+            .await
+            .expect("replay"),
+        1
+    );
+    let again = store
+        .claim_inbox(10, T0 + 5002, T0 + 6000)
+        .await
+        .expect("claim");
+    assert_eq!(again.iter().map(|i| i.id).collect::<Vec<_>>(), [b]);
+}
+
 /// Runs every check against every backend: one list, so no backend can miss a check.
 macro_rules! store_contract {
     ($($check:ident),* $(,)?) => {
@@ -567,4 +620,5 @@ store_contract!(
     check_dry_run_events_are_stored_but_never_claimed,
     check_events_inserted_with_a_lease_are_claimable_only_after_it,
     check_retention_prunes_finished_events_and_expired_dedup_keys,
+    check_inbox_payloads_are_leased_then_stored_or_kept_invalid,
 );
