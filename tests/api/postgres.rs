@@ -152,6 +152,13 @@ async fn an_invalid_enqueued_event_is_kept_with_its_reason_and_replayable_after_
     };
     assert!(problems.contains("custom_data.value"), "{problems}");
     assert_eq!(app.graph.accepted_count(), 0);
+    // The documented view shows it to the user's own tools.
+    let shown: i64 = conn
+        .fetch_one(format!("select count(*) from \"{schema}\".inbox_problems").as_str())
+        .await
+        .expect("view")
+        .get(0);
+    assert_eq!(shown, 1);
 
     // The user fixes the payload and replays it.
     conn.execute(
@@ -257,4 +264,21 @@ async fn the_example_leads_trigger_sends_lead_schedule_and_purchase() {
     assert_eq!(purchase["custom_data"]["value"], json!(1500));
     assert_eq!(purchase["custom_data"]["currency"], "BRL");
     assert_eq!(accepted.len(), 3, "the rolled-back insert sent nothing");
+
+    // The stable view the user's dashboard reads.
+    app.wait_for_state(&format!("purchase-{id}"), "delivered")
+        .await;
+    let row = conn
+        .fetch_one(
+            format!(
+                "select status, attempts, received_at <= now() as past from \"{schema}\".event_log \
+                 where event_id = 'purchase-{id}'"
+            )
+            .as_str(),
+        )
+        .await
+        .expect("event_log");
+    assert_eq!(row.get::<String, _>(0), "delivered");
+    assert_eq!(row.get::<i32, _>(1), 1);
+    assert!(row.get::<bool, _>(2));
 }
