@@ -1,7 +1,8 @@
 //! Load harness: the real release binary, a real HTTP Graph API stand-in, and a load generator
 //! on the same machine. Prints accepted events/s, ingest latency percentiles, delivered
 //! events/s, Graph request count and batch size, the service's peak memory and the CPU split
-//! between the service, the generator and everything else.
+//! between the service, the generator (and, on Postgres, the database server) and everything
+//! else. On Postgres it can run several instances side by side (`BENCH_INSTANCES`).
 //!
 //! Run: `cargo bench --bench load` (cargo builds the release binary and passes its path).
 //! Without `--bench` (as in `cargo test --benches`) it runs a one-second smoke check instead.
@@ -20,12 +21,22 @@
 //!   (e.g. `DELIVERY_MAX_IN_FLIGHT=8`).
 //! - `BENCH_BIN`: another `capi-bridge` binary to measure (e.g. an experimental build).
 //! - `BENCH_DB_DIR`: where the fresh database goes (default: cargo's target tmp directory, on
-//!   the same disk as the build; never a tmpfs unless you say so).
+//!   the same disk as the build; never a tmpfs unless you say so). The service logs go there
+//!   too, whatever the database.
+//! - `BENCH_DATABASE` (`sqlite`): `sqlite` (a fresh file in `BENCH_DB_DIR`) or `postgres`: the
+//!   service(s) then use `BENCH_POSTGRES_URL` (`postgres://postgres@127.0.0.1:5432/test`, which
+//!   must name 127.0.0.1, localhost or ::1) with a fresh schema `bench_<hex>`
+//!   (`DATABASE_SCHEMA`), dropped with `psql` once every instance has exited. `psql` must be on
+//!   the PATH; `bash scripts/test-services` starts a local Postgres.
+//! - `BENCH_INSTANCES` (1): with `postgres`, start this many copies of the binary on the one
+//!   schema, each on its own port; the generator spreads its connections over them
+//!   round-robin. Refused with SQLite (one process owns the file).
 //! - `BENCH_NO_DELIVERY=1`: start the service without Meta credentials (dry-run) to measure
 //!   ingest alone; delivery figures are then skipped.
-//! - `BENCH_KEEP_DB=1`: keep the database and the service log.
+//! - `BENCH_KEEP_DB=1`: keep the database (the Postgres schema) and the service logs.
 //! - `BENCH_ENFORCE=1`: exit 1 when a target (15,000 events/s, p99 < 20 ms, delivery keeping
-//!   up) is missed. Lost events, non-202 answers or an unclean exit always fail.
+//!   up) is missed. Lost events, non-202 answers or an unclean exit (of any instance) always
+//!   fail.
 //!
 //! Only 127.0.0.1 is ever contacted.
 
@@ -60,6 +71,15 @@ enum ClientKind {
     Reqwest,
 }
 
+/// Where the service(s) keep their queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Database {
+    /// A fresh file in `db_dir`.
+    Sqlite,
+    /// A fresh schema in this database.
+    Postgres { url: String },
+}
+
 #[derive(Debug, Clone)]
 struct Settings {
     mode: &'static str,
@@ -77,6 +97,8 @@ struct Settings {
     keep_db: bool,
     enforce: bool,
     no_delivery: bool,
+    database: Database,
+    instances: usize,
 }
 
 fn env_or<T: FromStr>(name: &str, default: T) -> T {
@@ -132,6 +154,23 @@ impl Settings {
         let db_dir = std::env::var_os("BENCH_DB_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")));
+        let database = match std::env::var("BENCH_DATABASE").as_deref().map(str::trim) {
+            Ok("sqlite" | "") | Err(_) => Database::Sqlite,
+            Ok("postgres" | "postgresql") => {
+                let url = std::env::var("BENCH_POSTGRES_URL")
+                    .ok()
+                    .map(|u| u.trim().to_owned())
+                    .filter(|u| !u.is_empty())
+                    .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+                assert!(
+                    postgres_url_is_local(&url),
+                    "BENCH_POSTGRES_URL must be a postgres:// URL on 127.0.0.1, localhost or \
+                     [::1] (the harness contacts nothing else), got {url:?}"
+                );
+                Database::Postgres { url }
+            }
+            Ok(other) => panic!("BENCH_DATABASE must be sqlite or postgres, got {other:?}"),
+        };
         Self {
             mode,
             smoke: !bench,
@@ -151,13 +190,41 @@ impl Settings {
             keep_db: env_flag("BENCH_KEEP_DB"),
             enforce: env_flag("BENCH_ENFORCE"),
             no_delivery: env_flag("BENCH_NO_DELIVERY"),
+            database,
+            instances: env_or("BENCH_INSTANCES", 1usize).max(1),
         }
     }
+}
+
+/// Whether a Postgres URL names this machine (by address or `localhost`).
+fn postgres_url_is_local(url: &str) -> bool {
+    let Some(rest) = url
+        .strip_prefix("postgres://")
+        .or_else(|| url.strip_prefix("postgresql://"))
+    else {
+        return false;
+    };
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = if host_port.starts_with('[') {
+        host_port.split_inclusive(']').next().unwrap_or_default()
+    } else {
+        host_port.split(':').next().unwrap_or_default()
+    };
+    matches!(host, "127.0.0.1" | "localhost" | "[::1]")
 }
 
 fn main() {
     let bench = std::env::args().any(|a| a == "--bench");
     let settings = Settings::from_env(bench);
+    if settings.instances > 1 && settings.database == Database::Sqlite {
+        eprintln!(
+            "load: BENCH_INSTANCES={} needs BENCH_DATABASE=postgres: a SQLite file belongs to one \
+             process",
+            settings.instances
+        );
+        std::process::exit(2);
+    }
     // The stand-in gets its own thread so that its CPU time can be told apart from the
     // generator's in /proc.
     let stand_in_rt = tokio::runtime::Builder::new_multi_thread()
@@ -189,6 +256,7 @@ struct Service {
     pid: u32,
     addr: SocketAddr,
     log: PathBuf,
+    spawned: Instant,
 }
 
 impl Drop for Service {
@@ -207,11 +275,105 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn start_service(settings: &Settings, graph: &GraphStandIn, dir: &Path) -> Service {
+/// A fresh Postgres schema for the run, dropped (with `psql`) when this goes out of scope
+/// unless it is to be kept. Declared before the services, so that it is dropped after them:
+/// only once every instance has exited.
+struct PgSchema {
+    url: String,
+    name: String,
+    keep: bool,
+    dropped: bool,
+}
+
+impl PgSchema {
+    fn new(url: &str, keep: bool) -> Self {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        Self {
+            url: url.to_owned(),
+            name: format!("bench_{:x}{:x}", std::process::id(), nanos & 0xffff_ffff),
+            keep,
+            dropped: false,
+        }
+    }
+
+    /// Drops the schema now (unless kept): "dropped after the run", "kept", or the failure.
+    fn finish(&mut self) -> String {
+        if self.keep {
+            return "kept: BENCH_KEEP_DB=1".to_owned();
+        }
+        self.dropped = true;
+        match psql(
+            &self.url,
+            &format!("drop schema if exists \"{}\" cascade", self.name),
+        ) {
+            Ok(_) => "dropped after the run".to_owned(),
+            Err(e) => format!("NOT dropped: {e}"),
+        }
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        if !self.dropped && !self.keep {
+            let _ = self.finish();
+        }
+    }
+}
+
+/// One statement through `psql`; its unaligned output.
+fn psql(url: &str, sql: &str) -> Result<String, String> {
+    let out = Command::new("psql")
+        .args([
+            url,
+            "-X",
+            "-q",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            sql,
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run psql: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+    }
+}
+
+/// The server's version and durability settings, and the file system its data is on.
+fn postgres_facts(url: &str) -> Result<String, String> {
+    let show = |name: &str| psql(url, &format!("show {name}"));
+    let version = show("server_version")?;
+    let data_fs =
+        show("data_directory").map_or_else(|_| "?".to_owned(), |d| fs_type(Path::new(&d)));
+    Ok(format!(
+        "server {version} on {data_fs}, synchronous_commit={}, fsync={}",
+        show("synchronous_commit")?,
+        show("fsync")?
+    ))
+}
+
+fn start_service(
+    settings: &Settings,
+    graph: &GraphStandIn,
+    dir: &Path,
+    schema: Option<&PgSchema>,
+    instance: usize,
+) -> Service {
     let port = free_port();
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let db = dir.join("capi-bridge.db");
-    let log = dir.join("service.log");
+    let log = if settings.instances == 1 {
+        dir.join("service.log")
+    } else {
+        dir.join(format!("service-{}.log", instance + 1))
+    };
     let log_file = std::fs::File::create(&log).expect("service log file");
     let mut command = Command::new(&settings.bin);
     command.env_clear();
@@ -220,12 +382,17 @@ fn start_service(settings: &Settings, graph: &GraphStandIn, dir: &Path) -> Servi
             .env("META_ACCESS_TOKEN", TOKEN)
             .env("META_PIXEL_ID", PIXEL);
     }
+    match (&settings.database, schema) {
+        (Database::Postgres { url }, Some(schema)) => command
+            .env("DATABASE_URL", url)
+            .env("DATABASE_SCHEMA", &schema.name),
+        _ => command.env("DATABASE_URL", format!("sqlite://{}", db.display())),
+    };
     command
         .arg("serve")
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("HOME", std::env::var_os("HOME").unwrap_or_default())
         .env("LISTEN_ADDR", addr.to_string())
-        .env("DATABASE_URL", format!("sqlite://{}", db.display()))
         .env("META_GRAPH_URL", &graph.url)
         .env("WEBHOOK_SECRET", SECRET)
         // Logging every request would dominate the measurement.
@@ -236,6 +403,7 @@ fn start_service(settings: &Settings, graph: &GraphStandIn, dir: &Path) -> Servi
         .stdin(Stdio::null())
         .stdout(log_file.try_clone().expect("log file"))
         .stderr(log_file);
+    let spawned = Instant::now();
     let child = command
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {}: {e}", settings.bin.display()));
@@ -244,6 +412,7 @@ fn start_service(settings: &Settings, graph: &GraphStandIn, dir: &Path) -> Servi
         child: Some(child),
         addr,
         log,
+        spawned,
     }
 }
 
@@ -253,8 +422,9 @@ fn log_tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// Waits for `/healthz`; how long after the spawn the service answered.
 async fn wait_healthy(service: &mut Service) -> Result<Duration, String> {
-    let started = Instant::now();
+    let started = service.spawned;
     let deadline = started + Duration::from_secs(60);
     let request = format!(
         "GET /healthz HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
@@ -386,16 +556,48 @@ fn load_average() -> String {
         .join(" ")
 }
 
+/// CPU ticks per process whose name is `postgres` (the server and its backends), keyed by pid.
+fn postgres_ticks() -> BTreeMap<String, (String, u64)> {
+    let mut out = BTreeMap::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in procs.flatten() {
+        let pid = entry.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let path = entry.path();
+        let is_postgres =
+            std::fs::read_to_string(path.join("comm")).is_ok_and(|c| c.trim() == "postgres");
+        if let (true, Some(ticks)) = (is_postgres, stat_ticks(&path.join("stat"))) {
+            out.insert(pid, ("postgres".to_owned(), ticks));
+        }
+    }
+    out
+}
+
 struct CpuSnapshot {
-    service: BTreeMap<String, (String, u64)>,
+    /// Per instance: thread id => (name, ticks).
+    service: Vec<BTreeMap<String, (String, u64)>>,
     harness: BTreeMap<String, (String, u64)>,
+    /// Postgres processes (only with `BENCH_DATABASE=postgres`).
+    postgres: BTreeMap<String, (String, u64)>,
     machine: (u64, u64),
 }
 
-fn cpu_snapshot(service_pid: u32) -> CpuSnapshot {
+fn cpu_snapshot(service_pids: &[u32], postgres: bool) -> CpuSnapshot {
     CpuSnapshot {
-        service: thread_ticks(&service_pid.to_string()),
+        service: service_pids
+            .iter()
+            .map(|pid| thread_ticks(&pid.to_string()))
+            .collect(),
         harness: thread_ticks("self"),
+        postgres: if postgres {
+            postgres_ticks()
+        } else {
+            BTreeMap::new()
+        },
         machine: machine_ticks(),
     }
 }
@@ -537,7 +739,6 @@ impl WorkerStats {
 }
 
 struct Load {
-    addr: SocketAddr,
     prefix: String,
     next: AtomicU64,
     limit: u64,
@@ -556,12 +757,11 @@ impl Load {
     }
 }
 
-async fn raw_worker(load: Arc<Load>) -> WorkerStats {
+async fn raw_worker(load: Arc<Load>, addr: SocketAddr) -> WorkerStats {
     let mut stats = WorkerStats::default();
     let mut conn: Option<RawConn> = None;
     let head = format!(
-        "POST /v1/events HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {SECRET}\r\nContent-Type: application/json\r\nContent-Length: ",
-        load.addr
+        "POST /v1/events HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {SECRET}\r\nContent-Type: application/json\r\nContent-Length: "
     );
     let mut request = Vec::with_capacity(1024);
     while let Some(i) = load.take() {
@@ -573,7 +773,7 @@ async fn raw_worker(load: Arc<Load>) -> WorkerStats {
         let started = Instant::now();
         let c = match conn.as_mut() {
             Some(c) => c,
-            None => match RawConn::connect(load.addr).await {
+            None => match RawConn::connect(addr).await {
                 Ok(c) => conn.insert(c),
                 Err(_) => {
                     stats.io_errors += 1;
@@ -598,9 +798,9 @@ async fn raw_worker(load: Arc<Load>) -> WorkerStats {
     stats
 }
 
-async fn reqwest_worker(load: Arc<Load>, client: reqwest::Client) -> WorkerStats {
+async fn reqwest_worker(load: Arc<Load>, client: reqwest::Client, addr: SocketAddr) -> WorkerStats {
     let mut stats = WorkerStats::default();
-    let url = format!("http://{}/v1/events", load.addr);
+    let url = format!("http://{addr}/v1/events");
     while let Some(i) = load.take() {
         let body = seed_body(&load.prefix, i);
         let started = Instant::now();
@@ -731,14 +931,36 @@ async fn run(settings: &Settings, graph: &GraphStandIn) -> i32 {
         .prefix("capi-bridge-load-")
         .tempdir_in(&settings.db_dir)
         .expect("temp dir");
-    let mut service = start_service(settings, graph, dir.path());
-    let startup = match wait_healthy(&mut service).await {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("load: {e}");
-            return 1;
-        }
+    // Declared before the services, so that it is dropped after them (see `PgSchema`).
+    let (mut schema, postgres) = match &settings.database {
+        Database::Sqlite => (None, String::new()),
+        Database::Postgres { url } => match postgres_facts(url) {
+            Ok(facts) => (Some(PgSchema::new(url, settings.keep_db)), facts),
+            Err(e) => {
+                eprintln!("load: cannot reach Postgres at {url} with psql: {e}");
+                return 1;
+            }
+        },
     };
+    let mut services: Vec<Service> = (0..settings.instances)
+        .map(|k| start_service(settings, graph, dir.path(), schema.as_ref(), k))
+        .collect();
+    let mut startups = Vec::with_capacity(services.len());
+    for (k, service) in services.iter_mut().enumerate() {
+        match wait_healthy(service).await {
+            Ok(d) => startups.push(d),
+            Err(e) if settings.instances == 1 => {
+                eprintln!("load: {e}");
+                return 1;
+            }
+            Err(e) => {
+                eprintln!("load: instance {}: {e}", k + 1);
+                return 1;
+            }
+        }
+    }
+    let pids: Vec<u32> = services.iter().map(|s| s.pid).collect();
+    let addrs: Vec<SocketAddr> = services.iter().map(|s| s.addr).collect();
 
     // ---- load window
     let duration = if settings.events.is_some() {
@@ -746,10 +968,9 @@ async fn run(settings: &Settings, graph: &GraphStandIn) -> i32 {
     } else {
         Duration::from_secs_f64(settings.seconds)
     };
-    let cpu0 = cpu_snapshot(service.pid);
+    let cpu0 = cpu_snapshot(&pids, schema.is_some());
     let t0 = Instant::now();
     let load = Arc::new(Load {
-        addr: service.addr,
         prefix: format!("load-{}-{}", std::process::id(), unix_now()),
         next: AtomicU64::new(0),
         limit: settings.events.unwrap_or(u64::MAX),
@@ -782,17 +1003,23 @@ async fn run(settings: &Settings, graph: &GraphStandIn) -> i32 {
         .pool_max_idle_per_host(settings.connections)
         .build()
         .expect("reqwest client");
+    // Connection k goes to instance k mod N.
     let workers: Vec<_> = (0..settings.connections)
-        .map(|_| match settings.client {
-            ClientKind::Raw => tokio::spawn(raw_worker(load.clone())),
-            ClientKind::Reqwest => {
-                tokio::spawn(reqwest_worker(load.clone(), reqwest_client.clone()))
+        .map(|k| {
+            let addr = addrs[k % addrs.len()];
+            match settings.client {
+                ClientKind::Raw => tokio::spawn(raw_worker(load.clone(), addr)),
+                ClientKind::Reqwest => {
+                    tokio::spawn(reqwest_worker(load.clone(), reqwest_client.clone(), addr))
+                }
             }
         })
         .collect();
     let mut stats = WorkerStats::default();
-    for worker in workers {
+    let mut acked_per_instance = vec![0u64; addrs.len()];
+    for (k, worker) in workers.into_iter().enumerate() {
         let s = worker.await.expect("load worker");
+        acked_per_instance[k % addrs.len()] += s.acked.len() as u64;
         stats.latencies_us.extend(s.latencies_us);
         stats.acked.extend(s.acked);
         for (status, n) in s.statuses {
@@ -807,7 +1034,7 @@ async fn run(settings: &Settings, graph: &GraphStandIn) -> i32 {
     }
     let t_end = Instant::now();
     let delivered_at_end = graph.accepted_count() as u64;
-    let cpu1 = cpu_snapshot(service.pid);
+    let cpu1 = cpu_snapshot(&pids, schema.is_some());
     let load_secs = t_end.duration_since(t0).as_secs_f64();
     let load_after = load_average();
 
@@ -828,10 +1055,19 @@ async fn run(settings: &Settings, graph: &GraphStandIn) -> i32 {
     let mut samples = samples.lock().unwrap_or_else(|e| e.into_inner()).clone();
     samples.push(sample(t0, &load, graph));
 
-    // ---- service memory and exit
-    let peak_rss_kib = proc_status_kib(service.pid, "VmHWM");
-    let rss_kib = proc_status_kib(service.pid, "VmRSS");
-    let (exit, stop_took) = stop_service(&mut service);
+    // ---- service memory and exit, then the schema (once no instance uses it)
+    let peak_rss_kib: Vec<Option<u64>> = pids
+        .iter()
+        .map(|pid| proc_status_kib(*pid, "VmHWM"))
+        .collect();
+    let rss_kib: Vec<Option<u64>> = pids
+        .iter()
+        .map(|pid| proc_status_kib(*pid, "VmRSS"))
+        .collect();
+    let exits: Vec<(Option<ExitStatus>, Duration)> =
+        services.iter_mut().map(stop_service).collect();
+    let schema_outcome = schema.as_mut().map(PgSchema::finish);
+    let all_exited_0 = exits.iter().all(|(e, _)| e.is_some_and(|s| s.success()));
 
     // ---- what the stand-in saw
     let requests = graph.requests();
@@ -877,14 +1113,34 @@ async fn run(settings: &Settings, graph: &GraphStandIn) -> i32 {
         .sum();
     let ticks = clock_ticks_per_sec();
     let pct = |t: u64| 100.0 * t as f64 / ticks / load_secs;
-    let service_cpu = ticks_by_name(&cpu0.service, &cpu1.service);
+    let per_instance_cpu: Vec<BTreeMap<String, (u64, usize)>> = cpu0
+        .service
+        .iter()
+        .zip(&cpu1.service)
+        .map(|(a, b)| ticks_by_name(a, b))
+        .collect();
+    let mut service_cpu: BTreeMap<String, (u64, usize)> = BTreeMap::new();
+    for instance in &per_instance_cpu {
+        for (name, (t, n)) in instance {
+            let entry = service_cpu.entry(name.clone()).or_default();
+            entry.0 += t;
+            entry.1 += n;
+        }
+    }
     let harness_cpu = ticks_by_name(&cpu0.harness, &cpu1.harness);
+    let postgres_cpu = ticks_by_name(&cpu0.postgres, &cpu1.postgres);
     let service_total: u64 = service_cpu.values().map(|v| v.0).sum();
     let harness_total: u64 = harness_cpu.values().map(|v| v.0).sum();
+    let postgres_total: u64 = postgres_cpu.values().map(|v| v.0).sum();
+    let postgres_busy = cpu1
+        .postgres
+        .iter()
+        .filter(|(pid, (_, t))| cpu0.postgres.get(*pid).map_or(0, |(_, t0)| *t0) < *t)
+        .count();
     let machine_busy = cpu1.machine.0.saturating_sub(cpu0.machine.0);
     let machine_total = cpu1.machine.1.saturating_sub(cpu0.machine.1);
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    let others = machine_busy.saturating_sub(service_total + harness_total);
+    let others = machine_busy.saturating_sub(service_total + harness_total + postgres_total);
     let accepted_rate = acked as f64 / load_secs;
     let p99 = percentile(&lat, 99.0);
     let drain_secs = drained_at.map(|d| d.duration_since(t_end).as_secs_f64());
@@ -910,7 +1166,7 @@ async fn run(settings: &Settings, graph: &GraphStandIn) -> i32 {
     line("=== capi-bridge load test ===".to_owned());
     line(format!("mode                    {}", settings.mode));
     line(format!(
-        "settings                connections={} {} graph_latency_ms={} client={} client_threads={}{}{}",
+        "settings                connections={} {} graph_latency_ms={} client={} client_threads={}{}{}{}",
         settings.connections,
         match settings.events {
             Some(n) => format!("events={n}"),
@@ -926,6 +1182,12 @@ async fn run(settings: &Settings, graph: &GraphStandIn) -> i32 {
             " no_delivery=1"
         } else {
             ""
+        },
+        match settings.database {
+            Database::Sqlite => String::new(),
+            Database::Postgres { .. } => {
+                format!(" database=postgres instances={}", settings.instances)
+            }
         },
         if settings.service_env.is_empty() {
             String::new()
@@ -950,18 +1212,39 @@ async fn run(settings: &Settings, graph: &GraphStandIn) -> i32 {
             format!(" (work tree at {})", source_version())
         }
     ));
-    line(format!(
-        "database                {} ({}, fresh; the service commits with synchronous=FULL)",
-        dir.path().join("capi-bridge.db").display(),
-        fs_type(dir.path())
-    ));
+    match (&settings.database, &schema) {
+        (Database::Postgres { url }, Some(schema)) => line(format!(
+            "database                {url} schema {} (fresh, {}); {postgres}",
+            schema.name,
+            schema_outcome.as_deref().unwrap_or("?")
+        )),
+        _ => line(format!(
+            "database                {} ({}, fresh; the service commits with synchronous=FULL)",
+            dir.path().join("capi-bridge.db").display(),
+            fs_type(dir.path())
+        )),
+    }
     line(format!(
         "machine                 {cores} cores; load average before {load_before}, after load {load_after}"
     ));
-    line(format!(
-        "service start           healthy after {:.0} ms",
-        startup.as_secs_f64() * 1000.0
-    ));
+    let ms_list = |d: &[Duration]| {
+        d.iter()
+            .map(|d| format!("{:.0}", d.as_secs_f64() * 1000.0))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if startups.len() == 1 {
+        line(format!(
+            "service start           healthy after {} ms",
+            ms_list(&startups)
+        ));
+    } else {
+        line(format!(
+            "service start           {} instances on one schema, healthy after {} ms",
+            startups.len(),
+            ms_list(&startups)
+        ));
+    }
     line(String::new());
     line("ingest (POST /v1/events, one seed-example event per request)".to_owned());
     line(format!(
@@ -973,6 +1256,22 @@ async fn run(settings: &Settings, graph: &GraphStandIn) -> i32 {
         thousands(acked),
         rate(acked, load_secs)
     ));
+    if acked_per_instance.len() > 1 {
+        line(format!(
+            "  per instance          {}",
+            acked_per_instance
+                .iter()
+                .enumerate()
+                .map(|(k, n)| format!(
+                    "{}: {} ({} events/s)",
+                    k + 1,
+                    thousands(*n),
+                    rate(*n, load_secs)
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
     line(format!(
         "  non-202 / io errors   {} / {}{}",
         non_202,
@@ -1049,21 +1348,51 @@ async fn run(settings: &Settings, graph: &GraphStandIn) -> i32 {
         line(format!("  lost / duplicates     {lost} / {duplicates}"));
     }
     line(String::new());
-    line("service".to_owned());
-    line(format!(
-        "  peak RSS (VmHWM)      {:.1} MiB (VmRSS at the end {:.1} MiB)",
-        peak_rss_kib.unwrap_or(0) as f64 / 1024.0,
-        rss_kib.unwrap_or(0) as f64 / 1024.0
-    ));
-    line(format!(
-        "  SIGTERM               {} after {:.0} ms",
-        match exit {
-            Some(s) if s.success() => "exited 0".to_owned(),
-            Some(s) => format!("exited with {s}"),
-            None => "did not exit within 30 s (killed)".to_owned(),
-        },
-        stop_took.as_secs_f64() * 1000.0
-    ));
+    let mib = |kib: Option<u64>| kib.unwrap_or(0) as f64 / 1024.0;
+    let exit_text = |exit: Option<ExitStatus>| match exit {
+        Some(s) if s.success() => "exited 0".to_owned(),
+        Some(s) => format!("exited with {s}"),
+        None => "did not exit within 30 s (killed)".to_owned(),
+    };
+    if pids.len() == 1 {
+        line("service".to_owned());
+        line(format!(
+            "  peak RSS (VmHWM)      {:.1} MiB (VmRSS at the end {:.1} MiB)",
+            mib(peak_rss_kib[0]),
+            mib(rss_kib[0])
+        ));
+        line(format!(
+            "  SIGTERM               {} after {:.0} ms",
+            exit_text(exits[0].0),
+            exits[0].1.as_secs_f64() * 1000.0
+        ));
+    } else {
+        let each = |f: &dyn Fn(usize) -> String| {
+            (0..pids.len())
+                .map(|k| format!("{}: {}", k + 1, f(k)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        line(format!("service ({} instances)", pids.len()));
+        line(format!(
+            "  peak RSS (VmHWM)      {}  (VmRSS at the end {})",
+            each(&|k| format!("{:.1} MiB", mib(peak_rss_kib[k]))),
+            each(&|k| format!("{:.1} MiB", mib(rss_kib[k])))
+        ));
+        line(format!(
+            "  SIGTERM               {}{}",
+            if all_exited_0 {
+                format!("all {} exited 0; ", pids.len())
+            } else {
+                "NOT ALL EXITED 0; ".to_owned()
+            },
+            each(&|k| format!(
+                "{} after {:.0} ms",
+                exit_text(exits[k].0),
+                exits[k].1.as_secs_f64() * 1000.0
+            ))
+        ));
+    }
     line(String::new());
     line(format!(
         "cpu during the load window (100% = one core, {}% = the whole machine)",
@@ -1081,11 +1410,31 @@ async fn run(settings: &Settings, graph: &GraphStandIn) -> i32 {
         pct(service_total),
         by_thread(&service_cpu)
     ));
+    if per_instance_cpu.len() > 1 {
+        line(format!(
+            "  per instance          {}",
+            per_instance_cpu
+                .iter()
+                .enumerate()
+                .map(|(k, m)| format!("{}: {:.0}%", k + 1, pct(m.values().map(|v| v.0).sum())))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
     line(format!(
         "  harness               {:.0}%  ({})",
         pct(harness_total),
         by_thread(&harness_cpu)
     ));
+    if schema.is_some() {
+        line(format!(
+            "  postgres server       {:.0}%  ({} of {} postgres processes busy; all of the server's \
+             work, whoever asked)",
+            pct(postgres_total),
+            postgres_busy,
+            cpu1.postgres.len()
+        ));
+    }
     line(format!(
         "  rest of the machine   {:.0}%  (machine busy {:.0}% of {}%)",
         pct(others),
@@ -1139,19 +1488,26 @@ async fn run(settings: &Settings, graph: &GraphStandIn) -> i32 {
             keep_up_bound
         ));
     }
-    let correct = non_202 == 0
-        && stats.io_errors == 0
-        && lost == 0
-        && drained_at.is_some()
-        && exit.is_some_and(|s| s.success());
+    let correct =
+        non_202 == 0 && stats.io_errors == 0 && lost == 0 && drained_at.is_some() && all_exited_0;
     line(format!(
         "  {}  correctness                     (every request 202, every acknowledged event delivered, clean exit)",
         verdict(correct)
     ));
-    let log = log_tail(&service.log, 15);
-    if !log.trim().is_empty() {
+    for (k, service) in services.iter().enumerate() {
+        let log = log_tail(&service.log, 15);
+        if log.trim().is_empty() {
+            continue;
+        }
         line(String::new());
-        line("service log (last lines, RUST_LOG=warn)".to_owned());
+        if services.len() == 1 {
+            line("service log (last lines, RUST_LOG=warn)".to_owned());
+        } else {
+            line(format!(
+                "service log, instance {} (last lines, RUST_LOG=warn)",
+                k + 1
+            ));
+        }
         for l in log.lines() {
             let mut plain = strip_ansi(l);
             // sqlx's slow-statement warnings: keep the summary and timings, not the SQL text.
@@ -1175,6 +1531,9 @@ async fn run(settings: &Settings, graph: &GraphStandIn) -> i32 {
     if settings.keep_db {
         let kept = dir.keep();
         println!("kept {}", kept.display());
+        if let (Database::Postgres { url }, Some(schema)) = (&settings.database, &schema) {
+            println!("kept schema {} in {url}", schema.name);
+        }
     }
     if !correct || (settings.enforce && !(rate_ok && p99_ok && keeps_up)) {
         1
