@@ -386,81 +386,25 @@ impl Store for PostgresStore {
             ..
         } = &self.tables;
         let cutoff = now - DEDUP_WINDOW_MS;
-        // Each key once (`on conflict do update` may not touch a row twice in one statement),
-        // and sorted, so that concurrent inserts from several instances take the key locks in
-        // the same order and never deadlock.
-        let mut keys: Vec<(&str, &str, &str)> = events
+        // Each key once (`on conflict do update` may not touch a row twice in one statement):
+        // the first event with a key is the candidate, later ones in the batch are duplicates.
+        let mut seen: HashSet<(&str, &str, &str)> = HashSet::with_capacity(events.len());
+        let candidates: Vec<(usize, &NewEventRecord)> = events
             .iter()
-            .map(|e| {
-                (
+            .enumerate()
+            .filter(|(_, e)| {
+                seen.insert((
                     e.pixel_id.as_str(),
                     e.event_name.as_str(),
                     e.event_id.as_str(),
-                )
+                ))
             })
             .collect();
-        keys.sort_unstable();
-        keys.dedup();
-        let mut tx = self.begin().await?;
-        // A key older than the window is renewed (a new conversion); a fresh one is returned.
-        // A key another instance is inserting right now waits for its commit, then counts as
-        // a duplicate.
-        let sql = format!(
-            "insert into {dedup} as d (pixel_id, event_name, event_id, first_seen_at)
-             select pixel_id, event_name, event_id, $4
-             from unnest($1::text[], $2::text[], $3::text[]) with ordinality
-                 as k(pixel_id, event_name, event_id, ord)
-             order by ord
-             on conflict (pixel_id, event_name, event_id)
-             do update set first_seen_at = excluded.first_seen_at
-             where d.first_seen_at < $5
-             returning pixel_id, event_name, event_id"
-        );
-        let mut fresh_keys: HashSet<(String, String, String)> = HashSet::new();
-        for row in self
-            .query(&sql)
-            .bind(keys.iter().map(|k| k.0).collect::<Vec<_>>())
-            .bind(keys.iter().map(|k| k.1).collect::<Vec<_>>())
-            .bind(keys.iter().map(|k| k.2).collect::<Vec<_>>())
-            .bind(now)
-            .bind(cutoff)
-            .fetch_all(&mut *tx)
-            .await?
-        {
-            fresh_keys.insert((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?));
-        }
-        let mut results = Vec::with_capacity(events.len());
-        // (index in `results`, event) of the events to store, in input order.
-        let mut fresh = Vec::with_capacity(fresh_keys.len());
-        for e in events {
-            let key = (e.pixel_id.clone(), e.event_name.clone(), e.event_id.clone());
-            // `remove`: a key repeated within this batch is fresh only the first time.
-            if fresh_keys.remove(&key) {
-                fresh.push((results.len(), e));
-                results.push(Inserted {
-                    outcome: if e.dry_run {
-                        InsertOutcome::DryRun
-                    } else {
-                        InsertOutcome::Queued
-                    },
-                    row_id: None,
-                });
-            } else {
-                results.push(Inserted {
-                    outcome: InsertOutcome::Duplicate,
-                    row_id: None,
-                });
-            }
-        }
-        if fresh.is_empty() {
-            tx.commit().await?;
-            return Ok(results);
-        }
         let (attempts, next_attempt_at) = match lease_until {
             Some(until) => (1_i32, until),
             None => (0, now),
         };
-        let rows: Vec<_> = fresh
+        let rows: Vec<_> = candidates
             .iter()
             .map(|(_, e)| {
                 if e.dry_run {
@@ -470,11 +414,17 @@ impl Store for PostgresStore {
                 }
             })
             .collect();
-        // Events and payloads in one statement. The database assigns the ids; Postgres does not
-        // promise that `returning` follows the input order, so the ids are matched back by key,
-        // which is unique among the fresh events. `order by ord` hands the rows to the insert
-        // in input order, so ids ascend in input order as they do on SQLite (claims take equal
-        // due times by id).
+        // Dedup keys, events and payloads in ONE statement, run on its own (no BEGIN/COMMIT
+        // round trips): a statement is atomic, and one round trip per group commit is what
+        // keeps ingest fast on Postgres.
+        // - A key older than the window is renewed (a new conversion) and returned as fresh; a
+        //   key another instance is inserting right now waits for its commit, then counts as a
+        //   duplicate. Keys are taken in sorted order, so concurrent inserts from several
+        //   instances lock them in the same order and never deadlock.
+        // - The database assigns the ids; Postgres does not promise that `returning` follows
+        //   the input order, so ids are matched back by key, unique among the candidates.
+        //   `order by ord` hands the rows to the insert in input order, so ids ascend in input
+        //   order as on SQLite (claims take equal due times by id).
         let sql = format!(
             "with input as (
                  select * from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
@@ -482,12 +432,22 @@ impl Store for PostgresStore {
                      as i(pixel_id, event_id, event_name, test_event_code, state, attempts,
                          next_attempt_at, leased_until, deadline_at, payload, ord)
              ),
+             fresh as (
+                 insert into {dedup} as d (pixel_id, event_name, event_id, first_seen_at)
+                 select pixel_id, event_name, event_id, $11 from input
+                 order by pixel_id, event_name, event_id
+                 on conflict (pixel_id, event_name, event_id)
+                 do update set first_seen_at = excluded.first_seen_at
+                 where d.first_seen_at < $12
+                 returning pixel_id, event_name, event_id
+             ),
              stored as (
                  insert into {event} (pixel_id, event_id, event_name, test_event_code, state,
                      attempts, next_attempt_at, leased_until, deadline_at, received_at, updated_at)
-                 select pixel_id, event_id, event_name, test_event_code, state, attempts,
-                     next_attempt_at, leased_until, deadline_at, $11, $11
-                 from input order by ord
+                 select i.pixel_id, i.event_id, i.event_name, i.test_event_code, i.state,
+                     i.attempts, i.next_attempt_at, i.leased_until, i.deadline_at, $11, $11
+                 from input as i join fresh using (pixel_id, event_name, event_id)
+                 order by i.ord
                  returning id, pixel_id, event_name, event_id
              ),
              payloads as (
@@ -497,28 +457,17 @@ impl Store for PostgresStore {
              )
              select id, pixel_id, event_name, event_id from stored"
         );
+        let texts = |f: fn(&NewEventRecord) -> &str| -> Vec<&str> {
+            candidates.iter().map(|(_, e)| f(e)).collect()
+        };
+        let mut conn = self.conn().await?;
         let stored = self
             .query(&sql)
+            .bind(texts(|e| e.pixel_id.as_str()))
+            .bind(texts(|e| e.event_id.as_str()))
+            .bind(texts(|e| e.event_name.as_str()))
             .bind(
-                fresh
-                    .iter()
-                    .map(|(_, e)| e.pixel_id.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                fresh
-                    .iter()
-                    .map(|(_, e)| e.event_id.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                fresh
-                    .iter()
-                    .map(|(_, e)| e.event_name.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                fresh
+                candidates
                     .iter()
                     .map(|(_, e)| e.test_event_code.as_deref())
                     .collect::<Vec<_>>(),
@@ -527,16 +476,18 @@ impl Store for PostgresStore {
             .bind(rows.iter().map(|r| r.1).collect::<Vec<_>>())
             .bind(rows.iter().map(|r| r.2).collect::<Vec<_>>())
             .bind(rows.iter().map(|r| r.3).collect::<Vec<_>>())
-            .bind(fresh.iter().map(|(_, e)| e.deadline_at).collect::<Vec<_>>())
             .bind(
-                fresh
+                candidates
                     .iter()
-                    .map(|(_, e)| e.payload.as_str())
+                    .map(|(_, e)| e.deadline_at)
                     .collect::<Vec<_>>(),
             )
+            .bind(texts(|e| e.payload.as_str()))
             .bind(now)
-            .fetch_all(&mut *tx)
+            .bind(cutoff)
+            .fetch_all(&mut *conn)
             .await?;
+        conn.finish().await?;
         let mut ids: HashMap<(String, String, String), i64> = HashMap::with_capacity(stored.len());
         for row in stored {
             ids.insert(
@@ -544,18 +495,26 @@ impl Store for PostgresStore {
                 row.try_get(0)?,
             );
         }
-        for (index, e) in &fresh {
-            let key = (e.pixel_id.clone(), e.event_name.clone(), e.event_id.clone());
-            let Some(id) = ids.get(&key) else {
-                // Cannot happen (one stored row per fresh key); never answer without an id.
-                return Err(StoreError::Database(sqlx::Error::Protocol(format!(
-                    "no row id returned for event {:?}",
-                    e.event_id
-                ))));
+        let mut results = vec![
+            Inserted {
+                outcome: InsertOutcome::Duplicate,
+                row_id: None,
             };
-            results[*index].row_id = Some(*id);
+            events.len()
+        ];
+        for (index, e) in &candidates {
+            let key = (e.pixel_id.clone(), e.event_name.clone(), e.event_id.clone());
+            if let Some(id) = ids.get(&key) {
+                results[*index] = Inserted {
+                    outcome: if e.dry_run {
+                        InsertOutcome::DryRun
+                    } else {
+                        InsertOutcome::Queued
+                    },
+                    row_id: Some(*id),
+                };
+            }
         }
-        tx.commit().await?;
         Ok(results)
     }
 
