@@ -173,6 +173,65 @@ pub struct EventDetail {
     pub attempts_log: Vec<AttemptView>,
 }
 
+/// The columns of an event row that both backends read for [`EventDetail`].
+pub(crate) struct EventRow {
+    pub(crate) event_id: String,
+    pub(crate) event_name: String,
+    pub(crate) pixel_id: String,
+    pub(crate) stored_state: String,
+    pub(crate) attempts: i64,
+    pub(crate) last_error: Option<String>,
+    pub(crate) received_at: i64,
+    pub(crate) next_attempt_at: i64,
+    pub(crate) leased_until: Option<i64>,
+    pub(crate) delivered_at: Option<i64>,
+    pub(crate) delivered_fbtrace_id: Option<String>,
+    pub(crate) test_event_code: Option<String>,
+    pub(crate) payload: Option<String>,
+}
+
+impl EventRow {
+    /// The event as shown: the derived states (`delivering` = queued with a live lease,
+    /// `failed` = queued to retry after an error), the payload parsed, and the delivering
+    /// attempt (kept on the row, see the migrations) appended to the failed ones.
+    pub(crate) fn into_detail(self, mut attempts_log: Vec<AttemptView>, now: i64) -> EventDetail {
+        let queued = self.stored_state == "queued";
+        let state = match self.stored_state.as_str() {
+            "queued" if self.leased_until.is_some_and(|l| l > now) => "delivering".to_owned(),
+            "queued" if self.attempts > 0 && self.last_error.is_some() => "failed".to_owned(),
+            other => other.to_owned(),
+        };
+        if let (Some(attempted_at), "delivered") = (self.delivered_at, state.as_str()) {
+            attempts_log.push(AttemptView {
+                attempted_at,
+                record: AttemptRecord {
+                    outcome: "delivered".to_owned(),
+                    http_status: Some(200),
+                    fbtrace_id: self.delivered_fbtrace_id,
+                    ..AttemptRecord::default()
+                },
+            });
+        }
+        let payload = self.payload.map_or(serde_json::Value::Null, |text| {
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))
+        });
+        EventDetail {
+            event_id: self.event_id,
+            event_name: self.event_name,
+            pixel_id: self.pixel_id,
+            state,
+            attempts: self.attempts,
+            last_error: self.last_error,
+            received_at: self.received_at,
+            next_attempt_at: queued.then_some(self.next_attempt_at),
+            delivered_at: self.delivered_at,
+            test_event_code: self.test_event_code,
+            payload,
+            attempts_log,
+        }
+    }
+}
+
 /// One attempt as shown by the API.
 #[derive(Debug, Clone, Serialize)]
 pub struct AttemptView {

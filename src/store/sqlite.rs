@@ -9,9 +9,9 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{QueryBuilder, Row, SqlitePool};
 
 use super::{
-    AttemptRecord, AttemptView, ClaimedEvent, EventDetail, EventUpdate, InboxItem, InsertOutcome,
-    Inserted, NewEventRecord, Pruned, QueueStats, ReplayFilter, Retention, Settlement, Store,
-    StoreError, DEDUP_WINDOW_MS,
+    AttemptRecord, AttemptView, ClaimedEvent, EventDetail, EventRow, EventUpdate, InboxItem,
+    InsertOutcome, Inserted, NewEventRecord, Pruned, QueueStats, ReplayFilter, Retention,
+    Settlement, Store, StoreError, DEDUP_WINDOW_MS,
 };
 
 /// Rows per multi-row statement (9 parameters each stays far below SQLite's limit).
@@ -376,19 +376,6 @@ impl Store for SqliteStore {
             return Ok(None);
         };
         let row_id: i64 = row.try_get("id")?;
-        let stored_state: String = row.try_get("state")?;
-        let leased_until: Option<i64> = row.try_get("leased_until")?;
-        let last_error: Option<String> = row.try_get("last_error")?;
-        let attempts: i64 = row.try_get("attempts")?;
-        let state = match stored_state.as_str() {
-            "queued" if leased_until.is_some_and(|l| l > now) => "delivering".to_owned(),
-            "queued" if attempts > 0 && last_error.is_some() => "failed".to_owned(),
-            other => other.to_owned(),
-        };
-        let payload_text: Option<String> = row.try_get("payload")?;
-        let payload = payload_text.map_or(serde_json::Value::Null, |text| {
-            serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))
-        });
         let attempt_rows = sqlx::query(
             "select attempted_at, outcome, http_status, code, subcode, fbtrace_id, error_title,
                 error_message
@@ -397,7 +384,7 @@ impl Store for SqliteStore {
         .bind(row_id)
         .fetch_all(&self.reader)
         .await?;
-        let mut attempts_log = attempt_rows
+        let attempts_log = attempt_rows
             .into_iter()
             .map(|r| {
                 Ok(AttemptView {
@@ -416,36 +403,23 @@ impl Store for SqliteStore {
                 })
             })
             .collect::<Result<Vec<_>, sqlx::Error>>()?;
-        let delivered_at: Option<i64> = row.try_get("delivered_at")?;
-        if let (Some(attempted_at), "delivered") = (delivered_at, stored_state.as_str()) {
-            attempts_log.push(AttemptView {
-                attempted_at,
-                record: AttemptRecord {
-                    outcome: "delivered".to_owned(),
-                    http_status: Some(200),
-                    fbtrace_id: row.try_get("delivered_fbtrace_id")?,
-                    ..AttemptRecord::default()
-                },
-            });
-        }
-        Ok(Some(EventDetail {
+        let detail = EventRow {
             event_id: row.try_get("event_id")?,
             event_name: row.try_get("event_name")?,
             pixel_id: row.try_get("pixel_id")?,
-            next_attempt_at: if stored_state == "queued" {
-                row.try_get("next_attempt_at")?
-            } else {
-                None
-            },
-            state,
-            attempts,
-            last_error,
+            stored_state: row.try_get("state")?,
+            attempts: row.try_get("attempts")?,
+            last_error: row.try_get("last_error")?,
             received_at: row.try_get("received_at")?,
-            delivered_at,
+            next_attempt_at: row.try_get("next_attempt_at")?,
+            leased_until: row.try_get("leased_until")?,
+            delivered_at: row.try_get("delivered_at")?,
+            delivered_fbtrace_id: row.try_get("delivered_fbtrace_id")?,
             test_event_code: row.try_get("test_event_code")?,
-            payload,
-            attempts_log,
-        }))
+            payload: row.try_get("payload")?,
+        }
+        .into_detail(attempts_log, now);
+        Ok(Some(detail))
     }
 
     async fn requeue_dead(&self, filter: &ReplayFilter, now: i64) -> Result<u64, StoreError> {
