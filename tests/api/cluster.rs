@@ -12,12 +12,10 @@
 #![cfg(unix)]
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::TcpListener;
 use std::os::unix::process::ExitStatusExt as _;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -26,6 +24,7 @@ use sqlx::Row as _;
 
 use crate::graph_stand_in::{GraphStandIn, Received};
 use crate::helpers::{lead, PIXEL, SECRET, TOKEN, WAIT};
+use crate::process::{lock, Service};
 
 /// The instances, by label; the label is also in each one's test event code.
 const LABELS: [&str; 3] = ["a", "b", "c"];
@@ -46,7 +45,6 @@ const MAX_IN_FLIGHT: usize = 4;
 /// The signal `Child::kill` sends on Unix.
 const SIGKILL: i32 = 9;
 /// Lines of a service's log shown when the test fails.
-const LOG_TAIL_LINES: usize = 60;
 /// Missing events listed, with their rows, when some never arrive.
 const LISTED: usize = 10;
 
@@ -66,7 +64,8 @@ async fn three_instances_share_the_work_and_survive_a_kill_9() {
     // One after another: each start runs the migrations (the first creates the schema).
     let mut services = Vec::with_capacity(LABELS.len());
     for (index, label) in LABELS.into_iter().enumerate() {
-        services.push(Service::start(index, label, dir.path(), &schema, &graph, &http).await);
+        let env = service_env(index, &schema, &graph);
+        services.push(Service::start(label, dir.path(), &env, &http).await);
     }
     let db = PgPoolOptions::new()
         .max_connections(2)
@@ -618,139 +617,24 @@ impl Drop for Schema {
     }
 }
 
-/// One instance: the real binary as a child process, killed (its log shown on failure) when
-/// dropped.
-struct Service {
-    label: &'static str,
-    child: Child,
-    log: PathBuf,
-    address: String,
-}
-
-impl Service {
-    /// Starts the binary on a free port and waits until `/healthz` answers.
-    async fn start(
-        index: usize,
-        label: &'static str,
-        dir: &Path,
-        schema: &Schema,
-        graph: &GraphStandIn,
-        http: &reqwest::Client,
-    ) -> Self {
-        let listen_addr = format!("127.0.0.1:{}", free_port());
-        let log = dir.join(format!("{label}.log"));
-        let stderr = std::fs::File::create(&log).expect("create the log file");
-        let stdout = stderr.try_clone().expect("clone the log file");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_capi-bridge"));
-        // Nothing from the developer's environment or a `.env` file may leak in.
-        command.env_clear().current_dir(dir);
-        for name in ["PATH", "HOME"] {
-            if let Some(value) = std::env::var_os(name) {
-                command.env(name, value);
-            }
-        }
-        command
-            .env("DATABASE_URL", &schema.url)
-            .env("DATABASE_SCHEMA", &schema.name)
-            .env("LISTEN_ADDR", &listen_addr)
-            .env("META_ACCESS_TOKEN", TOKEN)
-            .env("META_PIXEL_ID", PIXEL)
-            .env("META_GRAPH_URL", &graph.url)
-            .env("META_TEST_EVENT_CODE", test_code(LABELS[index]))
-            .env("WEBHOOK_SECRET", SECRET)
-            .env("DELIVERY_LEASE_MS", "3000")
-            .env("DELIVERY_REQUEST_TIMEOUT_MS", "2000")
-            .env("DELIVERY_POLL_INTERVAL_MS", "100")
-            .env("DELIVERY_RETRY_BASE_MS", "50")
-            .env("DELIVERY_RETRY_MAX_MS", "500")
-            .env("DELIVERY_MAX_BATCH_EVENTS", MAX_BATCH_EVENTS.to_string())
-            .env("DELIVERY_MAX_IN_FLIGHT", MAX_IN_FLIGHT.to_string())
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr);
-        let child = command.spawn().expect("start the capi-bridge binary");
-        let mut service = Self {
-            label,
-            child,
-            log,
-            address: format!("http://{listen_addr}"),
-        };
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(status) = service.child.try_wait().expect("query the child process") {
-                panic!("instance {label} exited before answering /healthz: {status}");
-            }
-            let health = http
-                .get(format!("{}/healthz", service.address))
-                .timeout(Duration::from_secs(1))
-                .send()
-                .await;
-            if health.is_ok_and(|r| r.status() == 200) {
-                return service;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "instance {label} never answered /healthz on {listen_addr}"
-            );
-            // Polling a condition (the child has no readiness signal), not sleeping for an outcome.
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// The queue counts from `/readyz` (the whole database's, whichever instance answers).
-    async fn queue(&self, http: &reqwest::Client) -> Value {
-        let ready: Value = http
-            .get(format!("{}/readyz", self.address))
-            .send()
-            .await
-            .expect("GET /readyz")
-            .json()
-            .await
-            .expect("/readyz answers JSON");
-        ready["queue"].clone()
-    }
-
-    /// SIGKILL, then reap the process.
-    fn kill_9(&mut self) -> ExitStatus {
-        if let Some(status) = self.child.try_wait().expect("query the child process") {
-            panic!("instance {} had already exited: {status}", self.label);
-        }
-        self.child.kill().expect("send SIGKILL");
-        self.child.wait().expect("reap the killed process")
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        // Already reaped after `kill_9`: both calls then fail or return harmlessly.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let lines: Vec<&str> = log.lines().collect();
-            let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
-            eprintln!(
-                "--- last {} of {} log lines of instance {} ---\n{}\n--- end of instance {} ---",
-                tail.len(),
-                lines.len(),
-                self.label,
-                tail.join("\n"),
-                self.label
-            );
-        }
-    }
-}
-
-/// A port nobody listens on right now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind an ephemeral port")
-        .local_addr()
-        .expect("ephemeral port address")
-        .port()
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
+/// One instance's settings: the shared schema, the stand-in, a test event code naming the
+/// instance (so every copy of an event at the stand-in says who sent it), short leases.
+fn service_env(index: usize, schema: &Schema, graph: &GraphStandIn) -> Vec<(&'static str, String)> {
+    vec![
+        ("DATABASE_URL", schema.url.clone()),
+        ("DATABASE_SCHEMA", schema.name.clone()),
+        ("META_ACCESS_TOKEN", TOKEN.to_owned()),
+        ("META_PIXEL_ID", PIXEL.to_owned()),
+        ("META_GRAPH_URL", graph.url.clone()),
+        ("META_TEST_EVENT_CODE", test_code(LABELS[index])),
+        ("WEBHOOK_SECRET", SECRET.to_owned()),
+        ("DELIVERY_LEASE_MS", "3000".to_owned()),
+        ("DELIVERY_REQUEST_TIMEOUT_MS", "2000".to_owned()),
+        ("DELIVERY_POLL_INTERVAL_MS", "100".to_owned()),
+        ("DELIVERY_RETRY_BASE_MS", "50".to_owned()),
+        ("DELIVERY_RETRY_MAX_MS", "500".to_owned()),
+        ("DELIVERY_MAX_BATCH_EVENTS", MAX_BATCH_EVENTS.to_string()),
+        ("DELIVERY_MAX_IN_FLIGHT", MAX_IN_FLIGHT.to_string()),
+        ("RUST_LOG", "warn".to_owned()),
+    ]
 }

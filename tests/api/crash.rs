@@ -5,10 +5,8 @@
 #![cfg(unix)]
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::net::TcpListener;
 use std::os::unix::process::ExitStatusExt as _;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,6 +14,7 @@ use sqlx::Row as _;
 
 use crate::graph_stand_in::GraphStandIn;
 use crate::helpers::{lead, PIXEL, SECRET, TOKEN, WAIT};
+use crate::process::{lock, Service};
 
 /// Concurrent clients posting single events.
 const CLIENTS: usize = 8;
@@ -26,7 +25,6 @@ const GRAPH_LATENCY: Duration = Duration::from_millis(30);
 /// The signal `Child::kill` sends on Unix.
 const SIGKILL: i32 = 9;
 /// Lines of a service's log shown when the test fails.
-const LOG_TAIL_LINES: usize = 80;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_acknowledged_event_reaches_the_graph_after_a_kill_9() {
@@ -41,7 +39,8 @@ async fn every_acknowledged_event_reaches_the_graph_after_a_kill_9() {
         .timeout(Duration::from_secs(10))
         .build()
         .expect("http client");
-    let mut first = Service::start("first", dir.path(), &database, &graph, &http).await;
+    let env = service_env(&database, &graph);
+    let mut first = Service::start("first", dir.path(), &env, &http).await;
 
     // Act 1: clients post events until the process is gone.
     let acknowledged: Arc<Mutex<HashSet<String>>> = Arc::default();
@@ -127,7 +126,7 @@ async fn every_acknowledged_event_reaches_the_graph_after_a_kill_9() {
     );
 
     // Act 3: a second process on the same database.
-    let second = Service::start("second", dir.path(), &database, &graph, &http).await;
+    let second = Service::start("second", dir.path(), &env, &http).await;
     let expected = Arc::new(acknowledged.clone());
     let waiter = {
         let graph = graph.clone();
@@ -205,136 +204,6 @@ async fn every_acknowledged_event_reaches_the_graph_after_a_kill_9() {
     );
 }
 
-/// The real binary as a child process; killed (and its log shown on failure) when dropped.
-struct Service {
-    label: &'static str,
-    child: Child,
-    log: PathBuf,
-    address: String,
-}
-
-impl Service {
-    /// Starts the binary on a free port and waits until `/healthz` answers.
-    async fn start(
-        label: &'static str,
-        dir: &Path,
-        database: &Path,
-        graph: &GraphStandIn,
-        http: &reqwest::Client,
-    ) -> Self {
-        let listen_addr = format!("127.0.0.1:{}", free_port());
-        let log = dir.join(format!("{label}.log"));
-        let stderr = std::fs::File::create(&log).expect("create the log file");
-        let stdout = stderr.try_clone().expect("clone the log file");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_capi-bridge"));
-        // Nothing from the developer's environment or a `.env` file may leak in.
-        command.env_clear().current_dir(dir);
-        for name in ["PATH", "HOME"] {
-            if let Some(value) = std::env::var_os(name) {
-                command.env(name, value);
-            }
-        }
-        command
-            .env("DATABASE_URL", format!("sqlite://{}", database.display()))
-            .env("LISTEN_ADDR", &listen_addr)
-            .env("META_ACCESS_TOKEN", TOKEN)
-            .env("META_PIXEL_ID", PIXEL)
-            .env("META_GRAPH_URL", &graph.url)
-            .env("WEBHOOK_SECRET", SECRET)
-            .env("DELIVERY_LEASE_MS", "2000")
-            .env("DELIVERY_REQUEST_TIMEOUT_MS", "2000")
-            .env("DELIVERY_RETRY_BASE_MS", "20")
-            .env("DELIVERY_RETRY_MAX_MS", "200")
-            .env("DELIVERY_POLL_INTERVAL_MS", "100")
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr);
-        let child = command.spawn().expect("start the capi-bridge binary");
-        let mut service = Self {
-            label,
-            child,
-            log,
-            address: format!("http://{listen_addr}"),
-        };
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            if let Some(status) = service.child.try_wait().expect("query the child process") {
-                panic!("the {label} process exited before answering /healthz: {status}");
-            }
-            let health = http
-                .get(format!("{}/healthz", service.address))
-                .timeout(Duration::from_secs(1))
-                .send()
-                .await;
-            if health.is_ok_and(|r| r.status() == 200) {
-                return service;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the {label} process never answered /healthz on {listen_addr}"
-            );
-            // Polling a condition (the child has no readiness signal), not sleeping for an outcome.
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// The queue counts from `/readyz`.
-    async fn queue(&self, http: &reqwest::Client) -> serde_json::Value {
-        let ready: serde_json::Value = http
-            .get(format!("{}/readyz", self.address))
-            .send()
-            .await
-            .expect("GET /readyz")
-            .json()
-            .await
-            .expect("/readyz answers JSON");
-        ready["queue"].clone()
-    }
-
-    /// SIGKILL, then reap the process.
-    fn kill_9(&mut self) -> ExitStatus {
-        if let Some(status) = self.child.try_wait().expect("query the child process") {
-            panic!("the {} process had already exited: {status}", self.label);
-        }
-        self.child.kill().expect("send SIGKILL");
-        self.child.wait().expect("reap the killed process")
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        // Already reaped after `kill_9`: both calls then fail harmlessly.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let lines: Vec<&str> = log.lines().collect();
-            let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
-            eprintln!(
-                "--- last {} of {} log lines of the {} process ---\n{}\n--- end of the {} log ---",
-                tail.len(),
-                lines.len(),
-                self.label,
-                tail.join("\n"),
-                self.label
-            );
-        }
-    }
-}
-
-/// A port nobody listens on right now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind an ephemeral port")
-        .local_addr()
-        .expect("ephemeral port address")
-        .port()
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// Every event id the stand-in accepted, duplicates included.
 fn accepted_ids(graph: &GraphStandIn) -> Vec<String> {
     graph
@@ -392,4 +261,21 @@ async fn stored_states(database: &Path, event_ids: &[&String]) -> Vec<String> {
     }
     pool.close().await;
     states
+}
+
+/// The service's settings: the SQLite file, the stand-in, short leases so the restart
+/// picks up what the killed process had leased.
+fn service_env(database: &Path, graph: &GraphStandIn) -> Vec<(&'static str, String)> {
+    vec![
+        ("DATABASE_URL", format!("sqlite://{}", database.display())),
+        ("META_ACCESS_TOKEN", TOKEN.to_owned()),
+        ("META_PIXEL_ID", PIXEL.to_owned()),
+        ("META_GRAPH_URL", graph.url.clone()),
+        ("WEBHOOK_SECRET", SECRET.to_owned()),
+        ("DELIVERY_LEASE_MS", "2000".to_owned()),
+        ("DELIVERY_REQUEST_TIMEOUT_MS", "2000".to_owned()),
+        ("DELIVERY_RETRY_BASE_MS", "20".to_owned()),
+        ("DELIVERY_RETRY_MAX_MS", "200".to_owned()),
+        ("DELIVERY_POLL_INTERVAL_MS", "100".to_owned()),
+    ]
 }

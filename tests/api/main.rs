@@ -11,4 +11,5 @@ mod delivery;
 mod helpers;
 mod ingest;
 mod postgres;
+mod process;
 mod store_contract;
