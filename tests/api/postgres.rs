@@ -293,3 +293,28 @@ async fn the_example_leads_trigger_sends_lead_schedule_and_purchase() {
     assert_eq!(row.get::<i32, _>(1), 1);
     assert!(row.get::<bool, _>(2));
 }
+
+#[tokio::test]
+async fn sslmode_require_connects_over_tls_with_rustls() {
+    let base = std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    let separator = if base.contains('?') { '&' } else { '?' };
+    let url = format!("{base}{separator}sslmode=require");
+    // The store itself opens and answers over it.
+    let schema = format!("tls_{}", hex::encode(rand::random::<[u8; 6]>()));
+    let store = capi_bridge::store::open(&url, &schema)
+        .await
+        .expect("open the store with sslmode=require");
+    store.ping().await.expect("ping over TLS");
+    // And the server sees an encrypted session from the same client stack.
+    let mut conn = PgConnection::connect(&url).await.expect("connect with TLS");
+    let ssl: bool = conn
+        .fetch_one("select ssl from pg_stat_ssl where pid = pg_backend_pid()")
+        .await
+        .expect("pg_stat_ssl")
+        .get(0);
+    assert!(ssl, "the session is not encrypted");
+    conn.execute(format!("drop schema {schema} cascade").as_str())
+        .await
+        .expect("drop the schema");
+}
