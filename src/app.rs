@@ -25,6 +25,7 @@ pub struct App {
     workers_alive: Arc<AtomicBool>,
     retention: Retention,
     ingestor: Ingestor,
+    delivery_wake: Arc<Notify>,
     poll_interval: std::time::Duration,
     /// The store, for tests and tools.
     pub store: Arc<dyn Store>,
@@ -71,11 +72,12 @@ impl App {
             config.pixel_id().to_owned(),
             config.dry_run(),
             commit,
-            wake,
+            wake.clone(),
         );
         let workers_alive = Arc::new(AtomicBool::new(false));
         let retention = config.retention;
         let poll_interval = config.delivery.poll_interval;
+        let delivery_wake = wake;
         let state = AppState {
             config: Arc::new(config),
             store: store.clone(),
@@ -90,6 +92,7 @@ impl App {
             workers_alive,
             retention,
             ingestor,
+            delivery_wake,
             poll_interval,
             store,
         })
@@ -122,9 +125,18 @@ impl App {
             self.retention,
             shutdown.clone(),
         ));
+        let inbox_wake = Arc::new(Notify::new());
         let inbox = tokio::spawn(crate::inbox::run(
             self.store.clone(),
             self.ingestor,
+            inbox_wake.clone(),
+            self.poll_interval,
+            shutdown.clone(),
+        ));
+        let notices = tokio::spawn(crate::inbox::relay_notices(
+            self.store.clone(),
+            inbox_wake,
+            self.delivery_wake.clone(),
             self.poll_interval,
             shutdown.clone(),
         ));
@@ -141,6 +153,7 @@ impl App {
         }
         let _ = maintenance.await;
         let _ = inbox.await;
+        let _ = notices.await;
         served
     }
 }

@@ -8,11 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::delivery::now_ms;
 use crate::ingest::{IngestError, Ingestor};
-use crate::store::{InboxItem, Store, StoreError};
+use crate::store::{InboxItem, Notice, Store, StoreError};
 
 /// Payloads taken per pass.
 const BATCH: usize = 200;
@@ -20,15 +21,19 @@ const BATCH: usize = 200;
 /// How long a taken payload belongs to this worker; another instance retries it after that.
 const LEASE: Duration = Duration::from_secs(60);
 
-/// Runs until `shutdown`: waits for the inbox (Postgres `LISTEN`, else polling every
-/// `poll_interval`), processes what is there.
+/// Runs until `shutdown`: processes what is in the inbox, then waits for `wake` (signalled on
+/// Postgres `NOTIFY` by [`relay_notices`]) or `poll_interval`.
 pub async fn run(
     store: Arc<dyn Store>,
     ingestor: Ingestor,
+    wake: Arc<Notify>,
     poll_interval: Duration,
     shutdown: CancellationToken,
 ) {
     while !shutdown.is_cancelled() {
+        let notified = wake.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
         let worked = match process_once(store.as_ref(), &ingestor).await {
             Ok(n) => n > 0,
             Err(err) => {
@@ -41,7 +46,31 @@ pub async fn run(
         }
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = store.wait_for_inbox(poll_interval) => {}
+            () = &mut notified => {}
+            () = tokio::time::sleep(poll_interval) => {}
+        }
+    }
+}
+
+/// Passes the store's notices (Postgres `LISTEN/NOTIFY`) on: `enqueue()` wakes the inbox
+/// worker, events another instance left for anyone wake the delivery workers. With no notices
+/// (SQLite, a transaction-mode pooler) everything falls back to polling.
+pub async fn relay_notices(
+    store: Arc<dyn Store>,
+    inbox_wake: Arc<Notify>,
+    delivery_wake: Arc<Notify>,
+    poll_interval: Duration,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let notice = tokio::select! {
+            () = shutdown.cancelled() => return,
+            notice = store.wait_for_notice(poll_interval) => notice,
+        };
+        match notice {
+            Some(Notice::Inbox) => inbox_wake.notify_one(),
+            Some(Notice::Queued) => delivery_wake.notify_one(),
+            None => {}
         }
     }
 }

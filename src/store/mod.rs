@@ -377,11 +377,21 @@ pub trait Store: Send + Sync + 'static {
     /// Makes invalid inbox rows pending again (after a fix); returns how many.
     async fn requeue_invalid_inbox(&self, now: i64) -> Result<u64, StoreError>;
 
-    /// Waits until the inbox may have new rows, or `timeout`. Backends that can be told
-    /// (Postgres `LISTEN`) wake at once; the default just waits.
-    async fn wait_for_inbox(&self, timeout: std::time::Duration) {
+    /// Waits for a sign that work is waiting, or `timeout` (then `None`). Backends that other
+    /// processes can signal (Postgres `LISTEN/NOTIFY`) wake at once; the default just waits.
+    async fn wait_for_notice(&self, timeout: std::time::Duration) -> Option<Notice> {
         tokio::time::sleep(timeout).await;
+        None
     }
+}
+
+/// What another process (or a database trigger) signalled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Notice {
+    /// A payload was put in the inbox (`enqueue()`).
+    Inbox,
+    /// Events were queued for any worker to claim (not handed to one instance's workers).
+    Queued,
 }
 
 /// Opens the store named by `database_url` and applies its migrations. `schema` is the

@@ -29,7 +29,7 @@ use sqlx::{Connection, Executor, PgConnection, PgPool, Postgres, QueryBuilder, R
 
 use super::{
     AttemptRecord, AttemptView, ClaimedEvent, EventDetail, EventRow, EventUpdate, InboxItem,
-    InsertOutcome, Inserted, NewEventRecord, Pruned, QueueStats, ReplayFilter, Retention,
+    InsertOutcome, Inserted, NewEventRecord, Notice, Pruned, QueueStats, ReplayFilter, Retention,
     Settlement, Store, StoreError, DEDUP_WINDOW_MS,
 };
 
@@ -60,6 +60,8 @@ struct Tables {
     inbox: String,
     /// `NOTIFY` channel of `enqueue()` for this schema.
     inbox_channel: String,
+    /// `NOTIFY` channel for events any instance may claim.
+    queue_channel: String,
 }
 
 impl Tables {
@@ -72,6 +74,7 @@ impl Tables {
             dedup: name("dedup_key"),
             inbox: name("inbox"),
             inbox_channel: format!("capi_bridge_inbox_{schema}"),
+            queue_channel: format!("capi_bridge_queue_{schema}"),
         }
     }
 }
@@ -84,8 +87,9 @@ pub struct PostgresStore {
     /// Behind a transaction-mode pooler: no named prepared statements, every operation in an
     /// explicit transaction (see [`detect_transaction_pooler`]).
     transaction_pooler: bool,
-    /// `LISTEN`s for `enqueue()`; opened on first use, reopened after a failure.
-    inbox_listener: std::sync::Arc<tokio::sync::Mutex<Option<PgListener>>>,
+    /// `LISTEN`s for `enqueue()` and for claimable events; opened on first use, reopened after
+    /// a failure.
+    listener: std::sync::Arc<tokio::sync::Mutex<Option<PgListener>>>,
 }
 
 /// A connection for one operation: a plain pooled connection, or behind a transaction-mode
@@ -235,7 +239,7 @@ impl PostgresStore {
         Ok(Self {
             pool: pool.connect_with(options).await?,
             tables: Tables::new(schema),
-            inbox_listener: std::sync::Arc::new(tokio::sync::Mutex::new(None)),
+            listener: std::sync::Arc::new(tokio::sync::Mutex::new(None)),
             transaction_pooler,
         })
     }
@@ -487,6 +491,14 @@ impl Store for PostgresStore {
             .bind(cutoff)
             .fetch_all(&mut *conn)
             .await?;
+        // Events nobody has leased: tell every instance, so an idle one claims them at once.
+        if lease_until.is_none() && !stored.is_empty() && candidates.iter().any(|(_, e)| !e.dry_run)
+        {
+            self.query("select pg_notify($1, '')")
+                .bind(&self.tables.queue_channel)
+                .execute(&mut *conn)
+                .await?;
+        }
         conn.finish().await?;
         let mut ids: HashMap<(String, String, String), i64> = HashMap::with_capacity(stored.len());
         for row in stored {
@@ -737,6 +749,17 @@ impl Store for PostgresStore {
                 .bind(rest.iter().map(|r| r.2).collect::<Vec<_>>())
                 .bind(rest.iter().map(|r| r.3).collect::<Vec<_>>())
                 .bind(now)
+                .execute(&mut *tx)
+                .await?;
+        }
+        // Released events (a paused instance giving them back) are claimable by any instance:
+        // tell them, in the same transaction (delivered at commit).
+        if updates
+            .iter()
+            .any(|u| matches!(u.settlement, Settlement::Release { .. }))
+        {
+            self.query("select pg_notify($1, '')")
+                .bind(&self.tables.queue_channel)
                 .execute(&mut *tx)
                 .await?;
         }
@@ -1044,38 +1067,46 @@ impl Store for PostgresStore {
         Ok(n)
     }
 
-    async fn wait_for_inbox(&self, timeout: Duration) {
+    async fn wait_for_notice(&self, timeout: Duration) -> Option<Notice> {
         // LISTEN needs a session of its own, which a transaction-mode pooler cannot keep.
         if self.transaction_pooler {
             tokio::time::sleep(timeout).await;
-            return;
+            return None;
         }
-        let mut listener = self.inbox_listener.lock().await;
+        let mut listener = self.listener.lock().await;
         if listener.is_none() {
             match PgListener::connect_with(&self.pool).await {
-                Ok(mut fresh) => match fresh.listen(&self.tables.inbox_channel).await {
-                    Ok(()) => *listener = Some(fresh),
-                    Err(err) => {
-                        tracing::warn!(error = %err, "cannot LISTEN for the inbox; polling")
+                Ok(mut fresh) => {
+                    let channels = [
+                        self.tables.inbox_channel.as_str(),
+                        self.tables.queue_channel.as_str(),
+                    ];
+                    match fresh.listen_all(channels).await {
+                        Ok(()) => *listener = Some(fresh),
+                        Err(err) => tracing::warn!(error = %err, "cannot LISTEN; polling"),
                     }
-                },
-                Err(err) => tracing::warn!(error = %err, "cannot LISTEN for the inbox; polling"),
+                }
+                Err(err) => tracing::warn!(error = %err, "cannot LISTEN; polling"),
             }
         }
-        match listener.as_mut() {
-            Some(active) => match tokio::time::timeout(timeout, active.recv()).await {
-                // Notified, or the timeout: either way, look at the inbox.
-                Ok(Ok(_)) | Err(_) => {}
-                Ok(Err(err)) => {
-                    tracing::warn!(error = %err, "inbox LISTEN connection lost; reconnecting");
-                    *listener = None;
-                    drop(listener);
-                    tokio::time::sleep(timeout).await;
-                }
-            },
-            None => {
+        let Some(active) = listener.as_mut() else {
+            drop(listener);
+            tokio::time::sleep(timeout).await;
+            return None;
+        };
+        match tokio::time::timeout(timeout, active.recv()).await {
+            Ok(Ok(notification)) => Some(if notification.channel() == self.tables.inbox_channel {
+                Notice::Inbox
+            } else {
+                Notice::Queued
+            }),
+            Err(_) => None,
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, "LISTEN connection lost; reconnecting");
+                *listener = None;
                 drop(listener);
                 tokio::time::sleep(timeout).await;
+                None
             }
         }
     }

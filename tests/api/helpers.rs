@@ -72,15 +72,31 @@ pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
 
 /// The service on the local Postgres, in a schema of its own that is dropped afterwards.
 pub async fn spawn_app_on_postgres() -> TestApp {
+    spawn_app_in_schema(&new_postgres_schema(), &[]).await
+}
+
+/// A fresh schema name on the test Postgres, dropped when the last handle goes.
+pub fn new_postgres_schema() -> Arc<PostgresSchemaGuard> {
     let url = std::env::var("TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
-    let schema = format!("api_{}", hex::encode(rand::random::<[u8; 6]>()));
-    let guard = Arc::new(PostgresSchemaGuard {
-        url: url.clone(),
-        schema: schema.clone(),
-    });
-    let mut app = spawn_app_with(&[("DATABASE_URL", &url), ("DATABASE_SCHEMA", &schema)]).await;
-    app._schema = Some(guard);
+    Arc::new(PostgresSchemaGuard {
+        url,
+        schema: format!("api_{}", hex::encode(rand::random::<[u8; 6]>())),
+    })
+}
+
+/// The service in `schema` (several apps may share one: several instances), with overrides.
+pub async fn spawn_app_in_schema(
+    schema: &Arc<PostgresSchemaGuard>,
+    overrides: &[(&str, &str)],
+) -> TestApp {
+    let mut env = vec![
+        ("DATABASE_URL", schema.url.as_str()),
+        ("DATABASE_SCHEMA", schema.schema.as_str()),
+    ];
+    env.extend_from_slice(overrides);
+    let mut app = spawn_app_with(&env).await;
+    app._schema = Some(schema.clone());
     app
 }
 

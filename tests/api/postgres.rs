@@ -318,3 +318,35 @@ async fn sslmode_require_connects_over_tls_with_rustls() {
         .await
         .expect("drop the schema");
 }
+
+#[tokio::test]
+async fn an_idle_instance_is_woken_by_notify_for_events_another_cannot_send() {
+    // Polling is slowed to 10 s, so only LISTEN/NOTIFY can explain a quick delivery.
+    let slow = [
+        ("DELIVERY_POLL_INTERVAL_MS", "10000"),
+        ("DELIVERY_PAUSE_PROBE_INTERVAL_MS", "3600000"),
+    ];
+    let schema = crate::helpers::new_postgres_schema();
+    let mut a_env = slow.to_vec();
+    a_env.push(("META_ACCESS_TOKEN", "a-token-meta-refuses"));
+    let a = crate::helpers::spawn_app_in_schema(&schema, &a_env).await;
+    let b = crate::helpers::spawn_app_in_schema(&schema, &slow).await;
+
+    // A takes the first event, Meta refuses A's token: A pauses and gives the event back.
+    let started = std::time::Instant::now();
+    assert_eq!(a.post_events(&lead("notify-1")).await.status(), 202);
+    // Paused, A stores the next one for anyone.
+    a.graph
+        .wait_until(WAIT, "A's refused request", |g| g.request_count() >= 1)
+        .await;
+    assert_eq!(a.post_events(&lead("notify-2")).await.status(), 202);
+
+    let accepted = b.graph.wait_for_accepted(2, WAIT).await;
+    let elapsed = started.elapsed();
+    let ids: HashSet<_> = accepted.iter().map(|e| e["event_id"].clone()).collect();
+    assert_eq!(ids.len(), 2);
+    assert!(
+        elapsed < std::time::Duration::from_secs(5),
+        "B delivered after {elapsed:?}: it waited for its 10 s poll instead of being notified"
+    );
+}
