@@ -7,13 +7,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::delivery::now_ms;
-use crate::ingest::{IngestError, Ingestor};
-use crate::store::{InboxItem, Notice, Store, StoreError};
+use crate::ingest::{with_stable_event_ids, IngestError, Ingestor};
+use crate::store::{Notice, Store, StoreError};
 
 /// Payloads taken per pass.
 const BATCH: usize = 200;
@@ -92,7 +92,7 @@ pub async fn process_once(store: &dyn Store, ingestor: &Ingestor) -> Result<usiz
     for item in items {
         let ingestor = ingestor.clone();
         tasks.spawn(async move {
-            let body = with_stable_event_ids(&item);
+            let body = with_stable_event_ids(item.payload.clone(), &format!("inbox-{}", item.id));
             let result = ingestor.ingest(body, now_ms() / 1000).await;
             (item.id, result)
         });
@@ -129,68 +129,27 @@ pub async fn process_once(store: &dyn Store, ingestor: &Ingestor) -> Result<usiz
     }
 }
 
-/// Gives every event without an `event_id` one derived from the inbox row (`inbox-<id>`, or
-/// `inbox-<id>-<index>` in an array), so that processing the row again after a crash is a
-/// duplicate, never a second conversion.
-fn with_stable_event_ids(item: &InboxItem) -> Value {
-    let mut body = item.payload.clone();
-    let id = item.id;
-    let fill = |event: &mut Value, suffix: Option<usize>| {
-        if let Value::Object(map) = event {
-            if map.get("event_id").is_none_or(Value::is_null) {
-                let event_id = match suffix {
-                    Some(index) => format!("inbox-{id}-{index}"),
-                    None => format!("inbox-{id}"),
-                };
-                map.insert("event_id".to_owned(), Value::String(event_id));
-            }
-        }
-    };
-    match &mut body {
-        Value::Array(events) => {
-            for (index, event) in events.iter_mut().enumerate() {
-                fill(event, Some(index));
-            }
-        }
-        Value::Object(map) if map.get("data").is_some_and(Value::is_array) => {
-            if let Some(Value::Array(events)) = map.get_mut("data") {
-                for (index, event) in events.iter_mut().enumerate() {
-                    fill(event, Some(index));
-                }
-            }
-        }
-        event => fill(event, None),
-    }
-    body
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
-    fn item(payload: Value) -> InboxItem {
-        InboxItem {
-            id: 42,
-            source: "sql".to_owned(),
-            payload,
-        }
+    fn item(payload: Value) -> Value {
+        with_stable_event_ids(payload, "inbox-42")
     }
 
     #[test]
     fn events_without_an_id_get_one_derived_from_the_inbox_row() {
-        let one = with_stable_event_ids(&item(json!({"event_name": "Lead"})));
+        let one = item(json!({"event_name": "Lead"}));
         assert_eq!(one["event_id"], "inbox-42");
-        let kept = with_stable_event_ids(&item(json!({"event_name": "Lead", "event_id": "x"})));
+        let kept = item(json!({"event_name": "Lead", "event_id": "x"}));
         assert_eq!(kept["event_id"], "x");
-        let many = with_stable_event_ids(&item(json!([{"event_name": "Lead"}, {"event_id": "y"}])));
+        let many = item(json!([{"event_name": "Lead"}, {"event_id": "y"}]));
         assert_eq!(many[0]["event_id"], "inbox-42-0");
         assert_eq!(many[1]["event_id"], "y");
-        let envelope = with_stable_event_ids(&item(json!({"data": [{"event_name": "Lead"}]})));
+        let envelope = item(json!({"data": [{"event_name": "Lead"}]}));
         assert_eq!(envelope["data"][0]["event_id"], "inbox-42-0");
         // The same row processed twice gives the same ids.
-        assert_eq!(
-            with_stable_event_ids(&item(json!({"event_name": "Lead"}))),
-            one
-        );
+        assert_eq!(item(json!({"event_name": "Lead"})), one);
     }
 }

@@ -177,3 +177,36 @@ impl Ingestor {
         })
     }
 }
+
+/// Gives every event without an `event_id` one derived from `base` — `base` for a single
+/// event, `base-<index>` in an array or envelope — so that the same delivery processed again
+/// (a webhook retry, an inbox row after a crash) is a duplicate, never a second conversion.
+pub fn with_stable_event_ids(mut body: Value, base: &str) -> Value {
+    let fill = |event: &mut Value, index: Option<usize>| {
+        if let Value::Object(map) = event {
+            if map.get("event_id").is_none_or(Value::is_null) {
+                let event_id = match index {
+                    Some(index) => format!("{base}-{index}"),
+                    None => base.to_owned(),
+                };
+                map.insert("event_id".to_owned(), Value::String(event_id));
+            }
+        }
+    };
+    match &mut body {
+        Value::Array(events) => {
+            for (index, event) in events.iter_mut().enumerate() {
+                fill(event, Some(index));
+            }
+        }
+        Value::Object(map) if map.get("data").is_some_and(Value::is_array) => {
+            if let Some(Value::Array(events)) = map.get_mut("data") {
+                for (index, event) in events.iter_mut().enumerate() {
+                    fill(event, Some(index));
+                }
+            }
+        }
+        event => fill(event, None),
+    }
+    body
+}

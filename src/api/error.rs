@@ -37,7 +37,7 @@ pub enum ApiError {
     #[error("{0}")]
     BadRequest(String),
     /// Missing or wrong secret.
-    #[error("missing or invalid secret: send Authorization: Bearer <WEBHOOK_SECRET> (or X-Webhook-Secret / X-API-Key)")]
+    #[error("missing or invalid secret or signature: send Authorization: Bearer <WEBHOOK_SECRET> (or X-Webhook-Secret / X-API-Key), or sign the body with it (X-Signature-256: sha256=<hex>, or Standard Webhooks headers)")]
     Unauthorized,
     /// Body or event count over the limit.
     #[error("{0}")]

@@ -5,16 +5,17 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::Json;
+use axum::{Extension, Json};
 
-use super::{ApiError, SharedState};
+use super::{ApiError, DeliveryId, SharedState};
 use crate::delivery::now_ms;
-use crate::ingest::IngestError;
+use crate::ingest::{with_stable_event_ids, IngestError};
 use crate::store::EventDetail;
 
 /// Validates, normalizes and durably queues events; answers 202 after the commit.
 pub(super) async fn ingest(
     State(state): State<SharedState>,
+    delivery: Option<Extension<DeliveryId>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let state = &state.0;
@@ -35,6 +36,10 @@ pub(super) async fn ingest(
             // The parser's own description names the syntax problem, not the data.
             message: describe_json_error(&err),
         })?;
+    let value = match delivery {
+        Some(Extension(DeliveryId(base))) => with_stable_event_ids(value, &base),
+        None => value,
+    };
     let now_secs = now_ms() / 1000;
     let report = state
         .ingestor

@@ -5,6 +5,7 @@
 pub mod error;
 mod events;
 mod health;
+pub mod signature;
 
 use std::sync::Arc;
 
@@ -92,7 +93,12 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// Accepts `Authorization: Bearer <secret>`, `X-Webhook-Secret` or `X-API-Key`, compared in
-/// constant time against every configured secret (several allow rotation).
+/// constant time against every configured secret (several allow rotation); or, for senders
+/// that sign rather than send the secret, a body signed with one of those secrets:
+/// `X-Signature-256: sha256=<hex>` (GitHub style) or Standard Webhooks (`webhook-id`,
+/// `webhook-timestamp`, `webhook-signature`, within ±5 minutes). A Standard Webhooks delivery
+/// also gives events without an `event_id` one derived from `webhook-id`, so the sender's
+/// retries are duplicates, and a replay inside the window changes nothing.
 async fn authenticate(
     State(state): State<SharedState>,
     request: Request,
@@ -102,19 +108,82 @@ async fn authenticate(
     if state.config.unauthenticated() {
         return Ok(next.run(request).await);
     }
-    let presented = presented_secret(request.headers()).ok_or(ApiError::Unauthorized)?;
-    // Hashing first makes the comparison constant-time in the length too.
-    let presented = Sha256::digest(presented.as_bytes());
-    let mut matched = subtle::Choice::from(0);
-    for digest in digests {
-        matched |= digest.ct_eq(presented.as_slice());
+    if let Some(presented) = presented_secret(request.headers()) {
+        // Hashing first makes the comparison constant-time in the length too.
+        let presented = Sha256::digest(presented.as_bytes());
+        let mut matched = subtle::Choice::from(0);
+        for digest in digests {
+            matched |= digest.ct_eq(presented.as_slice());
+        }
+        return if bool::from(matched) {
+            Ok(next.run(request).await)
+        } else {
+            Err(ApiError::Unauthorized)
+        };
     }
-    if bool::from(matched) {
-        Ok(next.run(request).await)
-    } else {
-        Err(ApiError::Unauthorized)
+    // Owned copies, in a block: a borrow of the request (whose body is not `Sync`) must not
+    // live across the awaits below.
+    let (body_hmac, standard) = {
+        let header = |name: &str| {
+            request
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let body_hmac = header("x-signature-256").or_else(|| header("x-hub-signature-256"));
+        let standard = match (
+            header("webhook-id"),
+            header("webhook-timestamp"),
+            header("webhook-signature"),
+        ) {
+            (Some(id), Some(timestamp), Some(signature)) => Some((id, timestamp, signature)),
+            _ => None,
+        };
+        (body_hmac, standard)
+    };
+    if body_hmac.is_none() && standard.is_none() {
+        return Err(ApiError::Unauthorized);
     }
+    // Signatures are over the raw bytes: read them (within the body limit), verify, and hand
+    // the same bytes on.
+    let (parts, body) = request.into_parts();
+    let bytes = axum::body::to_bytes(body, state.config.body_limit_bytes)
+        .await
+        .map_err(|_| {
+            ApiError::PayloadTooLarge(format!(
+                "the request body is larger than {} bytes (BODY_LIMIT_BYTES) or unreadable",
+                state.config.body_limit_bytes
+            ))
+        })?;
+    let secrets = &state.config.webhook_secrets;
+    let delivery_id = match (&standard, &body_hmac) {
+        (Some((id, timestamp, signature)), _) => {
+            let now_secs = crate::delivery::now_ms() / 1000;
+            signature::verify_standard_webhook(secrets, id, timestamp, &bytes, signature, now_secs)
+                .map_err(|_| ApiError::Unauthorized)?;
+            Some(id.clone())
+        }
+        (None, Some(signed)) => {
+            signature::verify_body_hmac(secrets, &bytes, signed)
+                .map_err(|_| ApiError::Unauthorized)?;
+            None
+        }
+        (None, None) => return Err(ApiError::Unauthorized),
+    };
+    let mut request = Request::from_parts(parts, axum::body::Body::from(bytes));
+    if let Some(id) = delivery_id {
+        request
+            .extensions_mut()
+            .insert(DeliveryId(format!("wh-{id}")));
+    }
+    Ok(next.run(request).await)
 }
+
+/// The sender's id for one delivery (Standard Webhooks `webhook-id`), unchanged across its
+/// retries; events without an `event_id` get ids derived from it.
+#[derive(Debug, Clone)]
+pub(crate) struct DeliveryId(pub(crate) String);
 
 fn presented_secret(headers: &HeaderMap) -> Option<String> {
     let header = |name: &str| {

@@ -329,3 +329,94 @@ async fn health_readiness_and_me_answer() {
         .expect("get");
     assert_eq!(missing.status(), 404);
 }
+
+fn hmac_sha256(key: &[u8], message: &[u8]) -> Vec<u8> {
+    use hmac::Mac as _;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).expect("any key length");
+    mac.update(message);
+    mac.finalize().into_bytes().to_vec()
+}
+
+#[tokio::test]
+async fn a_body_signed_with_the_secret_is_accepted_github_style() {
+    let app = spawn_app().await;
+    let body = serde_json::to_vec(&lead("signed-1")).expect("json");
+    let signature = format!(
+        "sha256={}",
+        hex::encode(hmac_sha256(SECRET.as_bytes(), &body))
+    );
+    let ok = app
+        .post_raw(body.clone(), Some(("x-signature-256", &signature)))
+        .await;
+    assert_eq!(ok.status(), 202);
+
+    let forged = format!(
+        "sha256={}",
+        hex::encode(hmac_sha256(b"another-secret", &body))
+    );
+    let refused = app
+        .post_raw(body.clone(), Some(("x-signature-256", &forged)))
+        .await;
+    assert_eq!(refused.status(), 401);
+    // A valid signature over a different body is refused too.
+    let tampered = serde_json::to_vec(&lead("signed-2")).expect("json");
+    let refused = app
+        .post_raw(tampered, Some(("x-signature-256", &signature)))
+        .await;
+    assert_eq!(refused.status(), 401);
+}
+
+#[tokio::test]
+async fn standard_webhooks_are_verified_and_their_retries_are_duplicates() {
+    use base64::Engine as _;
+    let app = spawn_app().await;
+    let send = |id: &'static str, timestamp: i64, event: Value| {
+        let app = &app;
+        async move {
+            let body = serde_json::to_vec(&event).expect("json");
+            let signed = [
+                id.as_bytes(),
+                b".",
+                timestamp.to_string().as_bytes(),
+                b".",
+                &body,
+            ]
+            .concat();
+            let signature = format!(
+                "v1,{}",
+                base64::engine::general_purpose::STANDARD
+                    .encode(hmac_sha256(SECRET.as_bytes(), &signed))
+            );
+            app.http
+                .post(format!("{}/v1/events", app.address))
+                .header("content-type", "application/json")
+                .header("webhook-id", id)
+                .header("webhook-timestamp", timestamp.to_string())
+                .header("webhook-signature", signature)
+                .body(body)
+                .send()
+                .await
+                .expect("request")
+        }
+    };
+    let now = chrono::Utc::now().timestamp();
+    // No event_id: one is derived from webhook-id, so the sender's retry is a duplicate.
+    let event = json!({"event_name": "Lead", "email": "sw@example.com"});
+    let first: Value = send("msg_1", now, event.clone())
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(first["events"][0]["event_id"], "wh-msg_1");
+    assert_eq!(first["events"][0]["status"], "queued");
+    let retry: Value = send("msg_1", now + 5, event.clone())
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(retry["events"][0]["status"], "duplicate");
+    // Outside the ±5-minute window: refused, whatever the signature.
+    assert_eq!(send("msg_2", now - 600, event.clone()).await.status(), 401);
+    app.graph.wait_for_accepted(1, WAIT).await;
+    assert_eq!(app.graph.accepted_count(), 1);
+}
