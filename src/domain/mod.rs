@@ -6,6 +6,7 @@
 
 pub mod event;
 pub mod normalize;
+pub mod rules;
 
 pub use event::{
     normalize_event, split_request, ActionSource, IngestRules, NormalizedEvent, Problem,
