@@ -37,6 +37,8 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     /// `json` or `text` log lines.
     pub log_format: LogFormat,
+    /// Webhook sources and their mapping rules.
+    pub sources: crate::sources::SourcesConfig,
     /// How long finished events are kept.
     pub retention: Retention,
 }
@@ -145,6 +147,14 @@ struct FileConfig {
     /// Incoming event name (case-insensitive) → name sent to Meta.
     #[serde(default)]
     event_aliases: BTreeMap<String, String>,
+    /// A file of `[[rules]]` (RULES_FILE wins).
+    rules_file: Option<String>,
+    /// Webhook sources by name.
+    #[serde(default)]
+    sources: BTreeMap<String, crate::sources::settings::FileSource>,
+    /// Mapping rules.
+    #[serde(default)]
+    rules: Vec<crate::domain::rules::RuleSpec>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -541,6 +551,14 @@ pub fn load(env: &Env, config_path: Option<&Path>) -> Result<Config, Vec<String>
         );
     }
 
+    let sources = crate::sources::settings::load(
+        env,
+        file.sources,
+        file.rules,
+        file.rules_file,
+        &mut problems,
+    );
+
     if webhook_secrets.is_empty() && !listen_addr.ip().is_loopback() {
         problems.push(format!(
             "refusing to listen on {listen_addr} without authentication: set WEBHOOK_SECRET (a long random string; several may be separated by commas), or LISTEN_ADDR=127.0.0.1:{} for local use",
@@ -569,6 +587,7 @@ pub fn load(env: &Env, config_path: Option<&Path>) -> Result<Config, Vec<String>
         delivery,
         log_format,
         retention,
+        sources,
     })
 }
 

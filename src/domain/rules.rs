@@ -235,6 +235,9 @@ impl RuleSet {
             };
             let mut known: BTreeSet<&str> = kind.top_level_keys().iter().copied().collect();
             known.extend(["payload", "source", "delivery_id", "now"]);
+            if kind == PayloadKind::Chatwoot {
+                known.extend(super::chatwoot::DERIVED);
+            }
             let mut compile = |field: &str, text: &str, known: &BTreeSet<&str>| {
                 compile_expression(&env, text, known)
                     .map_err(|reason| own.push((field.to_owned(), reason)))
@@ -450,6 +453,7 @@ impl RuleSet {
                 insert_path(&mut event, path, value);
             }
         }
+        split_full_name(&mut event);
         if event.get("event_id").is_none_or(Value::is_null) {
             let event_id = derived_event_id(&compiled.name, input.source, input.payload);
             event.insert("event_id".to_owned(), Value::String(event_id));
@@ -465,6 +469,8 @@ pub struct Input<'a> {
     pub source: &'a str,
     /// The body.
     pub payload: &'a Value,
+    /// How the payload looks (Chatwoot payloads get derived variables).
+    pub kind: PayloadKind,
     /// The sender's id for this delivery (`X-Chatwoot-Delivery`), when there is one.
     pub delivery_id: Option<&'a str>,
     /// Unix seconds when the payload was received.
@@ -500,10 +506,34 @@ impl Input<'_> {
                 }
             }
         }
+        if self.kind == PayloadKind::Chatwoot {
+            for (name, value) in super::chatwoot::derived(self.payload) {
+                bind(name, &value);
+            }
+        }
         for (name, row) in lookups {
             bind(name, row);
         }
         context
+    }
+}
+
+/// Rules may give `full_name` (CRMs and chat tools keep one name field): the first word
+/// becomes `first_name`, the last `last_name`, unless those are given too.
+fn split_full_name(event: &mut Map<String, Value>) {
+    let Some(full) = event.remove("full_name") else {
+        return;
+    };
+    let words: Vec<&str> = full.as_str().unwrap_or("").split_whitespace().collect();
+    if let (Some(first), false) = (words.first(), event.contains_key("first_name")) {
+        event.insert("first_name".to_owned(), Value::String((*first).to_owned()));
+    }
+    if let (Some(last), true, false) = (
+        words.last(),
+        words.len() > 1,
+        event.contains_key("last_name"),
+    ) {
+        event.insert("last_name".to_owned(), Value::String((*last).to_owned()));
     }
 }
 
@@ -698,6 +728,7 @@ mod tests {
     fn input<'a>(payload: &'a Value) -> Input<'a> {
         Input {
             source: "supabase",
+            kind: PayloadKind::Supabase,
             payload,
             delivery_id: None,
             received_at: 1_764_000_000,
@@ -727,6 +758,10 @@ mod tests {
         assert_eq!(lead["external_id"], "1");
         assert_eq!(lead["email"], "Ana.Souza@Example.com");
         assert_eq!(lead["phone"], "+55 11 99999-0000");
+        // full_name is split for Meta's fn / ln.
+        assert_eq!(lead["first_name"], "Ana");
+        assert_eq!(lead["last_name"], "Souza");
+        assert!(lead.get("full_name").is_none());
     }
 
     #[test]

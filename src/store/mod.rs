@@ -272,6 +272,30 @@ pub struct Pruned {
     pub dead: u64,
 }
 
+/// An increment of one source's counter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceCount {
+    /// Source name.
+    pub source: String,
+    /// `received`, `duplicate`, `unmatched`, `mapped` or `parked`.
+    pub outcome: &'static str,
+    /// By how much.
+    pub count: u64,
+}
+
+/// One source counter as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SourceStat {
+    /// Source name.
+    pub source: String,
+    /// Outcome counted (or `pending` / `parked_now` for inbox rows waiting).
+    pub outcome: String,
+    /// Total.
+    pub count: i64,
+    /// Unix ms of the last increment (of the newest row for inbox rows).
+    pub last_at: Option<i64>,
+}
+
 /// A raw payload waiting in the inbox.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InboxItem {
@@ -376,6 +400,26 @@ pub trait Store: Send + Sync + 'static {
 
     /// Makes invalid inbox rows pending again (after a fix); returns how many.
     async fn requeue_invalid_inbox(&self, now: i64) -> Result<u64, StoreError>;
+
+    /// Queues a webhook source's payload in the inbox, unless the sender's `delivery_id` was
+    /// already queued within the 48-hour window (then `None`); one transaction.
+    async fn enqueue_source_payload(
+        &self,
+        source: &str,
+        delivery_id: Option<&str>,
+        payload: &serde_json::Value,
+        now: i64,
+    ) -> Result<Option<i64>, StoreError>;
+
+    /// Adds to the per-source outcome counters.
+    async fn count_source_outcomes(
+        &self,
+        counts: &[SourceCount],
+        now: i64,
+    ) -> Result<(), StoreError>;
+
+    /// Every source's counters, and how many of its payloads are pending or parked.
+    async fn source_stats(&self) -> Result<Vec<SourceStat>, StoreError>;
 
     /// Waits for a sign that work is waiting, or `timeout` (then `None`). Backends that other
     /// processes can signal (Postgres `LISTEN/NOTIFY`) wake at once; the default just waits.

@@ -30,7 +30,7 @@ use sqlx::{Connection, Executor, PgConnection, PgPool, Postgres, QueryBuilder, R
 use super::{
     AttemptRecord, AttemptView, ClaimedEvent, EventDetail, EventRow, EventUpdate, InboxItem,
     InsertOutcome, Inserted, NewEventRecord, Notice, Pruned, QueueStats, ReplayFilter, Retention,
-    Settlement, Store, StoreError, DEDUP_WINDOW_MS,
+    Settlement, SourceCount, SourceStat, Store, StoreError, DEDUP_WINDOW_MS,
 };
 
 /// Connections per instance. Several instances (and the user's own tools) share the server's
@@ -58,6 +58,8 @@ struct Tables {
     attempt: String,
     dedup: String,
     inbox: String,
+    source_delivery: String,
+    source_count: String,
     /// `NOTIFY` channel of `enqueue()` for this schema.
     inbox_channel: String,
     /// `NOTIFY` channel for events any instance may claim.
@@ -73,6 +75,8 @@ impl Tables {
             attempt: name("attempt"),
             dedup: name("dedup_key"),
             inbox: name("inbox"),
+            source_delivery: name("source_delivery"),
+            source_count: name("source_count"),
             inbox_channel: format!("capi_bridge_inbox_{schema}"),
             queue_channel: format!("capi_bridge_queue_{schema}"),
         }
@@ -915,7 +919,15 @@ impl Store for PostgresStore {
                 "first_seen_at < $1",
                 now - DEDUP_WINDOW_MS,
             )
-            .await?;
+            .await?
+            + self
+                .delete_in_slices(
+                    &self.tables.source_delivery,
+                    &["source", "delivery_id"],
+                    "received_at < $1",
+                    now - DEDUP_WINDOW_MS,
+                )
+                .await?;
         // Payloads and attempts go with their event (on delete cascade).
         let delivered_before = now - retention.delivered_ms;
         let delivered = self
@@ -1065,6 +1077,113 @@ impl Store for PostgresStore {
             .rows_affected();
         conn.finish().await?;
         Ok(n)
+    }
+
+    async fn enqueue_source_payload(
+        &self,
+        source: &str,
+        delivery_id: Option<&str>,
+        payload: &serde_json::Value,
+        now: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        let Tables {
+            inbox,
+            source_delivery,
+            ..
+        } = &self.tables;
+        let mut tx = self.begin().await?;
+        if let Some(delivery_id) = delivery_id {
+            let sql = format!(
+                "insert into {source_delivery} as d (source, delivery_id, received_at)
+                 values ($1, $2, $3)
+                 on conflict (source, delivery_id) do update set received_at = excluded.received_at
+                 where d.received_at < $4"
+            );
+            let fresh = self
+                .query(&sql)
+                .bind(source)
+                .bind(delivery_id)
+                .bind(now)
+                .bind(now - DEDUP_WINDOW_MS)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            if fresh == 0 {
+                return Ok(None);
+            }
+        }
+        let sql = format!(
+            "insert into {inbox} (source, payload, created_at, updated_at)
+             values ($1, $2::jsonb, $3, $3) returning id"
+        );
+        let id: i64 = self
+            .query(&sql)
+            .bind(source)
+            .bind(payload.to_string())
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get(0)?;
+        tx.commit().await?;
+        Ok(Some(id))
+    }
+
+    async fn count_source_outcomes(
+        &self,
+        counts: &[SourceCount],
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let counts: Vec<&SourceCount> = counts.iter().filter(|c| c.count > 0).collect();
+        if counts.is_empty() {
+            return Ok(());
+        }
+        let sql = format!(
+            "insert into {} as c (source, outcome, count, last_at)
+             select s, o, n, $4 from unnest($1::text[], $2::text[], $3::bigint[]) as u(s, o, n)
+             on conflict (source, outcome) do update
+             set count = c.count + excluded.count, last_at = excluded.last_at",
+            self.tables.source_count
+        );
+        let mut conn = self.conn().await?;
+        self.query(&sql)
+            .bind(counts.iter().map(|c| c.source.clone()).collect::<Vec<_>>())
+            .bind(counts.iter().map(|c| c.outcome.to_owned()).collect::<Vec<_>>())
+            .bind(
+                counts
+                    .iter()
+                    .map(|c| i64::try_from(c.count).unwrap_or(i64::MAX))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(now)
+            .execute(&mut *conn)
+            .await?;
+        conn.finish().await?;
+        Ok(())
+    }
+
+    async fn source_stats(&self) -> Result<Vec<SourceStat>, StoreError> {
+        let sql = format!(
+            "select source, outcome, count, last_at from {}
+             union all
+             select source, case state when 'pending' then 'pending' else 'parked_now' end,
+                    count(*), max(updated_at)
+             from {} group by source, state
+             order by 1, 2",
+            self.tables.source_count, self.tables.inbox
+        );
+        let mut conn = self.conn().await?;
+        let rows = self.query(&sql).fetch_all(&mut *conn).await?;
+        conn.finish().await?;
+        rows.into_iter()
+            .map(|row| {
+                Ok(SourceStat {
+                    source: row.try_get(0)?,
+                    outcome: row.try_get(1)?,
+                    count: row.try_get(2)?,
+                    last_at: row.try_get(3)?,
+                })
+            })
+            .collect()
     }
 
     async fn wait_for_notice(&self, timeout: Duration) -> Option<Notice> {

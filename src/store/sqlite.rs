@@ -11,7 +11,7 @@ use sqlx::{QueryBuilder, Row, SqlitePool};
 use super::{
     AttemptRecord, AttemptView, ClaimedEvent, EventDetail, EventRow, EventUpdate, InboxItem,
     InsertOutcome, Inserted, NewEventRecord, Pruned, QueueStats, ReplayFilter, Retention,
-    Settlement, Store, StoreError, DEDUP_WINDOW_MS,
+    Settlement, SourceCount, SourceStat, Store, StoreError, DEDUP_WINDOW_MS,
 };
 
 /// Rows per multi-row statement (9 parameters each stays far below SQLite's limit).
@@ -482,7 +482,12 @@ impl Store for SqliteStore {
             .bind(now - DEDUP_WINDOW_MS)
             .execute(&self.writer)
             .await?
-            .rows_affected();
+            .rows_affected()
+            + sqlx::query("delete from source_delivery where received_at < ?1")
+                .bind(now - DEDUP_WINDOW_MS)
+                .execute(&self.writer)
+                .await?
+                .rows_affected();
         // Payloads and attempts go with their event (on delete cascade). Deleting in slices
         // keeps each write short, so ingest never waits long behind a big clean-up.
         let delivered_before = now - retention.delivered_ms;
@@ -523,6 +528,90 @@ impl Store for SqliteStore {
         .fetch_one(&self.writer)
         .await?;
         Ok(id)
+    }
+
+    async fn enqueue_source_payload(
+        &self,
+        source: &str,
+        delivery_id: Option<&str>,
+        payload: &serde_json::Value,
+        now: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        let mut tx = self.writer.begin().await?;
+        if let Some(delivery_id) = delivery_id {
+            let fresh = sqlx::query(
+                "insert into source_delivery (source, delivery_id, received_at) values (?1, ?2, ?3)
+                 on conflict (source, delivery_id) do update set received_at = excluded.received_at
+                 where source_delivery.received_at < ?4",
+            )
+            .bind(source)
+            .bind(delivery_id)
+            .bind(now)
+            .bind(now - DEDUP_WINDOW_MS)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if fresh == 0 {
+                return Ok(None);
+            }
+        }
+        let id = sqlx::query_scalar(
+            "insert into inbox (source, payload, created_at, updated_at) values (?1, ?2, ?3, ?3)
+             returning id",
+        )
+        .bind(source)
+        .bind(payload.to_string())
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some(id))
+    }
+
+    async fn count_source_outcomes(
+        &self,
+        counts: &[SourceCount],
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.writer.begin().await?;
+        for count in counts.iter().filter(|c| c.count > 0) {
+            sqlx::query(
+                "insert into source_count (source, outcome, count, last_at) values (?1, ?2, ?3, ?4)
+                 on conflict (source, outcome) do update
+                 set count = source_count.count + excluded.count, last_at = excluded.last_at",
+            )
+            .bind(&count.source)
+            .bind(count.outcome)
+            .bind(i64::try_from(count.count).unwrap_or(i64::MAX))
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn source_stats(&self) -> Result<Vec<SourceStat>, StoreError> {
+        let rows = sqlx::query(
+            "select source, outcome, count, last_at from source_count
+             union all
+             select source, case state when 'pending' then 'pending' else 'parked_now' end,
+                    count(*), max(updated_at)
+             from inbox group by source, state
+             order by 1, 2",
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                Ok(SourceStat {
+                    source: row.try_get(0)?,
+                    outcome: row.try_get(1)?,
+                    count: row.try_get(2)?,
+                    last_at: row.try_get(3)?,
+                })
+            })
+            .collect()
     }
 
     async fn claim_inbox(
