@@ -25,6 +25,8 @@ pub struct App {
     workers_alive: Arc<AtomicBool>,
     retention: Retention,
     ingestor: Ingestor,
+    mapper: crate::sources::Mapper,
+    inbox_wake: Arc<Notify>,
     delivery_wake: Arc<Notify>,
     poll_interval: std::time::Duration,
     /// The store, for tests and tools.
@@ -75,6 +77,8 @@ impl App {
             wake.clone(),
         );
         let workers_alive = Arc::new(AtomicBool::new(false));
+        let mapper = crate::sources::Mapper::new(config.sources.clone(), None);
+        let inbox_wake = Arc::new(Notify::new());
         let retention = config.retention;
         let poll_interval = config.delivery.poll_interval;
         let delivery_wake = wake;
@@ -84,6 +88,8 @@ impl App {
             ingestor: ingestor.clone(),
             delivery: delivery.clone(),
             workers_alive: workers_alive.clone(),
+            mapper: mapper.clone(),
+            inbox_wake: inbox_wake.clone(),
         };
         Ok(Self {
             listener,
@@ -92,6 +98,8 @@ impl App {
             workers_alive,
             retention,
             ingestor,
+            mapper,
+            inbox_wake,
             delivery_wake,
             poll_interval,
             store,
@@ -125,10 +133,11 @@ impl App {
             self.retention,
             shutdown.clone(),
         ));
-        let inbox_wake = Arc::new(Notify::new());
+        let inbox_wake = self.inbox_wake;
         let inbox = tokio::spawn(crate::inbox::run(
             self.store.clone(),
             self.ingestor,
+            self.mapper,
             inbox_wake.clone(),
             self.poll_interval,
             shutdown.clone(),

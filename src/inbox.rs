@@ -3,6 +3,11 @@
 //! events ([`Ingestor`]). A payload whose events are stored is deleted from the inbox; one that
 //! breaks a rule stays there as `invalid` with its problems, visible and replayable after a fix
 //! (`capi-bridge replay --inbox`). Nothing is dropped.
+//!
+//! Payloads of webhook sources (`POST /v1/sources/<name>`) are first turned into events by
+//! the mapping rules ([`Mapper`]); one no rule wants is deleted and counted, one a rule fails
+//! on is parked like an invalid one. They are processed one by one in arrival order, so
+//! stage changes of one lead are stored (and sent) in the order they happened.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +18,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::delivery::now_ms;
 use crate::ingest::{with_stable_event_ids, IngestError, Ingestor};
-use crate::store::{Notice, Store, StoreError};
+use crate::sources::{Mapped, Mapper};
+use crate::store::{InboxItem, Notice, SourceCount, Store, StoreError};
 
 /// Payloads taken per pass.
 const BATCH: usize = 200;
@@ -26,6 +32,7 @@ const LEASE: Duration = Duration::from_secs(60);
 pub async fn run(
     store: Arc<dyn Store>,
     ingestor: Ingestor,
+    mapper: Mapper,
     wake: Arc<Notify>,
     poll_interval: Duration,
     shutdown: CancellationToken,
@@ -34,7 +41,7 @@ pub async fn run(
         let notified = wake.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let worked = match process_once(store.as_ref(), &ingestor).await {
+        let worked = match process_once(store.as_ref(), &ingestor, &mapper).await {
             Ok(n) => n > 0,
             Err(err) => {
                 tracing::warn!(error = %err, "inbox pass failed; retrying");
@@ -79,7 +86,11 @@ pub async fn relay_notices(
 ///
 /// # Errors
 /// Storage failures; taken payloads are then retried when their lease expires.
-pub async fn process_once(store: &dyn Store, ingestor: &Ingestor) -> Result<usize, StoreError> {
+pub async fn process_once(
+    store: &dyn Store,
+    ingestor: &Ingestor,
+    mapper: &Mapper,
+) -> Result<usize, StoreError> {
     let now = now_ms();
     let lease_ms = i64::try_from(LEASE.as_millis()).unwrap_or(i64::MAX);
     let items = store.claim_inbox(BATCH, now, now + lease_ms).await?;
@@ -87,45 +98,136 @@ pub async fn process_once(store: &dyn Store, ingestor: &Ingestor) -> Result<usiz
         return Ok(0);
     }
     let n_items = items.len();
-    // Concurrently: the group commit then stores them in a few transactions, not one each.
+    let (from_sources, events): (Vec<InboxItem>, Vec<InboxItem>) = items
+        .into_iter()
+        .partition(|item| mapper.source(&item.source).is_some());
+    let mut done = Finished::default();
+    ingest_events(ingestor, events, &mut done).await;
+    map_source_payloads(ingestor, mapper, from_sources, &mut done).await;
+
+    store.finish_inbox(&done.stored, &done.invalid, now_ms()).await?;
+    if !done.counts.is_empty() {
+        store.count_source_outcomes(&done.counts, now_ms()).await?;
+    }
+    if !done.invalid.is_empty() {
+        tracing::warn!(
+            n_invalid = done.invalid.len(),
+            "inbox payloads break Meta's rules or a mapping rule; kept as invalid with their problems"
+        );
+    }
+    match done.failed {
+        Some(err) => Err(err),
+        None => Ok(n_items),
+    }
+}
+
+/// What became of the payloads of one pass.
+#[derive(Default)]
+struct Finished {
+    /// Done with: deleted.
+    stored: Vec<i64>,
+    /// Parked with their problems.
+    invalid: Vec<(i64, serde_json::Value)>,
+    /// Per-source counters.
+    counts: Vec<SourceCount>,
+    /// A storage failure; the payloads it hit stay leased and are retried.
+    failed: Option<StoreError>,
+}
+
+impl Finished {
+    fn count(&mut self, source: &str, outcome: &'static str) {
+        match self
+            .counts
+            .iter_mut()
+            .find(|c| c.source == source && c.outcome == outcome)
+        {
+            Some(count) => count.count += 1,
+            None => self.counts.push(SourceCount {
+                source: source.to_owned(),
+                outcome,
+                count: 1,
+            }),
+        }
+    }
+
+    fn record(&mut self, id: i64, result: Result<(), IngestError>) {
+        match result {
+            Ok(()) => self.stored.push(id),
+            Err(IngestError::Invalid(problems)) => {
+                self.invalid
+                    .push((id, serde_json::to_value(&problems).unwrap_or_default()));
+            }
+            Err(IngestError::BadRequest(reason) | IngestError::TooMany(reason)) => {
+                self.invalid
+                    .push((id, json!([{ "field": "", "reason": reason }])));
+            }
+            // Left leased: retried once the lease expires, nothing is lost.
+            Err(IngestError::Store(err)) => self.failed = Some(err),
+        }
+    }
+}
+
+/// Event payloads (`enqueue()`): concurrently, so the group commit stores them in a few
+/// transactions rather than one each.
+async fn ingest_events(ingestor: &Ingestor, items: Vec<InboxItem>, done: &mut Finished) {
     let mut tasks = tokio::task::JoinSet::new();
     for item in items {
         let ingestor = ingestor.clone();
         tasks.spawn(async move {
-            let body = with_stable_event_ids(item.payload.clone(), &format!("inbox-{}", item.id));
+            let body = with_stable_event_ids(item.payload, &format!("inbox-{}", item.id));
             let result = ingestor.ingest(body, now_ms() / 1000).await;
-            (item.id, result)
+            (item.id, result.map(|_| ()))
         });
     }
-    let mut stored = Vec::new();
-    let mut invalid = Vec::new();
-    let mut failed = None;
     while let Some(joined) = tasks.join_next().await {
-        let Ok((id, result)) = joined else {
-            continue;
-        };
-        match result {
-            Ok(_) => stored.push(id),
-            Err(IngestError::Invalid(problems)) => {
-                invalid.push((id, serde_json::to_value(&problems).unwrap_or_default()));
-            }
-            Err(IngestError::BadRequest(reason) | IngestError::TooMany(reason)) => {
-                invalid.push((id, json!([{ "field": "", "reason": reason }])));
-            }
-            // Left leased: retried once the lease expires, nothing is lost.
-            Err(IngestError::Store(err)) => failed = Some(err),
+        if let Ok((id, result)) = joined {
+            done.record(id, result);
         }
     }
-    store.finish_inbox(&stored, &invalid, now_ms()).await?;
-    if !invalid.is_empty() {
-        tracing::warn!(
-            n_invalid = invalid.len(),
-            "inbox payloads break Meta's rules; kept as invalid with their problems"
-        );
-    }
-    match failed {
-        Some(err) => Err(err),
-        None => Ok(n_items),
+}
+
+/// Source payloads: mapped by the rules, then ingested, one at a time in arrival order.
+async fn map_source_payloads(
+    ingestor: &Ingestor,
+    mapper: &Mapper,
+    items: Vec<InboxItem>,
+    done: &mut Finished,
+) {
+    for item in items {
+        let received_at = now_ms() / 1000;
+        match mapper
+            .map(&item.source, &item.payload, received_at)
+            .await
+        {
+            Mapped::Unmatched => {
+                done.stored.push(item.id);
+                done.count(&item.source, "unmatched");
+            }
+            Mapped::Failed { failures } => {
+                done.invalid
+                    .push((item.id, serde_json::to_value(&failures).unwrap_or_default()));
+                done.count(&item.source, "parked");
+            }
+            Mapped::Retry { reason } => {
+                // Rule, lookup and table names only: no payload values.
+                tracing::warn!(source = %item.source, %reason, "lookup failed; the payload is retried later");
+            }
+            Mapped::Events { events, .. } => {
+                let result = ingestor
+                    .ingest(serde_json::Value::Array(events), now_ms() / 1000)
+                    .await
+                    .map(|_| ());
+                let outcome = match &result {
+                    Ok(()) => Some("mapped"),
+                    Err(IngestError::Store(_)) => None,
+                    Err(_) => Some("parked"),
+                };
+                if let Some(outcome) = outcome {
+                    done.count(&item.source, outcome);
+                }
+                done.record(item.id, result);
+            }
+        }
     }
 }
 

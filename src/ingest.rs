@@ -10,7 +10,7 @@ use serde_json::Value;
 use tokio::sync::Notify;
 
 use crate::api::error::EventProblem;
-use crate::domain::{self, IngestRules, Problem};
+use crate::domain::{self, IngestRules, NormalizedEvent, Problem};
 use crate::store::{GroupCommit, InsertOutcome, NewEventRecord, StoreError};
 
 /// The result of an accepted request.
@@ -89,6 +89,73 @@ impl Ingestor {
     /// # Errors
     /// [`IngestError`] naming every problem; nothing is stored then.
     pub async fn ingest(&self, body: Value, now_secs: i64) -> Result<IngestReport, IngestError> {
+        let Prepared {
+            normalized,
+            warnings,
+            test_event_code,
+        } = self.prepare(body, now_secs)?;
+        let records: Vec<NewEventRecord> = normalized
+            .iter()
+            .map(|event| NewEventRecord {
+                pixel_id: self.pixel_id.clone(),
+                event_id: event.event_id.clone(),
+                event_name: event.event_name.clone(),
+                payload: event.payload.to_string(),
+                test_event_code: test_event_code.clone(),
+                deadline_at: event.deadline.saturating_mul(1000),
+                dry_run: self.dry_run,
+            })
+            .collect();
+        let outcomes = self.commit.insert(records).await?;
+        if outcomes.contains(&InsertOutcome::Queued) {
+            // One idle worker is enough; it takes up to a full batch.
+            self.wake.notify_one();
+        }
+        let accepted = outcomes
+            .iter()
+            .filter(|o| **o != InsertOutcome::Duplicate)
+            .count();
+        Ok(IngestReport {
+            accepted,
+            duplicates: outcomes.len() - accepted,
+            dry_run: self.dry_run,
+            events: normalized
+                .into_iter()
+                .zip(outcomes)
+                .map(|(event, status)| EventReceipt {
+                    event_id: event.event_id,
+                    event_name: event.event_name,
+                    status,
+                })
+                .collect(),
+            warnings,
+        })
+    }
+}
+
+/// Events validated and normalized, not yet stored.
+struct Prepared {
+    normalized: Vec<NormalizedEvent>,
+    warnings: Vec<EventProblem>,
+    test_event_code: Option<String>,
+}
+
+impl Ingestor {
+    /// Exactly what `ingest` would store for `body` — each event's `data[i]` as Meta would
+    /// get it, hashed — without storing anything ("show me what would be sent").
+    ///
+    /// # Errors
+    /// As `ingest`, except storage.
+    pub fn preview(
+        &self,
+        body: Value,
+        now_secs: i64,
+    ) -> Result<(Vec<NormalizedEvent>, Vec<EventProblem>), IngestError> {
+        let prepared = self.prepare(body, now_secs)?;
+        Ok((prepared.normalized, prepared.warnings))
+    }
+
+    fn prepare(&self, body: Value, now_secs: i64) -> Result<Prepared, IngestError> {
         let request = domain::split_request(body).map_err(|p| {
             let message = if p.field.is_empty() {
                 p.reason
@@ -138,42 +205,10 @@ impl Ingestor {
         if !problems.is_empty() {
             return Err(IngestError::Invalid(problems));
         }
-
-        let records: Vec<NewEventRecord> = normalized
-            .iter()
-            .map(|event| NewEventRecord {
-                pixel_id: self.pixel_id.clone(),
-                event_id: event.event_id.clone(),
-                event_name: event.event_name.clone(),
-                payload: event.payload.to_string(),
-                test_event_code: request.test_event_code.clone(),
-                deadline_at: event.deadline.saturating_mul(1000),
-                dry_run: self.dry_run,
-            })
-            .collect();
-        let outcomes = self.commit.insert(records).await?;
-        if outcomes.contains(&InsertOutcome::Queued) {
-            // One idle worker is enough; it takes up to a full batch.
-            self.wake.notify_one();
-        }
-        let accepted = outcomes
-            .iter()
-            .filter(|o| **o != InsertOutcome::Duplicate)
-            .count();
-        Ok(IngestReport {
-            accepted,
-            duplicates: outcomes.len() - accepted,
-            dry_run: self.dry_run,
-            events: normalized
-                .into_iter()
-                .zip(outcomes)
-                .map(|(event, status)| EventReceipt {
-                    event_id: event.event_id,
-                    event_name: event.event_name,
-                    status,
-                })
-                .collect(),
+        Ok(Prepared {
+            normalized,
             warnings,
+            test_event_code: request.test_event_code,
         })
     }
 }

@@ -39,6 +39,10 @@ pub enum ApiError {
     /// Missing or wrong secret.
     #[error("missing or invalid secret or signature: send Authorization: Bearer <WEBHOOK_SECRET> (or X-Webhook-Secret / X-API-Key), or sign the body with it (X-Signature-256: sha256=<hex>, or Standard Webhooks headers)")]
     Unauthorized,
+    /// Refused credentials, with the reason (a source's URL token, a stale or forged
+    /// signature).
+    #[error("{0}")]
+    Refused(String),
     /// Body or event count over the limit.
     #[error("{0}")]
     PayloadTooLarge(String),
@@ -57,7 +61,7 @@ impl ApiError {
     fn status(&self) -> StatusCode {
         match self {
             ApiError::MalformedJson { .. } | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Unauthorized | ApiError::Refused(_) => StatusCode::UNAUTHORIZED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
@@ -69,7 +73,7 @@ impl ApiError {
         match self {
             ApiError::MalformedJson { .. } => "malformed_json",
             ApiError::BadRequest(_) => "bad_request",
-            ApiError::Unauthorized => "unauthorized",
+            ApiError::Unauthorized | ApiError::Refused(_) => "unauthorized",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::Invalid(_) => "invalid_events",
             ApiError::NotFound(_) => "not_found",

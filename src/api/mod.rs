@@ -6,6 +6,7 @@ pub mod error;
 mod events;
 mod health;
 pub mod signature;
+pub mod sources;
 
 use std::sync::Arc;
 
@@ -39,6 +40,10 @@ pub struct AppState {
     pub delivery: Option<Delivery>,
     /// Set while the delivery workers run.
     pub workers_alive: Arc<std::sync::atomic::AtomicBool>,
+    /// Maps source payloads to events.
+    pub mapper: crate::sources::Mapper,
+    /// Wakes the inbox worker when a source payload is queued.
+    pub inbox_wake: Arc<tokio::sync::Notify>,
 }
 
 /// Shared by every request: one `Arc` clone per request, nothing else copied.
@@ -46,6 +51,19 @@ pub(crate) type SharedState = Arc<(AppState, SecretDigests)>;
 
 /// SHA-256 of each configured secret, computed once at start.
 pub(crate) struct SecretDigests(Vec<[u8; 32]>);
+
+impl SecretDigests {
+    /// Whether `presented` is one of the secrets, in constant time (hashing first makes the
+    /// comparison constant-time in the length too).
+    fn matches(&self, presented: &str) -> bool {
+        let presented = Sha256::digest(presented.as_bytes());
+        let mut matched = subtle::Choice::from(0);
+        for digest in &self.0 {
+            matched |= digest.ct_eq(presented.as_slice());
+        }
+        bool::from(matched)
+    }
+}
 
 /// All routes.
 pub fn router(state: AppState) -> Router {
@@ -63,9 +81,16 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/events", post(events::ingest))
         .route("/v1/events/{event_id}", get(events::show))
         .route("/v1/me", get(health::me))
+        .route("/v1/sources", get(sources::list))
+        .route("/v1/rules/test", post(sources::test_rules))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    // Sources authenticate themselves: a URL token or a sender's signature besides the secret.
+    let sources = Router::new()
+        .route("/v1/sources/{name}", post(sources::receive))
+        .route("/v1/sources/{name}/{token}", post(sources::receive_with_token));
     Router::new()
         .merge(protected)
+        .merge(sources)
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
@@ -104,18 +129,12 @@ async fn authenticate(
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let (state, SecretDigests(digests)) = &*state;
+    let (state, digests) = &*state;
     if state.config.unauthenticated() {
         return Ok(next.run(request).await);
     }
     if let Some(presented) = presented_secret(request.headers()) {
-        // Hashing first makes the comparison constant-time in the length too.
-        let presented = Sha256::digest(presented.as_bytes());
-        let mut matched = subtle::Choice::from(0);
-        for digest in digests {
-            matched |= digest.ct_eq(presented.as_slice());
-        }
-        return if bool::from(matched) {
+        return if digests.matches(&presented) {
             Ok(next.run(request).await)
         } else {
             Err(ApiError::Unauthorized)

@@ -234,7 +234,7 @@ impl RuleSet {
                 continue;
             };
             let mut known: BTreeSet<&str> = kind.top_level_keys().iter().copied().collect();
-            known.extend(["payload", "source", "delivery_id", "now"]);
+            known.extend(["payload", "source", "now"]);
             if kind == PayloadKind::Chatwoot {
                 known.extend(super::chatwoot::DERIVED);
             }
@@ -462,7 +462,7 @@ impl RuleSet {
     }
 }
 
-/// What a rule reads: the payload, its source name, the sender's delivery id and the time.
+/// What a rule reads: the payload, its source name and the time it was received.
 #[derive(Debug, Clone, Copy)]
 pub struct Input<'a> {
     /// Source name.
@@ -471,8 +471,6 @@ pub struct Input<'a> {
     pub payload: &'a Value,
     /// How the payload looks (Chatwoot payloads get derived variables).
     pub kind: PayloadKind,
-    /// The sender's id for this delivery (`X-Chatwoot-Delivery`), when there is one.
-    pub delivery_id: Option<&'a str>,
     /// Unix seconds when the payload was received.
     pub received_at: i64,
 }
@@ -492,16 +490,10 @@ impl Input<'_> {
         };
         bind("payload", self.payload);
         bind("source", &Value::String(self.source.to_owned()));
-        bind(
-            "delivery_id",
-            &self
-                .delivery_id
-                .map_or(Value::Null, |id| Value::String(id.to_owned())),
-        );
         bind("now", &Value::from(self.received_at));
         if let Value::Object(map) = self.payload {
             for (key, value) in map {
-                if !matches!(key.as_str(), "payload" | "source" | "delivery_id" | "now") {
+                if !matches!(key.as_str(), "payload" | "source" | "now") {
                     bind(key, value);
                 }
             }
@@ -730,7 +722,6 @@ mod tests {
             source: "supabase",
             kind: PayloadKind::Supabase,
             payload,
-            delivery_id: None,
             received_at: 1_764_000_000,
         }
     }

@@ -84,7 +84,6 @@ impl Mapper {
         &self,
         source: &str,
         payload: &Value,
-        delivery_id: Option<&str>,
         received_at: i64,
     ) -> Result<bool, RuleFailure> {
         let Some(config) = self.config.get(source) else {
@@ -94,7 +93,6 @@ impl Mapper {
             source,
             kind: config.kind,
             payload,
-            delivery_id,
             received_at,
         };
         Ok(!self.config.rules.matching(source, &input)?.is_empty())
@@ -105,7 +103,6 @@ impl Mapper {
         &self,
         source: &str,
         payload: &Value,
-        delivery_id: Option<&str>,
         received_at: i64,
     ) -> Mapped {
         let Some(config) = self.config.get(source) else {
@@ -116,7 +113,6 @@ impl Mapper {
             source,
             kind: config.kind,
             payload,
-            delivery_id,
             received_at,
         };
         let matched = match rules.matching(source, &input) {

@@ -1,0 +1,330 @@
+//! `POST /v1/sources/<name>[/<token>]`: payloads of webhook sources (Supabase database
+//! webhooks, Chatwoot, CRMs) in their own shape. The payload is stored in the inbox before the
+//! answer and mapped to events there by the rules, so the answer takes milliseconds (pg_net and
+//! Chatwoot give up after a few seconds and never retry).
+//!
+//! Also `GET /v1/sources` (counters) and `POST /v1/rules/test` ("what would be sent").
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::{signature, ApiError, SecretDigests, SharedState};
+use crate::delivery::now_ms;
+use crate::domain::rules::PayloadKind;
+use crate::ingest::IngestError;
+use crate::sources::{Mapped, SourceConfig};
+use crate::store::SourceCount;
+
+/// A payload sent with the source's header secret or signature.
+pub(super) async fn receive(
+    State(state): State<SharedState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    accept(&state, &name, None, &headers, &body).await
+}
+
+/// A payload sent to the source's secret URL (senders that cannot set headers).
+pub(super) async fn receive_with_token(
+    State(state): State<SharedState>,
+    Path((name, token)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    accept(&state, &name, Some(&token), &headers, &body).await
+}
+
+/// The answer to a source.
+#[derive(Debug, Serialize)]
+struct Receipt {
+    /// `queued`, `duplicate` (the same delivery id was queued before) or `unmatched`.
+    status: &'static str,
+    /// The inbox row, for `queued`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    inbox_id: Option<i64>,
+}
+
+async fn accept(
+    state: &SharedState,
+    name: &str,
+    url_token: Option<&str>,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(StatusCode, Json<Receipt>), ApiError> {
+    let (app, digests) = &**state;
+    let source = app.mapper.source(name).ok_or_else(|| {
+        ApiError::NotFound(format!(
+            "no source named {name:?}; supabase and chatwoot always exist, others are declared under [sources.<name>]"
+        ))
+    })?;
+    let now = now_ms();
+    authenticate(app, digests, source, url_token, headers, body, now / 1000)?;
+
+    let payload: Value = serde_json::from_slice(body).map_err(|err| ApiError::MalformedJson {
+        line: err.line(),
+        column: err.column(),
+        message: "invalid JSON".to_owned(),
+    })?;
+    if !payload.is_object() {
+        return Err(ApiError::BadRequest(format!(
+            "a {name} payload must be a JSON object"
+        )));
+    }
+    let delivery_id = delivery_id(source, headers);
+    let received_at = now / 1000;
+
+    // A payload no rule wants is acknowledged and counted without being kept: it may hold
+    // personal data we have no use for. One a condition fails on is kept, and parked.
+    let wanted = app
+        .mapper
+        .any_rule_matches(name, &payload, received_at)
+        .unwrap_or(true);
+    if !wanted {
+        count(app, name, &[("received", 1), ("unmatched", 1)], now);
+        return Ok((
+            StatusCode::OK,
+            Json(Receipt {
+                status: "unmatched",
+                inbox_id: None,
+            }),
+        ));
+    }
+    let stored = app
+        .store
+        .enqueue_source_payload(name, delivery_id.as_deref(), &payload, now)
+        .await?;
+    match stored {
+        Some(inbox_id) => {
+            app.inbox_wake.notify_one();
+            count(app, name, &[("received", 1)], now);
+            Ok((
+                StatusCode::ACCEPTED,
+                Json(Receipt {
+                    status: "queued",
+                    inbox_id: Some(inbox_id),
+                }),
+            ))
+        }
+        None => {
+            count(app, name, &[("received", 1), ("duplicate", 1)], now);
+            Ok((
+                StatusCode::OK,
+                Json(Receipt {
+                    status: "duplicate",
+                    inbox_id: None,
+                }),
+            ))
+        }
+    }
+}
+
+/// Counters are not worth delaying the answer for: they are written in the background.
+fn count(app: &super::AppState, source: &str, outcomes: &[(&'static str, u64)], now: i64) {
+    let counts: Vec<SourceCount> = outcomes
+        .iter()
+        .map(|(outcome, n)| SourceCount {
+            source: source.to_owned(),
+            outcome,
+            count: *n,
+        })
+        .collect();
+    let store = app.store.clone();
+    tokio::spawn(async move {
+        if let Err(err) = store.count_source_outcomes(&counts, now).await {
+            tracing::warn!(error = %err, "could not update source counters");
+        }
+    });
+}
+
+/// A source accepts, in this order: its URL token in the path; a valid `X-Chatwoot-Signature`
+/// (Chatwoot sources with a signing secret; a bad or stale one is refused outright); any
+/// `WEBHOOK_SECRET` in a header; anything on a loopback-only service without secrets.
+fn authenticate(
+    app: &super::AppState,
+    digests: &SecretDigests,
+    source: &SourceConfig,
+    url_token: Option<&str>,
+    headers: &HeaderMap,
+    body: &[u8],
+    now_secs: i64,
+) -> Result<(), ApiError> {
+    let name = &source.name;
+    if let Some(given) = url_token {
+        let Some(expected) = &source.url_token else {
+            return Err(ApiError::Refused(format!(
+                "source {name} has no URL token configured (SOURCE_{}_TOKEN)",
+                name.to_ascii_uppercase().replace('-', "_")
+            )));
+        };
+        let matched = Sha256::digest(given.as_bytes()).ct_eq(&Sha256::digest(expected.as_bytes()));
+        return if bool::from(matched) {
+            Ok(())
+        } else {
+            Err(ApiError::Refused(format!("wrong token for source {name}")))
+        };
+    }
+    let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+    if source.kind == PayloadKind::Chatwoot {
+        if let (Some(secret), Some(signed)) =
+            (&source.signing_secret, header("x-chatwoot-signature"))
+        {
+            let timestamp = header("x-chatwoot-timestamp").unwrap_or("");
+            return signature::verify_chatwoot(secret, timestamp, body, signed, now_secs).map_err(
+                |err| match err {
+                    signature::SignatureError::OutOfWindow => ApiError::Refused(
+                        "X-Chatwoot-Timestamp is more than 5 minutes from now: a replayed delivery or a wrong clock".to_owned(),
+                    ),
+                    signature::SignatureError::Mismatch => ApiError::Refused(
+                        "X-Chatwoot-Signature does not match this source's signing secret".to_owned(),
+                    ),
+                    signature::SignatureError::Malformed => ApiError::Refused(
+                        "X-Chatwoot-Signature must be sha256=<hex> with X-Chatwoot-Timestamp in unix seconds".to_owned(),
+                    ),
+                },
+            );
+        }
+    }
+    if let Some(presented) = super::presented_secret(headers) {
+        return if digests.matches(&presented) {
+            Ok(())
+        } else {
+            Err(ApiError::Unauthorized)
+        };
+    }
+    if app.config.unauthenticated() && source.signing_secret.is_none() {
+        return Ok(());
+    }
+    Err(ApiError::Refused(format!(
+        "source {name} needs a secret: a header (Authorization: Bearer <WEBHOOK_SECRET>, X-Webhook-Secret or X-API-Key){}, or its URL token (/v1/sources/{name}/<token>)",
+        if source.kind == PayloadKind::Chatwoot { ", a Chatwoot signature" } else { "" }
+    )))
+}
+
+/// The sender's own id for this delivery, reused by its retries.
+fn delivery_id(source: &SourceConfig, headers: &HeaderMap) -> Option<String> {
+    let header = match source.kind {
+        PayloadKind::Chatwoot => "x-chatwoot-delivery",
+        PayloadKind::Supabase | PayloadKind::Generic => "webhook-id",
+    };
+    headers
+        .get(header)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty() && v.len() <= 200)
+        .map(str::to_owned)
+}
+
+/// Every source with its counters.
+pub(super) async fn list(State(state): State<SharedState>) -> Result<Json<Value>, ApiError> {
+    let app = &state.0;
+    let stats = app.store.source_stats().await?;
+    let sources: Vec<Value> = app
+        .config
+        .sources
+        .sources
+        .iter()
+        .map(|source| {
+            let counters: serde_json::Map<String, Value> = stats
+                .iter()
+                .filter(|s| s.source == source.name)
+                .map(|s| (s.outcome.clone(), json!(s.count)))
+                .collect();
+            json!({
+                "name": source.name,
+                "kind": format!("{:?}", source.kind).to_lowercase(),
+                "path": format!("/v1/sources/{}", source.name),
+                "url_token": source.url_token.is_some(),
+                "signing_secret": source.signing_secret.is_some(),
+                "rules": app.config.sources.rules.count_for(&source.name),
+                "counts": counters,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "sources": sources })))
+}
+
+/// `?source=<name>` for `POST /v1/rules/test`.
+#[derive(Debug, Deserialize)]
+pub(super) struct RulesTestQuery {
+    source: String,
+}
+
+/// What a payload would become, hashed as it would be sent; nothing is stored.
+pub(super) async fn test_rules(
+    State(state): State<SharedState>,
+    Query(query): Query<RulesTestQuery>,
+    Json(payload): Json<Value>,
+) -> Result<Json<Value>, ApiError> {
+    let app = &state.0;
+    if app.mapper.source(&query.source).is_none() {
+        return Err(ApiError::NotFound(format!(
+            "no source named {:?}",
+            query.source
+        )));
+    }
+    Ok(Json(
+        preview(&app.mapper, &app.ingestor, &query.source, &payload, now_ms() / 1000).await,
+    ))
+}
+
+/// The events `payload` would become, as Meta would get them, or why none: shared by
+/// `POST /v1/rules/test` and `capi-bridge rules test`.
+pub async fn preview(
+    mapper: &crate::sources::Mapper,
+    ingestor: &crate::ingest::Ingestor,
+    source: &str,
+    payload: &Value,
+    now_secs: i64,
+) -> Value {
+    match mapper.map(source, payload, now_secs).await {
+        Mapped::Unmatched => json!({
+            "source": source,
+            "outcome": "unmatched",
+            "reason": "no rule of this source matches the payload; it would be acknowledged and counted, nothing sent",
+        }),
+        Mapped::Failed { failures } => json!({
+            "source": source,
+            "outcome": "parked",
+            "reason": "a rule matches but fails on the payload; it would be parked until the rule is fixed",
+            "problems": failures,
+        }),
+        Mapped::Retry { reason } => json!({
+            "source": source,
+            "outcome": "retry",
+            "reason": reason,
+        }),
+        Mapped::Events { events, rules } => {
+            match ingestor.preview(Value::Array(events), now_secs) {
+                Ok((normalized, warnings)) => json!({
+                    "source": source,
+                    "outcome": "events",
+                    "events": normalized.iter().zip(&rules).map(|(event, rule)| json!({
+                        "rule": rule,
+                        "data": event.payload,
+                    })).collect::<Vec<_>>(),
+                    "warnings": warnings,
+                }),
+                Err(IngestError::Invalid(problems)) => json!({
+                    "source": source,
+                    "outcome": "parked",
+                    "reason": "the rules' events break Meta's rules; the payload would be parked",
+                    "rules": rules,
+                    "problems": problems,
+                }),
+                Err(err) => json!({
+                    "source": source,
+                    "outcome": "parked",
+                    "reason": err.to_string(),
+                }),
+            }
+        }
+    }
+}
