@@ -1,4 +1,5 @@
-//! The command line: `serve` (default), `check`, `hash`, `send`, `replay`, `migrate`.
+//! The command line: `serve` (default), `check`, `hash`, `send`, `replay`, `migrate`,
+//! `rules test`.
 
 use std::io::Read as _;
 use std::path::PathBuf;
@@ -54,6 +55,24 @@ pub enum Command {
     Replay(ReplayArgs),
     /// Apply storage migrations and exit.
     Migrate,
+    /// Mapping rules: `rules test --source supabase payload.json`.
+    #[command(subcommand)]
+    Rules(RulesCommand),
+}
+
+/// `rules` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum RulesCommand {
+    /// Print the events a sample payload would produce, hashed as they would be sent, or why
+    /// none. Nothing is stored or sent. Exit status 0 for events or no match, 1 when a rule
+    /// fails on the payload.
+    Test {
+        /// The source the payload comes from (supabase, chatwoot or a configured name).
+        #[arg(long)]
+        source: String,
+        /// The payload file (`-` for stdin).
+        file: PathBuf,
+    },
 }
 
 /// `send` flags.
@@ -151,6 +170,9 @@ pub async fn run(cli: Cli) -> ExitCode {
                 Command::Send(args) => send(config, *args).await,
                 Command::Replay(args) => replay(config, args).await,
                 Command::Migrate => migrate(config).await,
+                Command::Rules(RulesCommand::Test { source, file }) => {
+                    test_rules(config, &source, &file).await
+                }
                 Command::Hash { .. } => Ok(ExitCode::SUCCESS),
             };
             result.unwrap_or_else(|err| {
@@ -159,6 +181,35 @@ pub async fn run(cli: Cli) -> ExitCode {
             })
         }
     }
+}
+
+async fn test_rules(config: Config, source: &str, file: &PathBuf) -> anyhow::Result<ExitCode> {
+    let text = if file.as_os_str() == "-" {
+        let mut text = String::new();
+        std::io::stdin().read_to_string(&mut text)?;
+        text
+    } else {
+        std::fs::read_to_string(file)
+            .map_err(|err| anyhow::anyhow!("cannot read {}: {err}", file.display()))?
+    };
+    let payload: Value = serde_json::from_str(&text)
+        .map_err(|err| anyhow::anyhow!("{} is not JSON: {err}", file.display()))?;
+    let mapper = crate::sources::Mapper::new(config.sources.clone(), None);
+    if mapper.source(source).is_none() {
+        eprintln!(
+            "no source named {source:?}: supabase and chatwoot always exist, others are declared under [sources.<name>]"
+        );
+        return Ok(ExitCode::from(2));
+    }
+    let result =
+        crate::api::sources::preview(&mapper, &config.ingest, source, &payload, now_ms() / 1000)
+            .await;
+    println!("{}", serde_json::to_string_pretty(&result)?);
+    Ok(if result["outcome"] == "parked" || result["outcome"] == "retry" {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn config_failure(problems: &[String]) -> ExitCode {

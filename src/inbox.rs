@@ -105,7 +105,9 @@ pub async fn process_once(
     ingest_events(ingestor, events, &mut done).await;
     map_source_payloads(ingestor, mapper, from_sources, &mut done).await;
 
-    store.finish_inbox(&done.stored, &done.invalid, now_ms()).await?;
+    store
+        .finish_inbox(&done.stored, &done.invalid, now_ms())
+        .await?;
     if !done.counts.is_empty() {
         store.count_source_outcomes(&done.counts, now_ms()).await?;
     }
@@ -195,10 +197,7 @@ async fn map_source_payloads(
 ) {
     for item in items {
         let received_at = now_ms() / 1000;
-        match mapper
-            .map(&item.source, &item.payload, received_at)
-            .await
-        {
+        match mapper.map(&item.source, &item.payload, received_at).await {
             Mapped::Unmatched => {
                 done.stored.push(item.id);
                 done.count(&item.source, "unmatched");

@@ -93,7 +93,7 @@ impl Ingestor {
             normalized,
             warnings,
             test_event_code,
-        } = self.prepare(body, now_secs)?;
+        } = prepare(&self.rules, body, now_secs)?;
         let records: Vec<NewEventRecord> = normalized
             .iter()
             .map(|event| NewEventRecord {
@@ -140,22 +140,23 @@ struct Prepared {
     test_event_code: Option<String>,
 }
 
-impl Ingestor {
-    /// Exactly what `ingest` would store for `body` — each event's `data[i]` as Meta would
-    /// get it, hashed — without storing anything ("show me what would be sent").
-    ///
-    /// # Errors
-    /// As `ingest`, except storage.
-    pub fn preview(
-        &self,
-        body: Value,
-        now_secs: i64,
-    ) -> Result<(Vec<NormalizedEvent>, Vec<EventProblem>), IngestError> {
-        let prepared = self.prepare(body, now_secs)?;
-        Ok((prepared.normalized, prepared.warnings))
-    }
+/// Exactly what an ingest would store for `body` — each event's `data[i]` as Meta would get
+/// it, hashed — without storing anything ("show me what would be sent").
+///
+/// # Errors
+/// As [`Ingestor::ingest`], except storage.
+pub fn preview(
+    rules: &IngestRules,
+    body: Value,
+    now_secs: i64,
+) -> Result<(Vec<NormalizedEvent>, Vec<EventProblem>), IngestError> {
+    let prepared = prepare(rules, body, now_secs)?;
+    Ok((prepared.normalized, prepared.warnings))
+}
 
-    fn prepare(&self, body: Value, now_secs: i64) -> Result<Prepared, IngestError> {
+/// Splits, validates and normalizes; all events or none.
+fn prepare(rules: &IngestRules, body: Value, now_secs: i64) -> Result<Prepared, IngestError> {
+    {
         let request = domain::split_request(body).map_err(|p| {
             let message = if p.field.is_empty() {
                 p.reason
@@ -182,7 +183,7 @@ impl Ingestor {
                     _ => None,
                 })
                 .filter(|s| !s.is_empty());
-            match domain::normalize_event(raw, &self.rules, now_secs, &mut new_id) {
+            match domain::normalize_event(raw, rules, now_secs, &mut new_id) {
                 Ok((event, event_warnings)) => {
                     warnings.extend(event_warnings.into_iter().map(|w| EventProblem {
                         event_index,

@@ -87,7 +87,10 @@ pub fn router(state: AppState) -> Router {
     // Sources authenticate themselves: a URL token or a sender's signature besides the secret.
     let sources = Router::new()
         .route("/v1/sources/{name}", post(sources::receive))
-        .route("/v1/sources/{name}/{token}", post(sources::receive_with_token));
+        .route(
+            "/v1/sources/{name}/{token}",
+            post(sources::receive_with_token),
+        );
     Router::new()
         .merge(protected)
         .merge(sources)

@@ -136,9 +136,12 @@ pub fn verify_chatwoot(
         .ok_or(SignatureError::Malformed)?;
     // The signature is checked before the window, so a stale but genuine delivery is told
     // apart from a forged one in the answer.
-    new_mac(secret.as_bytes(), &[timestamp.trim().as_bytes(), b".", body])
-        .verify_slice(&given)
-        .map_err(|_| SignatureError::Mismatch)?;
+    new_mac(
+        secret.as_bytes(),
+        &[timestamp.trim().as_bytes(), b".", body],
+    )
+    .verify_slice(&given)
+    .map_err(|_| SignatureError::Mismatch)?;
     if (now_secs - sent_at).abs() > TOLERANCE_SECS {
         return Err(SignatureError::OutOfWindow);
     }
@@ -211,7 +214,10 @@ mod tests {
         let body = br#"{"event":"message_created"}"#;
         let header = "sha256=6b5803aab446b6a9246d078d04b1da194e3a9f5d5a4e8eaf964f00e9272d4e47";
         let now = 1_700_000_000;
-        assert_eq!(verify_chatwoot("cw_secret", "1700000000", body, header, now), Ok(()));
+        assert_eq!(
+            verify_chatwoot("cw_secret", "1700000000", body, header, now),
+            Ok(())
+        );
         assert_eq!(
             verify_chatwoot("other", "1700000000", body, header, now),
             Err(SignatureError::Mismatch)

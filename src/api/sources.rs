@@ -271,7 +271,14 @@ pub(super) async fn test_rules(
         )));
     }
     Ok(Json(
-        preview(&app.mapper, &app.ingestor, &query.source, &payload, now_ms() / 1000).await,
+        preview(
+            &app.mapper,
+            &app.config.ingest,
+            &query.source,
+            &payload,
+            now_ms() / 1000,
+        )
+        .await,
     ))
 }
 
@@ -279,7 +286,7 @@ pub(super) async fn test_rules(
 /// `POST /v1/rules/test` and `capi-bridge rules test`.
 pub async fn preview(
     mapper: &crate::sources::Mapper,
-    ingestor: &crate::ingest::Ingestor,
+    ingest_rules: &crate::domain::IngestRules,
     source: &str,
     payload: &Value,
     now_secs: i64,
@@ -302,7 +309,7 @@ pub async fn preview(
             "reason": reason,
         }),
         Mapped::Events { events, rules } => {
-            match ingestor.preview(Value::Array(events), now_secs) {
+            match crate::ingest::preview(ingest_rules, Value::Array(events), now_secs) {
                 Ok((normalized, warnings)) => json!({
                     "source": source,
                     "outcome": "events",

@@ -31,9 +31,11 @@ pub fn derived(payload: &Value) -> Vec<(&'static str, Value)> {
         .and_then(messaging_channel)
         .map_or(Value::Null, |c| Value::String(c.to_owned()));
     let has_contact_info = contact.is_some_and(|c| {
-        ["email", "phone_number"]
-            .iter()
-            .any(|k| c.get(*k).and_then(Value::as_str).is_some_and(|v| !v.trim().is_empty()))
+        ["email", "phone_number"].iter().any(|k| {
+            c.get(*k)
+                .and_then(Value::as_str)
+                .is_some_and(|v| !v.trim().is_empty())
+        })
     });
     vec![
         ("contact", contact.cloned().unwrap_or(Value::Null)),
@@ -227,7 +229,8 @@ mod tests {
         let removed = json!({"event": "conversation_updated", "id": 7,
             "changed_attributes": [{"label_list": {"previous_value": ["lead"], "current_value": []}}]});
         assert_eq!(get(&removed, "labels_added"), json!([]));
-        let automation = json!({"event": "automation_event.conversation_updated", "id": 7, "labels": ["paid"]});
+        let automation =
+            json!({"event": "automation_event.conversation_updated", "id": 7, "labels": ["paid"]});
         assert_eq!(get(&automation, "labels_added"), json!(["paid"]));
         let status = json!({"event": "conversation_status_changed", "id": 7, "labels": ["paid"]});
         assert_eq!(get(&status, "labels_added"), json!([]));

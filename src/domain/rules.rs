@@ -164,7 +164,10 @@ pub struct RuleSet {
 impl std::fmt::Debug for RuleSet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RuleSet")
-            .field("rules", &self.rules.iter().map(|r| &r.name).collect::<Vec<_>>())
+            .field(
+                "rules",
+                &self.rules.iter().map(|r| &r.name).collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -277,8 +280,7 @@ impl RuleSet {
                     _ => {
                         field_problems.push((
                             field,
-                            "must be a CEL expression (a string), a number or a boolean"
-                                .to_owned(),
+                            "must be a CEL expression (a string), a number or a boolean".to_owned(),
                         ));
                         continue;
                     }
@@ -862,11 +864,20 @@ mod tests {
         )
         .expect_err("broken rules");
         let text = problems.join("\n");
-        assert!(text.contains(r#"rule "a": when: is not a valid CEL expression"#), "{text}");
-        assert!(text.contains("fields.currency: `BRL` is not a variable"), "{text}");
+        assert!(
+            text.contains(r#"rule "a": when: is not a valid CEL expression"#),
+            "{text}"
+        );
+        assert!(
+            text.contains("fields.currency: `BRL` is not a variable"),
+            "{text}"
+        );
         assert!(text.contains("event: is required"), "{text}");
         assert!(text.contains("name: is used by another rule"), "{text}");
-        assert!(text.contains(r#"source: "nowhere" is not a source"#), "{text}");
+        assert!(
+            text.contains(r#"source: "nowhere" is not a source"#),
+            "{text}"
+        );
     }
 
     #[test]

@@ -99,12 +99,7 @@ impl Mapper {
     }
 
     /// The events `payload` of `source` becomes.
-    pub async fn map(
-        &self,
-        source: &str,
-        payload: &Value,
-        received_at: i64,
-    ) -> Mapped {
+    pub async fn map(&self, source: &str, payload: &Value, received_at: i64) -> Mapped {
         let Some(config) = self.config.get(source) else {
             return Mapped::Unmatched;
         };

@@ -34,7 +34,10 @@ impl std::fmt::Debug for SourceConfig {
             .field("name", &self.name)
             .field("kind", &self.kind)
             .field("url_token", &self.url_token.as_ref().map(|_| "<set>"))
-            .field("signing_secret", &self.signing_secret.as_ref().map(|_| "<set>"))
+            .field(
+                "signing_secret",
+                &self.signing_secret.as_ref().map(|_| "<set>"),
+            )
             .finish()
     }
 }
@@ -133,11 +136,13 @@ pub(crate) fn load(
             continue;
         };
         let var = name.to_ascii_uppercase().replace('-', "_");
-        let url_token = env.get(&format!("SOURCE_{var}_TOKEN")).or_else(|| match name.as_str() {
-            "supabase" => env.get("SUPABASE_WEBHOOK_TOKEN"),
-            "chatwoot" => env.get("CHATWOOT_WEBHOOK_TOKEN"),
-            _ => None,
-        });
+        let url_token = env
+            .get(&format!("SOURCE_{var}_TOKEN"))
+            .or_else(|| match name.as_str() {
+                "supabase" => env.get("SUPABASE_WEBHOOK_TOKEN"),
+                "chatwoot" => env.get("CHATWOOT_WEBHOOK_TOKEN"),
+                _ => None,
+            });
         if let Some(token) = &url_token {
             if token.len() < MIN_TOKEN_LEN || token.contains('/') {
                 problems.push(format!(

@@ -1147,7 +1147,12 @@ impl Store for PostgresStore {
         let mut conn = self.conn().await?;
         self.query(&sql)
             .bind(counts.iter().map(|c| c.source.clone()).collect::<Vec<_>>())
-            .bind(counts.iter().map(|c| c.outcome.to_owned()).collect::<Vec<_>>())
+            .bind(
+                counts
+                    .iter()
+                    .map(|c| c.outcome.to_owned())
+                    .collect::<Vec<_>>(),
+            )
             .bind(
                 counts
                     .iter()
