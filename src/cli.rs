@@ -205,11 +205,13 @@ async fn test_rules(config: Config, source: &str, file: &PathBuf) -> anyhow::Res
         crate::api::sources::preview(&mapper, &config.ingest, source, &payload, now_ms() / 1000)
             .await;
     println!("{}", serde_json::to_string_pretty(&result)?);
-    Ok(if result["outcome"] == "parked" || result["outcome"] == "retry" {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(
+        if result["outcome"] == "parked" || result["outcome"] == "retry" {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        },
+    )
 }
 
 fn config_failure(problems: &[String]) -> ExitCode {

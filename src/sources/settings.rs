@@ -232,3 +232,65 @@ fn chatwoot_default_rules(name: &str, file: &FileSource) -> Result<Vec<RuleSpec>
         .map(|file| file.rules)
         .map_err(|err| format!("the shipped Chatwoot rules do not parse: {}", err.message()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_with(pairs: &[(&str, &str)], sources_toml: &str) -> (SourcesConfig, Vec<String>) {
+        let env = Env::from_pairs(pairs.iter().copied());
+        let sources: BTreeMap<String, FileSource> =
+            toml::from_str(sources_toml).expect("sources parse");
+        let mut problems = Vec::new();
+        let config = load(&env, sources, Vec::new(), None, &mut problems);
+        (config, problems)
+    }
+
+    #[test]
+    fn the_shipped_chatwoot_rules_compile_with_and_without_settings() {
+        let (config, problems) = load_with(&[], "");
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(config.rules.count_for("chatwoot"), 3);
+        let (config, problems) = load_with(
+            &[],
+            "[chatwoot]\ncurrency = \"brl\"\nvalue_attribute = \"amount\"\nwhatsapp_business_account_id = \"1234\"\n[helpdesk]\nkind = \"chatwoot\"",
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(config.rules.count_for("helpdesk"), 3);
+        let (config, problems) = load_with(&[], "[chatwoot]\ndefault_rules = false");
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(config.rules.count_for("chatwoot"), 0);
+    }
+
+    #[test]
+    fn tokens_and_settings_are_checked() {
+        let (_, problems) = load_with(
+            &[
+                ("SUPABASE_WEBHOOK_TOKEN", "short"),
+                ("SOURCE_CRM_SIGNING_SECRET", "x"),
+            ],
+            "[crm]\nkind = \"supabase\"\n[chatwoot]\ncurrency = \"reais\"\n[Bad]\n",
+        );
+        let text = problems.join("\n");
+        assert!(
+            text.contains("SOURCE_SUPABASE_TOKEN must be at least 24"),
+            "{text}"
+        );
+        assert!(text.contains("only used by chatwoot sources"), "{text}");
+        assert!(
+            text.contains("sources.chatwoot.currency must be an ISO 4217"),
+            "{text}"
+        );
+        assert!(text.contains("sources.Bad: a source name"), "{text}");
+    }
+
+    #[test]
+    fn debug_output_hides_tokens() {
+        let (config, _) = load_with(
+            &[("SUPABASE_WEBHOOK_TOKEN", "supabase-secret-token-0123456789")],
+            "",
+        );
+        let text = format!("{config:?}");
+        assert!(!text.contains("supabase-secret-token"), "{text}");
+    }
+}

@@ -12,4 +12,5 @@ mod helpers;
 mod ingest;
 mod postgres;
 mod process;
+mod sources;
 mod store_contract;
