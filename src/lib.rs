@@ -10,5 +10,6 @@ pub mod delivery;
 pub mod domain;
 pub mod inbox;
 pub mod ingest;
+pub mod sources;
 pub mod store;
 pub mod telemetry;
