@@ -3,6 +3,8 @@
 
 #[path = "../support/graph_stand_in.rs"]
 mod graph_stand_in;
+#[path = "../support/postgrest_stand_in.rs"]
+mod postgrest_stand_in;
 
 mod cli;
 mod cluster;
@@ -13,3 +15,4 @@ mod ingest;
 mod postgres;
 mod process;
 mod store_contract;
+mod supabase_lookup;
