@@ -77,7 +77,9 @@ impl App {
             wake.clone(),
         );
         let workers_alive = Arc::new(AtomicBool::new(false));
-        let mapper = crate::sources::Mapper::new(config.sources.clone(), None);
+        let lookups =
+            crate::sources::lookups_from(&config).context("cannot build the Supabase client")?;
+        let mapper = crate::sources::Mapper::new(config.sources.clone(), lookups);
         let inbox_wake = Arc::new(Notify::new());
         let retention = config.retention;
         let poll_interval = config.delivery.poll_interval;

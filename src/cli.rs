@@ -194,7 +194,10 @@ async fn test_rules(config: Config, source: &str, file: &PathBuf) -> anyhow::Res
     };
     let payload: Value = serde_json::from_str(&text)
         .map_err(|err| anyhow::anyhow!("{} is not JSON: {err}", file.display()))?;
-    let mapper = crate::sources::Mapper::new(config.sources.clone(), None);
+    let mapper = crate::sources::Mapper::new(
+        config.sources.clone(),
+        crate::sources::lookups_from(&config)?,
+    );
     if mapper.source(source).is_none() {
         eprintln!(
             "no source named {source:?}: supabase and chatwoot always exist, others are declared under [sources.<name>]"

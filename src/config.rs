@@ -29,6 +29,8 @@ pub struct Config {
     pub graph_url: String,
     /// Accepted webhook secrets (several allow rotation). Empty means unauthenticated.
     pub webhook_secrets: Vec<String>,
+    /// Supabase's REST API, for rules that look rows up; `None` when not configured.
+    pub supabase: Option<SupabaseApiConfig>,
     /// Rules applied to every incoming event.
     pub ingest: IngestRules,
     /// Largest accepted request body in bytes.
@@ -54,6 +56,27 @@ pub struct MetaConfig {
     pub app_secret: Option<String>,
     /// Routes every event to Events Manager's Test Events tab.
     pub test_event_code: Option<String>,
+}
+
+/// Supabase's REST API (PostgREST) with a service key, for row lookups.
+#[derive(Clone)]
+pub struct SupabaseApiConfig {
+    /// Project URL, e.g. `https://<ref>.supabase.co`.
+    pub url: String,
+    /// Legacy `service_role` JWT or `sb_secret_…` key. Never logged, never in a URL.
+    pub service_key: String,
+    /// The variable the key came from, named in error messages.
+    pub key_variable: &'static str,
+}
+
+impl std::fmt::Debug for SupabaseApiConfig {
+    // Hand-written so that the key can never reach a log through `{:?}`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SupabaseApiConfig")
+            .field("url", &self.url)
+            .field("key_variable", &self.key_variable)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How the delivery workers behave.
@@ -98,6 +121,7 @@ impl std::fmt::Debug for Config {
             .field("api_version", &self.api_version)
             .field("graph_url", &self.graph_url)
             .field("webhook_secrets", &self.webhook_secrets.len())
+            .field("supabase", &self.supabase)
             .field("delivery", &self.delivery)
             .finish_non_exhaustive()
     }
@@ -133,6 +157,7 @@ struct FileConfig {
     listen_addr: Option<String>,
     database_url: Option<String>,
     database_schema: Option<String>,
+    supabase_url: Option<String>,
     default_country: Option<String>,
     default_action_source: Option<String>,
     body_limit_bytes: Option<usize>,
@@ -391,6 +416,8 @@ pub fn load(env: &Env, config_path: Option<&Path>) -> Result<Config, Vec<String>
         })
         .unwrap_or_default();
 
+    let supabase = load_supabase(env, file.supabase_url, &mut problems);
+
     let default_country = match env.get("DEFAULT_COUNTRY").or(file.default_country) {
         Some(raw) => match crate::domain::normalize::country_code(&raw) {
             Some(code) => Some(code.to_owned()),
@@ -577,6 +604,7 @@ pub fn load(env: &Env, config_path: Option<&Path>) -> Result<Config, Vec<String>
         api_version,
         graph_url,
         webhook_secrets,
+        supabase,
         ingest: IngestRules {
             default_country,
             default_action_source,
@@ -650,6 +678,55 @@ fn check_graph_url(raw: &str) -> Result<(), String> {
             }
         }
         other => Err(format!("META_GRAPH_URL must use https, got {other}")),
+    }
+}
+
+/// `SUPABASE_URL` (or `NEXT_PUBLIC_SUPABASE_URL`, or `supabase_url` in the file) with
+/// `SUPABASE_SERVICE_KEY` (or `SUPABASE_SERVICE_ROLE_KEY`, `SUPABASE_SECRET_KEY`): both or neither.
+fn load_supabase(
+    env: &Env,
+    file_url: Option<String>,
+    problems: &mut Vec<String>,
+) -> Option<SupabaseApiConfig> {
+    use crate::sources::supabase_rest::{check_base_url, check_key};
+    let url = ["SUPABASE_URL", "NEXT_PUBLIC_SUPABASE_URL"]
+        .into_iter()
+        .find_map(|name| env.get(name).map(|url| (name, url)))
+        .or(file_url.map(|url| ("supabase_url", url)));
+    let key = [
+        "SUPABASE_SERVICE_KEY",
+        "SUPABASE_SERVICE_ROLE_KEY",
+        "SUPABASE_SECRET_KEY",
+    ]
+    .into_iter()
+    .find_map(|name| env.get(name).map(|key| (name, key)));
+    match (url, key) {
+        (Some((url_name, url)), Some((key_name, service_key))) => {
+            let mut valid = true;
+            if let Err(err) = check_base_url(&url) {
+                problems.push(format!("{url_name}: {err}"));
+                valid = false;
+            }
+            if let Err(err) = check_key(&service_key, key_name) {
+                problems.push(err.to_string());
+                valid = false;
+            }
+            valid.then_some(SupabaseApiConfig {
+                url: url.trim_end_matches('/').to_owned(),
+                service_key,
+                key_variable: key_name,
+            })
+        }
+        // A Next.js .env.local commonly has the public URL without a service key: that must
+        // keep working. Rules that look rows up then park with a message saying what to set.
+        (Some(_), None) => None,
+        (None, Some((key_name, _))) => {
+            problems.push(format!(
+                "{key_name} is set but SUPABASE_URL (or NEXT_PUBLIC_SUPABASE_URL) is not: set both for row lookups over Supabase's REST API, or neither"
+            ));
+            None
+        }
+        (None, None) => None,
     }
 }
 
@@ -779,6 +856,73 @@ mod tests {
         let shown = format!("{config:?}");
         assert!(!shown.contains("EAAB-secret-token"));
         assert!(!shown.contains("hook-secret"));
+    }
+
+    #[test]
+    fn supabase_needs_a_url_and_a_key_and_never_shows_the_key() {
+        let key = "sb_secret_0123456789abcdefghijklmnop";
+        let config = load_pairs(&[
+            ("NEXT_PUBLIC_SUPABASE_URL", "https://abcd.supabase.co/"),
+            ("SUPABASE_SERVICE_KEY", key),
+        ])
+        .expect("valid");
+        let supabase = config.supabase.as_ref().expect("configured");
+        assert_eq!(supabase.url, "https://abcd.supabase.co");
+        assert_eq!(supabase.key_variable, "SUPABASE_SERVICE_KEY");
+        let shown = format!("{config:?}");
+        assert!(shown.contains("abcd.supabase.co"), "{shown}");
+        assert!(!shown.contains(key), "{shown}");
+
+        // The aliases, and SUPABASE_URL over NEXT_PUBLIC_SUPABASE_URL.
+        for alias in ["SUPABASE_SERVICE_ROLE_KEY", "SUPABASE_SECRET_KEY"] {
+            let config = load_pairs(&[
+                ("SUPABASE_URL", "https://wxyz.supabase.co"),
+                ("NEXT_PUBLIC_SUPABASE_URL", "https://abcd.supabase.co"),
+                (alias, key),
+            ])
+            .expect("valid");
+            let supabase = config.supabase.expect("configured");
+            assert_eq!(supabase.url, "https://wxyz.supabase.co");
+            assert_eq!(supabase.key_variable, alias);
+        }
+
+        // A Next.js .env.local with only the public URL keeps working (no lookups).
+        let config = load_pairs(&[("NEXT_PUBLIC_SUPABASE_URL", "https://abcd.supabase.co")])
+            .expect("the public URL alone is fine");
+        assert!(config.supabase.is_none());
+        let problems = load_pairs(&[("SUPABASE_SECRET_KEY", key)]).expect_err("no url");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("SUPABASE_URL"), "{problems:?}");
+        assert!(!problems[0].contains(key), "{problems:?}");
+
+        // The key would travel in clear.
+        let problems = load_pairs(&[
+            ("SUPABASE_URL", "http://abcd.supabase.co"),
+            ("SUPABASE_SERVICE_KEY", key),
+        ])
+        .expect_err("plain http");
+        assert!(problems[0].starts_with("SUPABASE_URL: "), "{problems:?}");
+        assert!(problems[0].contains("https"), "{problems:?}");
+        assert!(load_pairs(&[
+            ("SUPABASE_URL", "http://127.0.0.1:54321"),
+            ("SUPABASE_SERVICE_KEY", key),
+        ])
+        .is_ok());
+    }
+
+    #[test]
+    fn the_toml_file_may_set_the_supabase_url_but_not_the_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("capi-bridge.toml");
+        std::fs::write(&path, "supabase_url = \"https://abcd.supabase.co\"\n").expect("write");
+        let env = Env::from_pairs([("SUPABASE_SERVICE_KEY", "sb_secret_0123456789")]);
+        let config = load(&env, Some(&path)).expect("valid");
+        assert_eq!(
+            config.supabase.map(|s| s.url).as_deref(),
+            Some("https://abcd.supabase.co")
+        );
+        std::fs::write(&path, "supabase_service_key = \"sb_secret_0123456789\"\n").expect("write");
+        assert!(load(&Env::default(), Some(&path)).is_err());
     }
 
     #[test]

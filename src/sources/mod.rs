@@ -3,6 +3,7 @@
 //! ([`crate::domain::rules`]), fetching rows the rules ask for.
 
 pub mod settings;
+pub mod supabase_rest;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -27,6 +28,37 @@ pub trait RowLookup: Send + Sync {
         column: &str,
         value: &str,
     ) -> Result<Option<Value>, String>;
+}
+
+#[async_trait]
+impl RowLookup for supabase_rest::SupabaseRest {
+    async fn fetch_row(
+        &self,
+        table: &str,
+        column: &str,
+        value: &str,
+    ) -> Result<Option<Value>, String> {
+        supabase_rest::SupabaseRest::fetch_row(self, table, column, value)
+            .await
+            .map_err(|err| err.to_string())
+    }
+}
+
+/// The row lookups the configuration allows: Supabase's REST API when its URL and key are set.
+///
+/// # Errors
+/// A client that cannot be built (the configuration was validated, so this is rare).
+pub fn lookups_from(
+    config: &crate::config::Config,
+) -> Result<Option<Arc<dyn RowLookup>>, supabase_rest::LookupError> {
+    match &config.supabase {
+        Some(api) => {
+            let client =
+                supabase_rest::SupabaseRest::from_config(api, supabase_rest::DEFAULT_TIMEOUT)?;
+            Ok(Some(Arc::new(client)))
+        }
+        None => Ok(None),
+    }
 }
 
 /// What a payload became.

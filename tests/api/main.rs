@@ -3,6 +3,8 @@
 
 #[path = "../support/graph_stand_in.rs"]
 mod graph_stand_in;
+#[path = "../support/postgrest_stand_in.rs"]
+mod postgrest_stand_in;
 
 mod cli;
 mod cluster;
@@ -10,7 +12,9 @@ mod crash;
 mod delivery;
 mod helpers;
 mod ingest;
+mod n8n_example;
 mod postgres;
 mod process;
 mod sources;
 mod store_contract;
+mod supabase_lookup;

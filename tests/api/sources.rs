@@ -603,3 +603,55 @@ async fn rules_can_be_tried_over_http_without_storing_anything() {
         "a preview stores nothing"
     );
 }
+
+#[tokio::test]
+async fn a_trigger_carrying_only_an_id_gets_its_user_data_from_a_supabase_lookup() {
+    const KEY: &str = "sb_secret_Zm9yLXRlc3RzLW9ubHktMDEyMzQ1Njc4OQ";
+    let supabase = crate::postgrest_stand_in::PostgrestStandIn::start(KEY).await;
+    supabase.insert_table(
+        "leads",
+        vec![json!({"id": 77, "email": "Bruno@Example.com", "phone": "+55 21 98888-7777"})],
+    );
+    let rules = r#"
+        [[rules]]
+        name = "payment"
+        source = "supabase"
+        when = 'type == "INSERT" && table == "payments"'
+        event = "Purchase"
+        lookups = [{ name = "lead", table = "leads", value = "record.lead_id" }]
+        [rules.fields]
+        event_id = '"payment-" + string(record.id)'
+        email = "lead.email"
+        phone = "lead.phone"
+        value = "record.amount"
+        currency = '"BRL"'
+    "#;
+    let files = files(rules);
+    let app = spawn_app_with(&[
+        ("RULES_FILE", files.rules.to_str().expect("path")),
+        ("SUPABASE_URL", supabase.url.as_str()),
+        ("SUPABASE_SERVICE_KEY", KEY),
+    ])
+    .await;
+    let payload = json!({"type": "INSERT", "table": "payments", "schema": "public",
+        "record": {"id": 5, "lead_id": 77, "amount": 99.5}, "old_record": null});
+
+    assert_eq!(app.supabase(&payload).await.0, 202);
+
+    let accepted = app.graph.wait_for_accepted(1, WAIT).await;
+    let purchase = &accepted[0];
+    assert_eq!(purchase["event_id"], "payment-5");
+    assert_eq!(
+        purchase["user_data"]["em"],
+        json!([sha256("bruno@example.com")])
+    );
+    assert_eq!(
+        purchase["user_data"]["ph"],
+        json!([sha256("5521988887777")])
+    );
+    assert_eq!(purchase["custom_data"]["value"], json!(99.5));
+    let lookups = supabase.requests();
+    assert_eq!(lookups.len(), 1);
+    assert_eq!(lookups[0].header("apikey"), Some(KEY));
+    assert_eq!(lookups[0].header("authorization"), None);
+}
