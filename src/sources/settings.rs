@@ -285,6 +285,26 @@ mod tests {
     }
 
     #[test]
+    fn the_readmes_rules_compile() {
+        let readme = include_str!("../../README.md");
+        let section = readme
+            .split("## Sources and mapping rules")
+            .nth(1)
+            .expect("README section");
+        let block = section
+            .split("```toml")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .expect("first toml block");
+        let file: RulesFile = toml::from_str(block).expect("README rules parse");
+        assert!(file.rules.len() >= 5);
+        RuleSet::compile(&file.rules, |source| {
+            matches!(source, "supabase" | "crm").then_some(PayloadKind::Supabase)
+        })
+        .expect("README rules compile");
+    }
+
+    #[test]
     fn debug_output_hides_tokens() {
         let (config, _) = load_with(
             &[("SUPABASE_WEBHOOK_TOKEN", "supabase-secret-token-0123456789")],

@@ -383,3 +383,76 @@ fn send_reads_an_event_as_json_from_stdin_and_refuses_invalid_ones() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn rules_test_prints_what_a_sample_payload_would_send_or_why_not() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(
+        &rules,
+        r#"
+        [[rules]]
+        name = "lead-created"
+        source = "supabase"
+        when = 'type == "INSERT" && table == "leads"'
+        event = "Lead"
+        fields.event_id = '"lead-" + string(record.id)'
+        fields.email = "record.email"
+        fields.phone = "record.phone"
+
+        [[rules]]
+        name = "lead-won"
+        source = "supabase"
+        when = 'type == "UPDATE" && record.status == "won"'
+        event = "Purchase"
+        fields.email = "record.email"
+        fields.value = "record.deal_valeu"
+        fields.currency = '"BRL"'
+        "#,
+    )
+    .expect("write rules");
+    let samples = format!("{}/../shared/samples", env!("CARGO_MANIFEST_DIR"));
+    let env = [("RULES_FILE", rules.to_str().expect("path"))];
+    let run = |file: &str| {
+        let output = capi_bridge(
+            dir.path(),
+            &env,
+            &[
+                "rules",
+                "test",
+                "--source",
+                "supabase",
+                &format!("{samples}/{file}"),
+            ],
+        );
+        let printed: Value = serde_json::from_slice(&output.stdout)
+            .unwrap_or_else(|_| panic!("JSON on stdout: {}", text(&output.stderr)));
+        (output.status.code(), printed)
+    };
+
+    let (code, insert) = run("supabase-leads-insert.json");
+    assert_eq!(code, Some(0));
+    assert_eq!(insert["outcome"], "events");
+    let data = &insert["events"][0]["data"];
+    assert_eq!(data["event_id"], "lead-1");
+    assert_eq!(
+        data["user_data"]["em"],
+        json!([sha256("ana.souza@example.com")])
+    );
+    assert!(
+        !insert.to_string().contains("Ana.Souza"),
+        "only hashed values: {insert}"
+    );
+
+    let (code, won) = run("supabase-leads-update-won.json");
+    assert_eq!(code, Some(1));
+    assert_eq!(won["outcome"], "parked");
+    assert_eq!(won["problems"][0]["rule"], "lead-won");
+    assert_eq!(won["problems"][0]["field"], "fields.value");
+
+    let (code, delete) = run("supabase-leads-delete.json");
+    assert_eq!(code, Some(0));
+    assert_eq!(delete["outcome"], "unmatched");
+    // Nothing was stored: no database file was even needed beyond migrations.
+    assert!(!dir.path().join("capi-bridge.db").exists());
+}
