@@ -655,3 +655,46 @@ async fn a_trigger_carrying_only_an_id_gets_its_user_data_from_a_supabase_lookup
     assert_eq!(lookups[0].header("apikey"), Some(KEY));
     assert_eq!(lookups[0].header("authorization"), None);
 }
+
+#[tokio::test]
+async fn sources_work_the_same_on_postgres() {
+    let files = files(RULES);
+    let schema = crate::helpers::new_postgres_schema();
+    let app = crate::helpers::spawn_app_in_schema(
+        &schema,
+        &[
+            ("RULES_FILE", files.rules.to_str().expect("path")),
+            ("CAPI_BRIDGE_CONFIG", files.config.to_str().expect("path")),
+            ("CHATWOOT_WEBHOOK_SECRET", CHATWOOT_SECRET),
+        ],
+    )
+    .await;
+
+    assert_eq!(
+        app.supabase(&sample("supabase-leads-insert.json")).await.0,
+        202
+    );
+    assert_eq!(
+        app.chatwoot_signed(&label_added("lead"), "pg-1", now())
+            .await
+            .0,
+        202
+    );
+    let (status, receipt) = app
+        .chatwoot_signed(&label_added("lead"), "pg-1", now())
+        .await;
+    assert_eq!(
+        (status, receipt["status"].as_str()),
+        (200, Some("duplicate"))
+    );
+
+    let accepted = app.graph.wait_for_accepted(2, WAIT).await;
+    let mut names: Vec<&str> = accepted
+        .iter()
+        .filter_map(|e| e["event_name"].as_str())
+        .collect();
+    names.sort_unstable();
+    assert_eq!(names, ["Lead", "Lead"]);
+    app.wait_for_count("supabase", "mapped", 1).await;
+    app.wait_for_count("chatwoot", "duplicate", 1).await;
+}

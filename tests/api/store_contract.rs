@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use capi_bridge::store::{
     self, AttemptRecord, EventUpdate, InsertOutcome, NewEventRecord, ReplayFilter, Retention,
-    Settlement, Store, DEDUP_WINDOW_MS,
+    Settlement, SourceCount, Store, DEDUP_WINDOW_MS,
 };
 use sqlx::{Connection, Executor, PgConnection};
 
@@ -564,6 +564,70 @@ async fn check_inbox_payloads_are_leased_then_stored_or_kept_invalid(store: &dyn
     assert_eq!(again.iter().map(|i| i.id).collect::<Vec<_>>(), [b]);
 }
 
+async fn check_source_payloads_dedup_delivery_ids_and_count_outcomes(store: &dyn Store) {
+    let payload = serde_json::json!({"event": "conversation_created", "id": 1});
+    let first = store
+        .enqueue_source_payload("chatwoot", Some("d-1"), &payload, T0)
+        .await
+        .expect("enqueue");
+    assert!(first.is_some());
+    let retry = store
+        .enqueue_source_payload("chatwoot", Some("d-1"), &payload, T0 + 1000)
+        .await
+        .expect("enqueue");
+    assert_eq!(retry, None, "the same delivery id within 48 hours");
+    let other_source = store
+        .enqueue_source_payload("helpdesk", Some("d-1"), &payload, T0 + 1000)
+        .await
+        .expect("enqueue");
+    assert!(other_source.is_some(), "delivery ids are per source");
+    let without_id = store
+        .enqueue_source_payload("supabase", None, &payload, T0)
+        .await
+        .expect("enqueue");
+    assert!(without_id.is_some());
+    let claimed = store.claim_inbox(10, T0, T0 + 1000).await.expect("claim");
+    assert_eq!(claimed.len(), 3);
+    assert_eq!(claimed[0].payload, payload);
+
+    let count = |outcome: &'static str, n: u64| SourceCount {
+        source: "chatwoot".to_owned(),
+        outcome,
+        count: n,
+    };
+    store
+        .count_source_outcomes(&[count("received", 2), count("unmatched", 1)], T0)
+        .await
+        .expect("count");
+    store
+        .count_source_outcomes(&[count("received", 1)], T0 + 5)
+        .await
+        .expect("count");
+    let stats = store.source_stats().await.expect("stats");
+    let get = |source: &str, outcome: &str| {
+        stats
+            .iter()
+            .find(|s| s.source == source && s.outcome == outcome)
+            .map(|s| (s.count, s.last_at))
+    };
+    assert_eq!(get("chatwoot", "received"), Some((3, Some(T0 + 5))));
+    assert_eq!(get("chatwoot", "unmatched"), Some((1, Some(T0))));
+    assert_eq!(get("chatwoot", "pending").map(|(n, _)| n), Some(1));
+
+    // After the window the delivery id may be used again, and pruning forgets it.
+    let later = T0 + DEDUP_WINDOW_MS + 1;
+    let again = store
+        .enqueue_source_payload("chatwoot", Some("d-1"), &payload, later)
+        .await
+        .expect("enqueue");
+    assert!(again.is_some());
+    let pruned = store
+        .prune(later + DEDUP_WINDOW_MS + 1, &Retention::default())
+        .await
+        .expect("prune");
+    assert!(pruned.dedup_keys >= 2, "{pruned:?}");
+}
+
 /// Runs every check against every backend: one list, so no backend can miss a check.
 macro_rules! store_contract {
     ($($check:ident),* $(,)?) => {
@@ -621,4 +685,5 @@ store_contract!(
     check_events_inserted_with_a_lease_are_claimable_only_after_it,
     check_retention_prunes_finished_events_and_expired_dedup_keys,
     check_inbox_payloads_are_leased_then_stored_or_kept_invalid,
+    check_source_payloads_dedup_delivery_ids_and_count_outcomes,
 );
