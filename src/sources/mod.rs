@@ -21,13 +21,22 @@ pub trait RowLookup: Send + Sync {
     /// The row of `table` whose `column` equals `value`, if any.
     ///
     /// # Errors
-    /// A description of what failed, free of the key and the value (it may be personal data).
+    /// What failed, free of the key and the value (it may be personal data).
     async fn fetch_row(
         &self,
         table: &str,
         column: &str,
         value: &str,
-    ) -> Result<Option<Value>, String>;
+    ) -> Result<Option<Value>, LookupFailure>;
+}
+
+/// Why a row could not be fetched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LookupFailure {
+    /// In words, without the key or the value.
+    pub reason: String,
+    /// Worth trying again later (an outage), rather than parking the payload until a fix.
+    pub transient: bool,
 }
 
 #[async_trait]
@@ -37,10 +46,13 @@ impl RowLookup for supabase_rest::SupabaseRest {
         table: &str,
         column: &str,
         value: &str,
-    ) -> Result<Option<Value>, String> {
+    ) -> Result<Option<Value>, LookupFailure> {
         supabase_rest::SupabaseRest::fetch_row(self, table, column, value)
             .await
-            .map_err(|err| err.to_string())
+            .map_err(|err| LookupFailure {
+                transient: err.is_transient(),
+                reason: err.to_string(),
+            })
     }
 }
 
@@ -163,6 +175,8 @@ impl Mapper {
                 }
             };
             let mut rows = BTreeMap::new();
+            let mut not_found = Vec::new();
+            let failures_before = failures.len();
             for request in requests {
                 let Some(lookups) = &self.lookups else {
                     failures.push(RuleFailure {
@@ -177,26 +191,47 @@ impl Mapper {
                     .await
                 {
                     Ok(row) => {
+                        if row.is_none() {
+                            not_found.push(format!(
+                                "lookup {:?} found no row in {} where {} = the value given",
+                                request.name, request.table, request.column
+                            ));
+                        }
                         rows.insert(request.name, row.unwrap_or(Value::Null));
                     }
-                    Err(reason) => {
+                    Err(failure) if failure.transient => {
                         return Mapped::Retry {
                             reason: format!(
-                                "rule {:?}: lookup {:?} in {}: {reason}",
+                                "rule {:?}: lookup {:?} in {}: {}",
                                 rules.name(rule),
                                 request.name,
-                                request.table
+                                request.table,
+                                failure.reason
                             ),
                         }
                     }
+                    Err(failure) => failures.push(RuleFailure {
+                        rule: rules.name(rule).to_owned(),
+                        field: format!("lookups.{}", request.name),
+                        reason: failure.reason,
+                    }),
                 }
+            }
+            if failures.len() > failures_before {
+                // A row it needs is missing: its fields would only fail again.
+                continue;
             }
             match rules.build_event(rule, &input, &rows) {
                 Ok(event) => {
                     events.push(event);
                     names.push(rules.name(rule).to_owned());
                 }
-                Err(failure) => failures.push(failure),
+                Err(mut failure) => {
+                    if !not_found.is_empty() {
+                        failure.reason = format!("{} ({})", failure.reason, not_found.join("; "));
+                    }
+                    failures.push(failure);
+                }
             }
         }
         if failures.is_empty() {
@@ -207,5 +242,125 @@ impl Mapper {
         } else {
             Mapped::Failed { failures }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Env;
+    use crate::domain::rules::RuleSpec;
+    use serde_json::json;
+
+    /// Answers every lookup with the same result.
+    struct Fixed(Result<Option<Value>, LookupFailure>);
+
+    #[async_trait]
+    impl RowLookup for Fixed {
+        async fn fetch_row(
+            &self,
+            _: &str,
+            _: &str,
+            _: &str,
+        ) -> Result<Option<Value>, LookupFailure> {
+            self.0.clone()
+        }
+    }
+
+    fn mapper(lookups: Option<Arc<dyn RowLookup>>) -> Mapper {
+        #[derive(serde::Deserialize)]
+        struct File {
+            rules: Vec<RuleSpec>,
+        }
+        let file: File = toml::from_str(
+            r#"
+            [[rules]]
+            name = "payment"
+            source = "supabase"
+            event = "Purchase"
+            lookups = [{ name = "lead", table = "leads", value = "record.lead_id" }]
+            fields.email = "lead.email"
+            fields.value = "record.amount"
+            fields.currency = '"BRL"'
+            "#,
+        )
+        .expect("rules parse");
+        let mut problems = Vec::new();
+        let config = settings::load(
+            &Env::from_pairs(std::iter::empty::<(&str, &str)>()),
+            BTreeMap::new(),
+            file.rules,
+            None,
+            &mut problems,
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+        Mapper::new(config, lookups)
+    }
+
+    fn payment() -> Value {
+        json!({"type": "INSERT", "table": "payments", "schema": "public",
+               "record": {"lead_id": 7, "amount": 10}, "old_record": null})
+    }
+
+    async fn map(lookups: Option<Arc<dyn RowLookup>>) -> Mapped {
+        mapper(lookups).map("supabase", &payment(), 0).await
+    }
+
+    #[tokio::test]
+    async fn a_found_row_fills_the_event() {
+        let found = Fixed(Ok(Some(json!({"email": "a@b.co"}))));
+        let Mapped::Events { events, rules } = map(Some(Arc::new(found))).await else {
+            panic!("events expected");
+        };
+        assert_eq!(events[0]["email"], "a@b.co");
+        assert_eq!(rules, ["payment"]);
+    }
+
+    #[tokio::test]
+    async fn an_outage_is_retried_and_a_configuration_problem_parks() {
+        let outage = Fixed(Err(LookupFailure {
+            reason: "did not answer".into(),
+            transient: true,
+        }));
+        assert!(matches!(
+            map(Some(Arc::new(outage))).await,
+            Mapped::Retry { .. }
+        ));
+
+        let missing_table = Fixed(Err(LookupFailure {
+            reason: "table \"leads\" was not found".into(),
+            transient: false,
+        }));
+        let Mapped::Failed { failures } = map(Some(Arc::new(missing_table))).await else {
+            panic!("parked expected");
+        };
+        // One reason: the fields that need the row are not tried.
+        assert_eq!(failures.len(), 1, "{failures:?}");
+        assert_eq!(failures[0].field, "lookups.lead");
+    }
+
+    #[tokio::test]
+    async fn lookups_without_supabase_configured_say_what_to_set() {
+        let Mapped::Failed { failures } = map(None).await else {
+            panic!("parked expected");
+        };
+        assert!(
+            failures[0].reason.contains("SUPABASE_SERVICE_KEY"),
+            "{failures:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_missing_row_parks_the_payload_saying_so() {
+        let Mapped::Failed { failures } = map(Some(Arc::new(Fixed(Ok(None))))).await else {
+            panic!("parked expected");
+        };
+        assert_eq!(failures[0].field, "fields.email");
+        assert!(
+            failures[0]
+                .reason
+                .contains("lookup \"lead\" found no row in leads"),
+            "{failures:?}"
+        );
     }
 }

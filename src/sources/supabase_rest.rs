@@ -194,6 +194,26 @@ pub enum LookupError {
     Client(String),
 }
 
+impl LookupError {
+    /// Whether trying again later may succeed (an outage, a timeout, a rate limit), as opposed
+    /// to something only a configuration or rule fix cures.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            LookupError::Timeout { .. }
+            | LookupError::Unreachable { .. }
+            | LookupError::InvalidResponse { .. } => true,
+            LookupError::Rejected { status, .. } => *status >= 500 || *status == 429,
+            LookupError::InvalidUrl { .. }
+            | LookupError::InvalidKey { .. }
+            | LookupError::InvalidName { .. }
+            | LookupError::EmptyValue { .. }
+            | LookupError::KeyRefused { .. }
+            | LookupError::TableNotFound { .. }
+            | LookupError::Client(_) => false,
+        }
+    }
+}
+
 /// A client for Supabase's REST API with a service key. Cheap to clone (the connection pool is
 /// shared).
 #[derive(Clone)]
