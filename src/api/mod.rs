@@ -83,6 +83,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/me", get(health::me))
         .route("/v1/sources", get(sources::list))
         .route("/v1/rules/test", post(sources::test_rules))
+        .route("/v1/inbox/parked", get(sources::parked))
+        .route("/v1/inbox/replay", post(sources::replay_parked))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     // Sources authenticate themselves: a URL token or a sender's signature besides the secret.
     let sources = Router::new()

@@ -335,3 +335,21 @@ pub async fn preview(
         }
     }
 }
+
+/// Parked payloads (newest first, at most 500): source, problems and times, never the payload.
+pub(super) async fn parked(State(state): State<SharedState>) -> Result<Json<Value>, ApiError> {
+    let parked = state.0.store.parked_payloads(500).await?;
+    Ok(Json(json!({ "parked": parked })))
+}
+
+/// Makes every parked payload pending again (after a rule or configuration fix).
+pub(super) async fn replay_parked(
+    State(state): State<SharedState>,
+) -> Result<Json<Value>, ApiError> {
+    let app = &state.0;
+    let requeued = app.store.requeue_invalid_inbox(now_ms()).await?;
+    if requeued > 0 {
+        app.inbox_wake.notify_one();
+    }
+    Ok(Json(json!({ "requeued": requeued })))
+}

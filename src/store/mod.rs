@@ -296,6 +296,21 @@ pub struct SourceStat {
     pub last_at: Option<i64>,
 }
 
+/// A payload parked in the inbox: what is wrong with it, not what it holds.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ParkedPayload {
+    /// Inbox row.
+    pub id: i64,
+    /// Who sent it (`sql` for `enqueue()`, else the source name).
+    pub source: String,
+    /// The problems, as recorded (rule, field, reason).
+    pub problems: serde_json::Value,
+    /// Unix ms when it arrived.
+    pub received_at: i64,
+    /// Unix ms when it was parked.
+    pub parked_at: i64,
+}
+
 /// A raw payload waiting in the inbox.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InboxItem {
@@ -420,6 +435,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every source's counters, and how many of its payloads are pending or parked.
     async fn source_stats(&self) -> Result<Vec<SourceStat>, StoreError>;
+
+    /// The newest `limit` parked (invalid) inbox payloads, with their problems; not the
+    /// payloads themselves, which may hold personal data.
+    async fn parked_payloads(&self, limit: usize) -> Result<Vec<ParkedPayload>, StoreError>;
 
     /// Waits for a sign that work is waiting, or `timeout` (then `None`). Backends that other
     /// processes can signal (Postgres `LISTEN/NOTIFY`) wake at once; the default just waits.

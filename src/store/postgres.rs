@@ -29,8 +29,9 @@ use sqlx::{Connection, Executor, PgConnection, PgPool, Postgres, QueryBuilder, R
 
 use super::{
     AttemptRecord, AttemptView, ClaimedEvent, EventDetail, EventRow, EventUpdate, InboxItem,
-    InsertOutcome, Inserted, NewEventRecord, Notice, Pruned, QueueStats, ReplayFilter, Retention,
-    Settlement, SourceCount, SourceStat, Store, StoreError, DEDUP_WINDOW_MS,
+    InsertOutcome, Inserted, NewEventRecord, Notice, ParkedPayload, Pruned, QueueStats,
+    ReplayFilter, Retention, Settlement, SourceCount, SourceStat, Store, StoreError,
+    DEDUP_WINDOW_MS,
 };
 
 /// Connections per instance. Several instances (and the user's own tools) share the server's
@@ -1164,6 +1165,35 @@ impl Store for PostgresStore {
             .await?;
         conn.finish().await?;
         Ok(())
+    }
+
+    async fn parked_payloads(&self, limit: usize) -> Result<Vec<ParkedPayload>, StoreError> {
+        let sql = format!(
+            "select id, source, problems::text, created_at, updated_at from {}
+             where state = 'invalid' order by id desc limit $1",
+            self.tables.inbox
+        );
+        let mut conn = self.conn().await?;
+        let rows = self
+            .query(&sql)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&mut *conn)
+            .await?;
+        conn.finish().await?;
+        rows.into_iter()
+            .map(|row| {
+                let problems: Option<String> = row.try_get(2)?;
+                Ok(ParkedPayload {
+                    id: row.try_get(0)?,
+                    source: row.try_get(1)?,
+                    problems: problems
+                        .and_then(|text| serde_json::from_str(&text).ok())
+                        .unwrap_or(serde_json::Value::Null),
+                    received_at: row.try_get(3)?,
+                    parked_at: row.try_get(4)?,
+                })
+            })
+            .collect()
     }
 
     async fn source_stats(&self) -> Result<Vec<SourceStat>, StoreError> {

@@ -10,8 +10,8 @@ use sqlx::{QueryBuilder, Row, SqlitePool};
 
 use super::{
     AttemptRecord, AttemptView, ClaimedEvent, EventDetail, EventRow, EventUpdate, InboxItem,
-    InsertOutcome, Inserted, NewEventRecord, Pruned, QueueStats, ReplayFilter, Retention,
-    Settlement, SourceCount, SourceStat, Store, StoreError, DEDUP_WINDOW_MS,
+    InsertOutcome, Inserted, NewEventRecord, ParkedPayload, Pruned, QueueStats, ReplayFilter,
+    Retention, Settlement, SourceCount, SourceStat, Store, StoreError, DEDUP_WINDOW_MS,
 };
 
 /// Rows per multi-row statement (9 parameters each stays far below SQLite's limit).
@@ -589,6 +589,30 @@ impl Store for SqliteStore {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn parked_payloads(&self, limit: usize) -> Result<Vec<ParkedPayload>, StoreError> {
+        let rows = sqlx::query(
+            "select id, source, problems, created_at, updated_at from inbox
+             where state = 'invalid' order by id desc limit ?1",
+        )
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                let problems: Option<String> = row.try_get(2)?;
+                Ok(ParkedPayload {
+                    id: row.try_get(0)?,
+                    source: row.try_get(1)?,
+                    problems: problems
+                        .and_then(|text| serde_json::from_str(&text).ok())
+                        .unwrap_or(serde_json::Value::Null),
+                    received_at: row.try_get(3)?,
+                    parked_at: row.try_get(4)?,
+                })
+            })
+            .collect()
     }
 
     async fn source_stats(&self) -> Result<Vec<SourceStat>, StoreError> {

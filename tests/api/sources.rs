@@ -340,24 +340,46 @@ async fn a_rule_that_fails_parks_the_payload_until_the_rule_is_fixed_and_replaye
         "stored before the answer, whatever the rules make of it"
     );
     app.wait_for_count("supabase", "parked", 1).await;
-    let stats = app.store.source_stats().await.expect("stats");
+    let parked: Value = app
+        .http
+        .get(format!("{}/v1/inbox/parked", app.address))
+        .bearer_auth(SECRET)
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("json");
+    let entry = &parked["parked"][0];
+    assert_eq!(entry["source"], "supabase");
+    assert_eq!(entry["problems"][0]["rule"], "lead-won");
+    assert_eq!(entry["problems"][0]["field"], "fields.value");
     assert!(
-        stats
-            .iter()
-            .any(|s| s.source == "supabase" && s.outcome == "parked_now" && s.count == 1),
-        "{stats:?}"
+        entry["problems"][0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("deal_valeu")),
+        "{parked}"
+    );
+    assert!(
+        !parked.to_string().contains("Ana"),
+        "no payload values: {parked}"
     );
     assert_eq!(app.graph.accepted_count(), 0);
 
     // Fix the rule, restart, replay the parked payloads.
     std::fs::write(&files.rules, RULES).expect("fix rules");
     let app = app.restart().await;
-    let requeued = app
-        .store
-        .requeue_invalid_inbox(chrono::Utc::now().timestamp_millis())
+    let replayed: Value = app
+        .http
+        .post(format!("{}/v1/inbox/replay", app.address))
+        .bearer_auth(SECRET)
+        .send()
         .await
-        .expect("requeue");
-    assert_eq!(requeued, 1);
+        .expect("request")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(replayed["requeued"], 1);
     let accepted = app.graph.wait_for_accepted(1, WAIT).await;
     assert_eq!(accepted[0]["event_id"], "won-1");
     assert_eq!(accepted[0]["custom_data"]["value"], json!(1299.9));

@@ -541,9 +541,19 @@ async fn check_inbox_payloads_are_leased_then_stored_or_kept_invalid(store: &dyn
 
     let problems = serde_json::json!([{"field": "custom_data.value", "reason": "needed"}]);
     store
-        .finish_inbox(&[a], &[(b, problems)], T0 + 1001)
+        .finish_inbox(&[a], &[(b, problems.clone())], T0 + 1001)
         .await
         .expect("finish");
+    let parked = store.parked_payloads(10).await.expect("parked");
+    assert_eq!(parked.len(), 1);
+    assert_eq!(
+        (parked[0].id, parked[0].source.as_str(), &parked[0].problems),
+        (b, "sql", &problems)
+    );
+    assert_eq!(
+        (parked[0].received_at, parked[0].parked_at),
+        (T0, T0 + 1001)
+    );
     // Stored ones are gone, invalid ones stay out of the way until replayed.
     assert!(store
         .claim_inbox(10, T0 + 5000, T0 + 6000)
