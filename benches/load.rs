@@ -33,6 +33,9 @@
 //!   round-robin. Refused with SQLite (one process owns the file).
 //! - `BENCH_NO_DELIVERY=1`: start the service without Meta credentials (dry-run) to measure
 //!   ingest alone; delivery figures are then skipped.
+//! - `BENCH_SOURCE=supabase`: send Supabase database-webhook payloads (a `leads` INSERT) to
+//!   `POST /v1/sources/supabase` instead, mapped to Lead events by a rule: measures the source
+//!   path (stored in the inbox before the answer, then mapped and ingested by the inbox worker).
 //! - `BENCH_KEEP_DB=1`: keep the database (the Postgres schema) and the service logs.
 //! - `BENCH_ENFORCE=1`: exit 1 when a target (15,000 events/s, p99 < 20 ms, delivery keeping
 //!   up) is missed. Lost events, non-202 answers or an unclean exit (of any instance) always
@@ -99,7 +102,23 @@ struct Settings {
     no_delivery: bool,
     database: Database,
     instances: usize,
+    supabase_source: bool,
 }
+
+/// The rule `BENCH_SOURCE=supabase` runs the payloads through.
+const BENCH_RULES: &str = r#"
+[[rules]]
+name = "bench-lead"
+source = "supabase"
+when = 'type == "INSERT" && table == "leads"'
+event = "Lead"
+[rules.fields]
+event_id = "record.ref"
+email = "record.email"
+phone = "record.phone"
+event_time = "record.created_at"
+custom_data.source = '"Landing Page"'
+"#;
 
 fn env_or<T: FromStr>(name: &str, default: T) -> T {
     match std::env::var(name) {
@@ -188,6 +207,11 @@ impl Settings {
             bin,
             db_dir,
             keep_db: env_flag("BENCH_KEEP_DB"),
+            supabase_source: match std::env::var("BENCH_SOURCE").as_deref().map(str::trim) {
+                Ok("supabase") => true,
+                Ok("") | Err(_) => false,
+                Ok(other) => panic!("BENCH_SOURCE must be supabase, got {other:?}"),
+            },
             enforce: env_flag("BENCH_ENFORCE"),
             no_delivery: env_flag("BENCH_NO_DELIVERY"),
             database,
@@ -388,6 +412,11 @@ fn start_service(
             .env("DATABASE_SCHEMA", &schema.name),
         _ => command.env("DATABASE_URL", format!("sqlite://{}", db.display())),
     };
+    if settings.supabase_source {
+        let rules = dir.join("bench-rules.toml");
+        std::fs::write(&rules, BENCH_RULES).expect("bench rules");
+        command.env("RULES_FILE", rules);
+    }
     command
         .arg("serve")
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
@@ -709,6 +738,38 @@ fn seed_body(prefix: &str, i: u64) -> String {
     )
 }
 
+/// A Supabase database webhook body for a new `leads` row (see `BENCH_RULES`).
+fn supabase_body(prefix: &str, i: u64) -> String {
+    format!(
+        concat!(
+            r#"{{"type": "INSERT", "table": "leads", "record": {{"ref": "{prefix}-{i}", "email": "user{i}@example.com", "#,
+            r#""phone": "+1650555{phone:04}", "status": "new", "created_at": {now}}}, "schema": "public", "old_record": null}}"#
+        ),
+        prefix = prefix,
+        i = i,
+        phone = i % 10_000,
+        now = unix_now()
+    )
+}
+
+impl Load {
+    fn body(&self, i: u64) -> String {
+        if self.supabase_source {
+            supabase_body(&self.prefix, i)
+        } else {
+            seed_body(&self.prefix, i)
+        }
+    }
+
+    fn path(&self) -> &'static str {
+        if self.supabase_source {
+            "/v1/sources/supabase"
+        } else {
+            "/v1/events"
+        }
+    }
+}
+
 #[derive(Default)]
 struct WorkerStats {
     latencies_us: Vec<u32>,
@@ -744,6 +805,7 @@ struct Load {
     limit: u64,
     deadline: Instant,
     acked: AtomicU64,
+    supabase_source: bool,
 }
 
 impl Load {
@@ -761,11 +823,12 @@ async fn raw_worker(load: Arc<Load>, addr: SocketAddr) -> WorkerStats {
     let mut stats = WorkerStats::default();
     let mut conn: Option<RawConn> = None;
     let head = format!(
-        "POST /v1/events HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {SECRET}\r\nContent-Type: application/json\r\nContent-Length: "
+        "POST {} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {SECRET}\r\nContent-Type: application/json\r\nContent-Length: ",
+        load.path()
     );
     let mut request = Vec::with_capacity(1024);
     while let Some(i) = load.take() {
-        let body = seed_body(&load.prefix, i);
+        let body = load.body(i);
         request.clear();
         request.extend_from_slice(head.as_bytes());
         request.extend_from_slice(format!("{}\r\n\r\n", body.len()).as_bytes());
@@ -800,9 +863,9 @@ async fn raw_worker(load: Arc<Load>, addr: SocketAddr) -> WorkerStats {
 
 async fn reqwest_worker(load: Arc<Load>, client: reqwest::Client, addr: SocketAddr) -> WorkerStats {
     let mut stats = WorkerStats::default();
-    let url = format!("http://{addr}/v1/events");
+    let url = format!("http://{addr}{}", load.path());
     while let Some(i) = load.take() {
-        let body = seed_body(&load.prefix, i);
+        let body = load.body(i);
         let started = Instant::now();
         let sent = client
             .post(&url)
@@ -976,6 +1039,7 @@ async fn run(settings: &Settings, graph: &GraphStandIn) -> i32 {
         limit: settings.events.unwrap_or(u64::MAX),
         deadline: t0 + duration,
         acked: AtomicU64::new(0),
+        supabase_source: settings.supabase_source,
     });
     let samples = Arc::new(Mutex::new(vec![(0.0, 0, 0)]));
     let sampling = Arc::new(AtomicBool::new(true));
@@ -1246,7 +1310,12 @@ async fn run(settings: &Settings, graph: &GraphStandIn) -> i32 {
         ));
     }
     line(String::new());
-    line("ingest (POST /v1/events, one seed-example event per request)".to_owned());
+    line(if settings.supabase_source {
+        "ingest (POST /v1/sources/supabase, one leads INSERT per request, mapped by a rule)"
+            .to_owned()
+    } else {
+        "ingest (POST /v1/events, one seed-example event per request)".to_owned()
+    });
     line(format!(
         "  load window           {load_secs:.2} s, {} requests sent",
         thousands(sent)
