@@ -271,6 +271,32 @@ async fn check(config: Config) -> anyhow::Result<ExitCode> {
             format!("{} webhook secret(s)", config.webhook_secrets.len())
         }
     );
+    for source in &config.sources.sources {
+        let mut auth = Vec::new();
+        if source.url_token.is_some() {
+            auth.push("URL token");
+        }
+        if source.signing_secret.is_some() {
+            auth.push("Chatwoot signature");
+        }
+        if !config.unauthenticated() {
+            auth.push("webhook secret");
+        }
+        println!(
+            "  source {}: POST /v1/sources/{}, {} rule(s), accepts {}",
+            source.name,
+            source.name,
+            config.sources.rules.count_for(&source.name),
+            if auth.is_empty() {
+                "anything (loopback only)".to_owned()
+            } else {
+                auth.join(", ")
+            }
+        );
+    }
+    if config.supabase.is_some() {
+        println!("  supabase lookups: configured");
+    }
     match store::open(&config.database_url, &config.database_schema).await {
         Ok(_) => println!("storage: ok"),
         Err(err) => {
