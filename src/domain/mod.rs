@@ -5,6 +5,7 @@
 //! are passed in. Everything is tested with tables and property tests.
 
 pub mod event;
+pub mod match_keys;
 pub mod normalize;
 
 pub use event::{
