@@ -175,6 +175,7 @@ async fn prune_periodically(
                 dedup_keys = pruned.dedup_keys,
                 delivered = pruned.delivered,
                 dead = pruned.dead,
+                match_keys = pruned.match_keys,
                 "pruned past retention"
             ),
             Err(err) => tracing::warn!(error = %err, "could not prune past retention"),

@@ -11,6 +11,8 @@ mod group_commit;
 mod postgres;
 mod sqlite;
 
+use std::collections::BTreeMap;
+
 use async_trait::async_trait;
 use serde::Serialize;
 
@@ -39,6 +41,41 @@ pub struct NewEventRecord {
     pub deadline_at: i64,
     /// Stored as `dry_run` instead of `queued`: shown, never sent.
     pub dry_run: bool,
+}
+
+/// One remembered match key: the newest value of one `user_data` field for one person identity
+/// (`x:<hashed external_id>`, `l:<lead_id>`, `e:<hashed email>`; see `domain::match_keys`).
+/// Hashed customer information and browser identifiers only, never raw contact information.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MatchKeyRow {
+    /// Whose: the person identity.
+    pub identity: String,
+    /// Meta's `user_data` key (`em`, `fbc`, `client_ip_address`, …).
+    pub field: String,
+    /// The value as sent to Meta, as JSON text.
+    pub value: String,
+    /// Unix ms: the `event_time` of the event it came from. Per identity and field the row with
+    /// the newest `seen_at` is kept.
+    pub seen_at: i64,
+    /// Unix ms after which it is not recalled, and pruned.
+    pub expires_at: i64,
+}
+
+/// Per `(identity, field)` the row with the newest `seen_at` (the later one on a tie), sorted by
+/// key: one row per key, as one upsert statement needs, taken in the same order by every
+/// instance so concurrent writers never deadlock.
+pub(crate) fn newest_match_keys(rows: &[MatchKeyRow]) -> Vec<&MatchKeyRow> {
+    let mut newest: BTreeMap<(&str, &str), &MatchKeyRow> = BTreeMap::new();
+    for row in rows {
+        let key = (row.identity.as_str(), row.field.as_str());
+        if newest
+            .get(&key)
+            .is_none_or(|kept| row.seen_at >= kept.seen_at)
+        {
+            newest.insert(key, row);
+        }
+    }
+    newest.into_values().collect()
 }
 
 /// What happened to one stored event.
@@ -270,6 +307,8 @@ pub struct Pruned {
     pub delivered: u64,
     /// Dead events.
     pub dead: u64,
+    /// Expired match keys.
+    pub match_keys: u64,
 }
 
 /// A raw payload waiting in the inbox.
@@ -312,7 +351,29 @@ pub trait Store: Send + Sync + 'static {
         events: &[NewEventRecord],
         now: i64,
         lease_until: Option<i64>,
+    ) -> Result<Vec<Inserted>, StoreError> {
+        self.insert_events_remembering(events, &[], now, lease_until)
+            .await
+    }
+
+    /// [`Store::insert_events`], and in the same transaction remembers match keys: per
+    /// identity and field, the row with the newest `seen_at` stays (a row never replaces a newer
+    /// one, so concurrent requests merge instead of overwriting each other).
+    async fn insert_events_remembering(
+        &self,
+        events: &[NewEventRecord],
+        remember: &[MatchKeyRow],
+        now: i64,
+        lease_until: Option<i64>,
     ) -> Result<Vec<Inserted>, StoreError>;
+
+    /// The remembered match keys of these identities that are still alive (`expires_at` after
+    /// `now`), in no particular order.
+    async fn recall_match_keys(
+        &self,
+        identities: &[String],
+        now: i64,
+    ) -> Result<Vec<MatchKeyRow>, StoreError>;
 
     /// Leases up to `limit` due events of `pixel_id` until `lease_until`, counting an attempt.
     async fn claim_due(
@@ -341,8 +402,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes what is past its retention: dedup keys older than the 48-hour window (they can
     /// no longer match anything), delivered and dry-run events older than
-    /// `retention.delivered_ms`, dead events older than `retention.dead_ms`. Queued events are
-    /// never pruned.
+    /// `retention.delivered_ms`, dead events older than `retention.dead_ms`, and expired match
+    /// keys. Queued events are never pruned.
     async fn prune(&self, now: i64, retention: &Retention) -> Result<Pruned, StoreError>;
 
     /// Cheap reachability check.

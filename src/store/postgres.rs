@@ -28,9 +28,9 @@ use sqlx::query::Query;
 use sqlx::{Connection, Executor, PgConnection, PgPool, Postgres, QueryBuilder, Row, Transaction};
 
 use super::{
-    AttemptRecord, AttemptView, ClaimedEvent, EventDetail, EventRow, EventUpdate, InboxItem,
-    InsertOutcome, Inserted, NewEventRecord, Notice, Pruned, QueueStats, ReplayFilter, Retention,
-    Settlement, Store, StoreError, DEDUP_WINDOW_MS,
+    newest_match_keys, AttemptRecord, AttemptView, ClaimedEvent, EventDetail, EventRow,
+    EventUpdate, InboxItem, InsertOutcome, Inserted, MatchKeyRow, NewEventRecord, Notice, Pruned,
+    QueueStats, ReplayFilter, Retention, Settlement, Store, StoreError, DEDUP_WINDOW_MS,
 };
 
 /// Connections per instance. Several instances (and the user's own tools) share the server's
@@ -57,6 +57,7 @@ struct Tables {
     payload: String,
     attempt: String,
     dedup: String,
+    match_key: String,
     inbox: String,
     /// `NOTIFY` channel of `enqueue()` for this schema.
     inbox_channel: String,
@@ -72,6 +73,7 @@ impl Tables {
             payload: name("event_payload"),
             attempt: name("attempt"),
             dedup: name("dedup_key"),
+            match_key: name("match_key"),
             inbox: name("inbox"),
             inbox_channel: format!("capi_bridge_inbox_{schema}"),
             queue_channel: format!("capi_bridge_queue_{schema}"),
@@ -374,19 +376,21 @@ async fn forget_sqlx_statements(conn: &mut PgConnection) -> Result<(), sqlx::Err
 
 #[async_trait]
 impl Store for PostgresStore {
-    async fn insert_events(
+    async fn insert_events_remembering(
         &self,
         events: &[NewEventRecord],
+        remember: &[MatchKeyRow],
         now: i64,
         lease_until: Option<i64>,
     ) -> Result<Vec<Inserted>, StoreError> {
-        if events.is_empty() {
+        if events.is_empty() && remember.is_empty() {
             return Ok(Vec::new());
         }
         let Tables {
             event,
             payload,
             dedup,
+            match_key,
             ..
         } = &self.tables;
         let cutoff = now - DEDUP_WINDOW_MS;
@@ -458,9 +462,24 @@ impl Store for PostgresStore {
                  insert into {payload} (event_row_id, payload)
                  select stored.id, input.payload
                  from stored join input using (pixel_id, event_name, event_id)
+             ),
+             remembered as (
+                 insert into {match_key} as m (identity, field, value, seen_at, expires_at)
+                 select * from unnest($13::text[], $14::text[], $15::text[], $16::int8[],
+                     $17::int8[]) as r(identity, field, value, seen_at, expires_at)
+                 order by identity, field
+                 on conflict (identity, field) do update
+                 set value = excluded.value, seen_at = excluded.seen_at,
+                     expires_at = excluded.expires_at
+                 where excluded.seen_at >= m.seen_at
              )
              select id, pixel_id, event_name, event_id from stored"
         );
+        // Remembered match keys ride in the same statement: one key once (an upsert may not
+        // touch a row twice), in key order (the lock order every instance follows).
+        let remember = newest_match_keys(remember);
+        let memory_texts =
+            |f: fn(&MatchKeyRow) -> &str| -> Vec<&str> { remember.iter().map(|m| f(m)).collect() };
         let texts = |f: fn(&NewEventRecord) -> &str| -> Vec<&str> {
             candidates.iter().map(|(_, e)| f(e)).collect()
         };
@@ -489,6 +508,11 @@ impl Store for PostgresStore {
             .bind(texts(|e| e.payload.as_str()))
             .bind(now)
             .bind(cutoff)
+            .bind(memory_texts(|m| m.identity.as_str()))
+            .bind(memory_texts(|m| m.field.as_str()))
+            .bind(memory_texts(|m| m.value.as_str()))
+            .bind(remember.iter().map(|m| m.seen_at).collect::<Vec<_>>())
+            .bind(remember.iter().map(|m| m.expires_at).collect::<Vec<_>>())
             .fetch_all(&mut *conn)
             .await?;
         // Events nobody has leased: tell every instance, so an idle one claims them at once.
@@ -528,6 +552,41 @@ impl Store for PostgresStore {
             }
         }
         Ok(results)
+    }
+
+    async fn recall_match_keys(
+        &self,
+        identities: &[String],
+        now: i64,
+    ) -> Result<Vec<MatchKeyRow>, StoreError> {
+        if identities.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "select identity, field, value, seen_at, expires_at from {}
+             where identity = any($1::text[]) and expires_at > $2",
+            self.tables.match_key
+        );
+        let mut conn = self.conn().await?;
+        let rows = self
+            .query(&sql)
+            .bind(identities)
+            .bind(now)
+            .fetch_all(&mut *conn)
+            .await?;
+        conn.finish().await?;
+        rows.into_iter()
+            .map(|row| {
+                Ok(MatchKeyRow {
+                    identity: row.try_get(0)?,
+                    field: row.try_get(1)?,
+                    value: row.try_get(2)?,
+                    seen_at: row.try_get(3)?,
+                    expires_at: row.try_get(4)?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()
+            .map_err(StoreError::from)
     }
 
     async fn claim_due(
@@ -907,7 +966,12 @@ impl Store for PostgresStore {
     }
 
     async fn prune(&self, now: i64, retention: &Retention) -> Result<Pruned, StoreError> {
-        let Tables { event, dedup, .. } = &self.tables;
+        let Tables {
+            event,
+            dedup,
+            match_key,
+            ..
+        } = &self.tables;
         let dedup_keys = self
             .delete_in_slices(
                 dedup,
@@ -942,10 +1006,14 @@ impl Store for PostgresStore {
                 now - retention.dead_ms,
             )
             .await?;
+        let match_keys = self
+            .delete_in_slices(match_key, &["identity", "field"], "expires_at <= $1", now)
+            .await?;
         Ok(Pruned {
             dedup_keys,
             delivered,
             dead,
+            match_keys,
         })
     }
 
