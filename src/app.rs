@@ -15,6 +15,7 @@ use crate::api::{self, AppState};
 use crate::config::Config;
 use crate::delivery::{now_ms, Delivery, GraphClient};
 use crate::ingest::Ingestor;
+use crate::memory::MatchKeyMemory;
 use crate::store::{self, GroupCommit, Pruned, Retention, Store};
 
 /// A built, bound, not yet running service.
@@ -73,7 +74,11 @@ impl App {
             config.dry_run(),
             commit,
             wake.clone(),
-        );
+        )
+        .with_memory(MatchKeyMemory::new(
+            store.clone(),
+            config.match_key_memory_days,
+        ));
         let workers_alive = Arc::new(AtomicBool::new(false));
         let retention = config.retention;
         let poll_interval = config.delivery.poll_interval;

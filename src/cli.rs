@@ -16,6 +16,7 @@ use crate::config::{self, Config, Env};
 use crate::delivery::{now_ms, Delivery, GraphClient};
 use crate::domain::normalize::{self, Context, HashedKey};
 use crate::ingest::{IngestError, Ingestor};
+use crate::memory::MatchKeyMemory;
 use crate::store::{self, GroupCommit, ReplayFilter};
 
 /// Delivers conversion events to Meta's Conversions API: validated, normalized, hashed,
@@ -332,7 +333,11 @@ async fn send(config: Config, args: SendArgs) -> anyhow::Result<ExitCode> {
         config.dry_run(),
         GroupCommit::start(store.clone(), now_ms, None),
         wake.clone(),
-    );
+    )
+    .with_memory(MatchKeyMemory::new(
+        store.clone(),
+        config.match_key_memory_days,
+    ));
     let report = match ingestor.ingest(body, now_ms() / 1000).await {
         Ok(report) => report,
         Err(IngestError::Invalid(problems)) => {

@@ -10,5 +10,6 @@ pub mod delivery;
 pub mod domain;
 pub mod inbox;
 pub mod ingest;
+pub mod memory;
 pub mod store;
 pub mod telemetry;
