@@ -10,6 +10,7 @@ mod crash;
 mod delivery;
 mod helpers;
 mod ingest;
+mod match_keys;
 mod postgres;
 mod process;
 mod store_contract;
