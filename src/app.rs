@@ -28,6 +28,7 @@ pub struct App {
     ingestor: Ingestor,
     delivery_wake: Arc<Notify>,
     poll_interval: std::time::Duration,
+    memory: Option<MatchKeyMemory>,
     /// The store, for tests and tools.
     pub store: Arc<dyn Store>,
 }
@@ -68,6 +69,7 @@ impl App {
             now_ms,
             delivery.as_ref().map(Delivery::handoff),
         );
+        let memory = MatchKeyMemory::start(store.clone(), config.match_key_memory_days);
         let ingestor = Ingestor::new(
             config.ingest.clone(),
             config.pixel_id().to_owned(),
@@ -75,10 +77,7 @@ impl App {
             commit,
             wake.clone(),
         )
-        .with_memory(MatchKeyMemory::new(
-            store.clone(),
-            config.match_key_memory_days,
-        ));
+        .with_memory(memory.clone());
         let workers_alive = Arc::new(AtomicBool::new(false));
         let retention = config.retention;
         let poll_interval = config.delivery.poll_interval;
@@ -99,6 +98,7 @@ impl App {
             ingestor,
             delivery_wake,
             poll_interval,
+            memory,
             store,
         })
     }
@@ -130,6 +130,10 @@ impl App {
             self.retention,
             shutdown.clone(),
         ));
+        let memory_writer = self.memory.clone().map(|memory| {
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move { memory.run(shutdown).await })
+        });
         let inbox_wake = Arc::new(Notify::new());
         let inbox = tokio::spawn(crate::inbox::run(
             self.store.clone(),
@@ -159,6 +163,13 @@ impl App {
         let _ = maintenance.await;
         let _ = inbox.await;
         let _ = notices.await;
+        if let (Some(memory), Some(writer)) = (self.memory, memory_writer) {
+            let _ = writer.await;
+            // What the last requests remembered.
+            if let Err(err) = memory.flush().await {
+                tracing::warn!(error = %err, "could not write the match-key memory at shutdown");
+            }
+        }
         served
     }
 }

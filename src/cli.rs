@@ -327,6 +327,7 @@ async fn send(config: Config, args: SendArgs) -> anyhow::Result<ExitCode> {
     }
     let store = store::open(&config.database_url, &config.database_schema).await?;
     let wake = Arc::new(Notify::new());
+    let memory = MatchKeyMemory::start(store.clone(), config.match_key_memory_days);
     let ingestor = Ingestor::new(
         config.ingest.clone(),
         config.pixel_id().to_owned(),
@@ -334,12 +335,14 @@ async fn send(config: Config, args: SendArgs) -> anyhow::Result<ExitCode> {
         GroupCommit::start(store.clone(), now_ms, None),
         wake.clone(),
     )
-    .with_memory(MatchKeyMemory::new(
-        store.clone(),
-        config.match_key_memory_days,
-    ));
+    .with_memory(memory.clone());
     let report = match ingestor.ingest(body, now_ms() / 1000).await {
-        Ok(report) => report,
+        Ok(report) => {
+            if let Some(memory) = &memory {
+                memory.flush().await?;
+            }
+            report
+        }
         Err(IngestError::Invalid(problems)) => {
             eprintln!("refused:");
             for p in problems {

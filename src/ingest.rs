@@ -174,10 +174,10 @@ impl Ingestor {
                 dry_run: self.dry_run,
             })
             .collect();
-        let outcomes = self
-            .commit
-            .insert_remembering(records, recall.remember)
-            .await?;
+        let outcomes = self.commit.insert(records).await?;
+        if let Some(memory) = &self.memory {
+            memory.remember(recall.remember);
+        }
         if outcomes.contains(&InsertOutcome::Queued) {
             // One idle worker is enough; it takes up to a full batch.
             self.wake.notify_one();

@@ -35,6 +35,9 @@ const CLOCK_SKEW_MS: i64 = 5 * 60 * 1000;
 /// several people or is malformed, and the first ones are enough.
 pub const MAX_IDENTITIES_PER_EVENT: usize = 8;
 
+/// How often a value already remembered is written again to extend its life.
+pub const REFRESH_MS: i64 = DAY_MS;
+
 /// The longest user agent remembered; real ones are a few hundred characters.
 const MAX_USER_AGENT_LEN: usize = 1024;
 
@@ -309,10 +312,46 @@ pub fn recall_and_fill(
         .flat_map(|identity| {
             values
                 .values()
-                .map(move |value| (identity.clone(), value.clone()))
+                .filter(|value| !only_identifies(&identity, value))
+                .map(|value| (identity.clone(), value.clone()))
+                .collect::<Vec<_>>()
         })
         .collect();
     Recollection { filled, remember }
+}
+
+/// Whether writing `candidate` under an identity whose current value for that field is
+/// `stored` changes anything. Not when a newer value is stored (it would stay), nor when the
+/// same value is stored from less than [`REFRESH_MS`] earlier: a value seen again is rewritten
+/// at most once a day to extend its life, so a person's every event does not cost a write.
+pub fn worth_writing(stored: Option<&Remembered>, candidate: &Remembered) -> bool {
+    match stored {
+        None => true,
+        Some(stored) if stored.seen_at > candidate.seen_at => false,
+        Some(stored) => {
+            stored.value != candidate.value
+                || candidate.seen_at.saturating_sub(stored.seen_at) >= REFRESH_MS
+                || stored.expires_at < candidate.expires_at.saturating_sub(REFRESH_MS)
+        }
+    }
+}
+
+/// True when `value` under `identity` says nothing the identity does not: the email under its
+/// own `e:` identity, the external id under its `x:`, the lead id under its `l:`.
+fn only_identifies(identity: &str, value: &Remembered) -> bool {
+    let Some((kind, key)) = identity.split_once(':') else {
+        return false;
+    };
+    match (kind, value.field) {
+        ("e", MatchField::Em) | ("x", MatchField::ExternalId) => {
+            let digests: Vec<String> = strings(Some(&value.value))
+                .filter_map(hash_digest)
+                .collect();
+            digests.iter().all(|d| d == key)
+        }
+        ("l", MatchField::LeadId) => lead_id_text(&value.value).as_deref() == Some(key),
+        _ => false,
+    }
 }
 
 /// The values `payload` itself carries that the memory keeps, seen at `event_time_ms`.
@@ -700,7 +739,8 @@ mod tests {
             .iter()
             .map(|(_, r)| r.field.as_str())
             .collect();
-        assert_eq!(fields.into_iter().collect::<Vec<_>>(), ["em", "fbp"]);
+        // The hashed email is the identity itself; the browser id is what is worth keeping.
+        assert_eq!(fields.into_iter().collect::<Vec<_>>(), ["fbp"]);
         assert!(recollection
             .remember
             .iter()
@@ -998,6 +1038,77 @@ mod tests {
         let recollection = recall_and_fill(&mut lead, source, time, &[], &RULES);
         assert!(recollection.filled.is_empty());
         assert_eq!(lead, before);
+    }
+
+    #[test]
+    fn an_identity_does_not_remember_itself() {
+        let email = sha256_hex("ana.silva@example.com");
+        let other = sha256_hex("ana@work.example");
+        let mut payload = json!({"user_data": {
+            "em": [email.clone()], "ph": [sha256_hex("5511987654321")],
+            "external_id": [sha256_hex("crm-42")], "lead_id": "123456789012345"
+        }});
+        let remember =
+            recall_and_fill(&mut payload, ActionSource::Other, NOW, &[], &RULES).remember;
+        let pairs: Vec<(String, &str)> = remember
+            .iter()
+            .map(|(identity, r)| (identity.chars().take(2).collect(), r.field.as_str()))
+            .collect();
+        for (identity, field) in [("e:", "em"), ("x:", "external_id"), ("l:", "lead_id")] {
+            assert!(
+                !pairs.contains(&(identity.to_owned(), field)),
+                "{identity}{field}"
+            );
+        }
+        assert!(pairs.contains(&("e:".to_owned(), "ph")));
+        assert!(pairs.contains(&("x:".to_owned(), "em")));
+        assert!(pairs.contains(&("l:".to_owned(), "external_id")));
+        assert!(pairs.contains(&("e:".to_owned(), "lead_id")));
+        // An email list says more than the identity: another address of the person.
+        let mut payload = json!({"user_data": {"em": [email.clone(), other.clone()]}});
+        let remember =
+            recall_and_fill(&mut payload, ActionSource::Other, NOW, &[], &RULES).remember;
+        assert_eq!(
+            remember
+                .iter()
+                .map(|(identity, r)| (identity.as_str(), r.field))
+                .collect::<Vec<_>>(),
+            [
+                (format!("e:{email}").as_str(), MatchField::Em),
+                (format!("e:{other}").as_str(), MatchField::Em)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_value_already_remembered_is_written_again_only_when_it_changes_or_a_day_later() {
+        let value = |ip: &str, seen_at: i64| Remembered {
+            field: MatchField::ClientIpAddress,
+            value: json!(ip),
+            seen_at,
+            expires_at: seen_at + RULES.lifetime_ms,
+        };
+        let stored = value("192.0.2.1", NOW_MS);
+        assert!(worth_writing(None, &stored));
+        assert!(!worth_writing(Some(&stored), &value("192.0.2.1", NOW_MS)));
+        assert!(!worth_writing(
+            Some(&stored),
+            &value("192.0.2.1", NOW_MS + REFRESH_MS - 1)
+        ));
+        assert!(worth_writing(
+            Some(&stored),
+            &value("192.0.2.1", NOW_MS + REFRESH_MS)
+        ));
+        assert!(worth_writing(Some(&stored), &value("192.0.2.2", NOW_MS)));
+        // An older value would not replace the stored one: no point writing it.
+        assert!(!worth_writing(
+            Some(&stored),
+            &value("192.0.2.2", NOW_MS - 1)
+        ));
+        // A longer life (a longer MATCH_KEY_MEMORY_DAYS since) is worth a write.
+        let mut longer = value("192.0.2.1", NOW_MS);
+        longer.expires_at += 30 * DAY_MS;
+        assert!(worth_writing(Some(&stored), &longer));
     }
 
     mod properties {

@@ -12,15 +12,12 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use super::{ClaimedEvent, InsertOutcome, MatchKeyRow, NewEventRecord, Store, StoreError};
+use super::{ClaimedEvent, InsertOutcome, NewEventRecord, Store, StoreError};
 
 /// Most events written in one transaction.
 const MAX_EVENTS_PER_COMMIT: usize = 4096;
 
 type Reply = oneshot::Sender<Result<Vec<InsertOutcome>, String>>;
-
-/// One request's events, the match keys it remembers, and where its answer goes.
-type Submission = (Vec<NewEventRecord>, Vec<MatchKeyRow>, Reply);
 
 /// Where freshly committed events go when delivery can take them at once.
 #[derive(Clone)]
@@ -39,7 +36,7 @@ pub struct Handoff {
 /// A handle that submits events to the single committing task.
 #[derive(Clone)]
 pub struct GroupCommit {
-    sender: mpsc::Sender<Submission>,
+    sender: mpsc::Sender<(Vec<NewEventRecord>, Reply)>,
 }
 
 impl GroupCommit {
@@ -59,21 +56,9 @@ impl GroupCommit {
         &self,
         events: Vec<NewEventRecord>,
     ) -> Result<Vec<InsertOutcome>, StoreError> {
-        self.insert_remembering(events, Vec::new()).await
-    }
-
-    /// [`GroupCommit::insert`], remembering `remember` (match keys) in the same commit.
-    ///
-    /// # Errors
-    /// [`StoreError::Unavailable`] when the commit failed or the task is gone.
-    pub async fn insert_remembering(
-        &self,
-        events: Vec<NewEventRecord>,
-        remember: Vec<MatchKeyRow>,
-    ) -> Result<Vec<InsertOutcome>, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.sender
-            .send((events, remember, reply))
+            .send((events, reply))
             .await
             .map_err(|_| StoreError::Unavailable("the commit task has stopped".to_owned()))?;
         answer
@@ -85,7 +70,7 @@ impl GroupCommit {
 
 async fn run(
     store: Arc<dyn Store>,
-    mut receiver: mpsc::Receiver<Submission>,
+    mut receiver: mpsc::Receiver<(Vec<NewEventRecord>, Reply)>,
     clock: fn() -> i64,
     handoff: Option<Handoff>,
 ) {
@@ -103,12 +88,10 @@ async fn run(
             }
         }
         let mut all = Vec::with_capacity(n_events);
-        let mut memory = Vec::new();
         let mut replies = Vec::with_capacity(pending.len());
-        for (events, remember, reply) in pending {
+        for (events, reply) in pending {
             replies.push((events.len(), reply));
             all.extend(events);
-            memory.extend(remember);
         }
 
         // Reserve room in the inbox before committing, so that every event stored as leased
@@ -130,10 +113,7 @@ async fn run(
             now.saturating_add(i64::try_from(h.lease.as_millis()).unwrap_or(i64::MAX))
         });
 
-        match store
-            .insert_events_remembering(&all, &memory, now, lease_until)
-            .await
-        {
+        match store.insert_events(&all, now, lease_until).await {
             Ok(results) => {
                 // Hand off before answering, so that by the time ingest wakes a worker the
                 // events are already in its inbox.

@@ -351,21 +351,12 @@ pub trait Store: Send + Sync + 'static {
         events: &[NewEventRecord],
         now: i64,
         lease_until: Option<i64>,
-    ) -> Result<Vec<Inserted>, StoreError> {
-        self.insert_events_remembering(events, &[], now, lease_until)
-            .await
-    }
-
-    /// [`Store::insert_events`], and in the same transaction remembers match keys: per
-    /// identity and field, the row with the newest `seen_at` stays (a row never replaces a newer
-    /// one, so concurrent requests merge instead of overwriting each other).
-    async fn insert_events_remembering(
-        &self,
-        events: &[NewEventRecord],
-        remember: &[MatchKeyRow],
-        now: i64,
-        lease_until: Option<i64>,
     ) -> Result<Vec<Inserted>, StoreError>;
+
+    /// Remembers match keys, in one transaction: per identity and field the row with the newest
+    /// `seen_at` stays (a row never replaces a newer one, so instances and late writes merge
+    /// instead of overwriting each other; on a tie the later write wins).
+    async fn remember_match_keys(&self, rows: &[MatchKeyRow]) -> Result<(), StoreError>;
 
     /// The remembered match keys of these identities that are still alive (`expires_at` after
     /// `now`), in no particular order.

@@ -376,21 +376,19 @@ async fn forget_sqlx_statements(conn: &mut PgConnection) -> Result<(), sqlx::Err
 
 #[async_trait]
 impl Store for PostgresStore {
-    async fn insert_events_remembering(
+    async fn insert_events(
         &self,
         events: &[NewEventRecord],
-        remember: &[MatchKeyRow],
         now: i64,
         lease_until: Option<i64>,
     ) -> Result<Vec<Inserted>, StoreError> {
-        if events.is_empty() && remember.is_empty() {
+        if events.is_empty() {
             return Ok(Vec::new());
         }
         let Tables {
             event,
             payload,
             dedup,
-            match_key,
             ..
         } = &self.tables;
         let cutoff = now - DEDUP_WINDOW_MS;
@@ -462,24 +460,9 @@ impl Store for PostgresStore {
                  insert into {payload} (event_row_id, payload)
                  select stored.id, input.payload
                  from stored join input using (pixel_id, event_name, event_id)
-             ),
-             remembered as (
-                 insert into {match_key} as m (identity, field, value, seen_at, expires_at)
-                 select * from unnest($13::text[], $14::text[], $15::text[], $16::int8[],
-                     $17::int8[]) as r(identity, field, value, seen_at, expires_at)
-                 order by identity, field
-                 on conflict (identity, field) do update
-                 set value = excluded.value, seen_at = excluded.seen_at,
-                     expires_at = excluded.expires_at
-                 where excluded.seen_at >= m.seen_at
              )
              select id, pixel_id, event_name, event_id from stored"
         );
-        // Remembered match keys ride in the same statement: one key once (an upsert may not
-        // touch a row twice), in key order (the lock order every instance follows).
-        let remember = newest_match_keys(remember);
-        let memory_texts =
-            |f: fn(&MatchKeyRow) -> &str| -> Vec<&str> { remember.iter().map(|m| f(m)).collect() };
         let texts = |f: fn(&NewEventRecord) -> &str| -> Vec<&str> {
             candidates.iter().map(|(_, e)| f(e)).collect()
         };
@@ -508,11 +491,6 @@ impl Store for PostgresStore {
             .bind(texts(|e| e.payload.as_str()))
             .bind(now)
             .bind(cutoff)
-            .bind(memory_texts(|m| m.identity.as_str()))
-            .bind(memory_texts(|m| m.field.as_str()))
-            .bind(memory_texts(|m| m.value.as_str()))
-            .bind(remember.iter().map(|m| m.seen_at).collect::<Vec<_>>())
-            .bind(remember.iter().map(|m| m.expires_at).collect::<Vec<_>>())
             .fetch_all(&mut *conn)
             .await?;
         // Events nobody has leased: tell every instance, so an idle one claims them at once.
@@ -552,6 +530,39 @@ impl Store for PostgresStore {
             }
         }
         Ok(results)
+    }
+
+    async fn remember_match_keys(&self, rows: &[MatchKeyRow]) -> Result<(), StoreError> {
+        // One key once (an upsert may not touch a row twice), in key order: the lock order every
+        // instance follows, so two instances writing the same keys never deadlock.
+        let rows = newest_match_keys(rows);
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let sql = format!(
+            "insert into {} as m (identity, field, value, seen_at, expires_at)
+             select * from unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::int8[])
+                 as r(identity, field, value, seen_at, expires_at)
+             order by identity, field
+             on conflict (identity, field) do update
+             set value = excluded.value, seen_at = excluded.seen_at,
+                 expires_at = excluded.expires_at
+             where excluded.seen_at >= m.seen_at",
+            self.tables.match_key
+        );
+        let texts =
+            |f: fn(&MatchKeyRow) -> &str| -> Vec<&str> { rows.iter().map(|m| f(m)).collect() };
+        let mut conn = self.conn().await?;
+        self.query(&sql)
+            .bind(texts(|m| m.identity.as_str()))
+            .bind(texts(|m| m.field.as_str()))
+            .bind(texts(|m| m.value.as_str()))
+            .bind(rows.iter().map(|m| m.seen_at).collect::<Vec<_>>())
+            .bind(rows.iter().map(|m| m.expires_at).collect::<Vec<_>>())
+            .execute(&mut *conn)
+            .await?;
+        conn.finish().await?;
+        Ok(())
     }
 
     async fn recall_match_keys(

@@ -52,23 +52,37 @@ async fn post(app: &TestApp, event: &Value) -> Value {
     body["events"][0].clone()
 }
 
-/// The events the Graph stand-in has accepted, by id, once `n` have arrived.
-async fn sent(app: &TestApp, n: usize) -> std::collections::HashMap<String, Value> {
+/// The events the Graph stand-in has accepted, by id, once `ids` all have arrived.
+async fn sent(app: &TestApp, ids: &[&str]) -> std::collections::HashMap<String, Value> {
+    let by_id = |events: Vec<Value>| -> std::collections::HashMap<String, Value> {
+        events
+            .into_iter()
+            .map(|e| (e["event_id"].as_str().unwrap_or_default().to_owned(), e))
+            .collect()
+    };
     app.graph
-        .wait_for_accepted(n, WAIT)
-        .await
-        .into_iter()
-        .map(|e| (e["event_id"].as_str().unwrap_or_default().to_owned(), e))
-        .collect()
+        .wait_until(WAIT, &format!("events {ids:?}"), |graph| {
+            let accepted = by_id(graph.accepted());
+            ids.iter().all(|id| accepted.contains_key(*id))
+        })
+        .await;
+    by_id(app.graph.accepted())
 }
 
-async fn a_later_crm_purchase_is_sent_with_what_the_lead_carried(app: &TestApp) {
+/// The Lead, then (after a restart, when `restart`: the memory is read back from storage, not
+/// from the process) the CRM's Purchases.
+async fn a_later_crm_purchase_is_sent_with_what_the_lead_carried(mut app: TestApp, restart: bool) {
     // Arrange: the Lead, three days ago.
-    let lead = post(app, &website_lead("lead-42", now() - 3 * DAY)).await;
+    let lead = post(&app, &website_lead("lead-42", now() - 3 * DAY)).await;
     assert!(
         lead.get("filled_from_memory").is_none(),
         "nothing to recall for the first event: {lead}"
     );
+    if restart {
+        sent(&app, &["lead-42"]).await;
+        app = app.restart().await;
+    }
+    let app = &app;
 
     // Act: the CRM's Purchases, one knowing only the external id, one only the email.
     let by_id = post(
@@ -109,7 +123,7 @@ async fn a_later_crm_purchase_is_sent_with_what_the_lead_carried(app: &TestApp) 
             "external_id"
         ])
     );
-    let sent = sent(app, 3).await;
+    let sent = sent(app, &["lead-42", "purchase-42", "purchase-43"]).await;
     let lead = &sent["lead-42"]["user_data"];
     for purchase_id in ["purchase-42", "purchase-43"] {
         let purchase = &sent[purchase_id];
@@ -131,13 +145,19 @@ async fn a_later_crm_purchase_is_sent_with_what_the_lead_carried(app: &TestApp) 
 #[tokio::test]
 async fn a_later_crm_purchase_is_sent_with_the_leads_browser_identifiers() {
     let app = spawn_app_with(&[]).await;
-    a_later_crm_purchase_is_sent_with_what_the_lead_carried(&app).await;
+    a_later_crm_purchase_is_sent_with_what_the_lead_carried(app, false).await;
 }
 
 #[tokio::test]
-async fn a_later_crm_purchase_is_sent_with_the_leads_browser_identifiers_on_postgres() {
+async fn the_memory_outlives_a_restart() {
+    let app = spawn_app_with(&[]).await;
+    a_later_crm_purchase_is_sent_with_what_the_lead_carried(app, true).await;
+}
+
+#[tokio::test]
+async fn the_memory_outlives_a_restart_on_postgres() {
     let app = spawn_app_on_postgres().await;
-    a_later_crm_purchase_is_sent_with_what_the_lead_carried(&app).await;
+    a_later_crm_purchase_is_sent_with_what_the_lead_carried(app, true).await;
 }
 
 #[tokio::test]
@@ -155,7 +175,7 @@ async fn memory_past_its_lifetime_is_not_used() {
 
     // Assert: sent as it came.
     assert!(receipt.get("filled_from_memory").is_none(), "{receipt}");
-    let sent = sent(&app, 2).await;
+    let sent = sent(&app, &["lead-old", "purchase-late"]).await;
     let user = sent["purchase-late"]["user_data"]
         .as_object()
         .expect("user_data");
@@ -175,7 +195,7 @@ async fn memory_days_0_turns_the_memory_off() {
     )
     .await;
     assert!(receipt.get("filled_from_memory").is_none(), "{receipt}");
-    let sent = sent(&app, 2).await;
+    let sent = sent(&app, &["lead-off", "purchase-off"]).await;
     assert!(sent["purchase-off"]["user_data"].get("fbc").is_none());
 }
 
@@ -198,7 +218,7 @@ async fn a_website_event_keeps_its_own_browser() {
         receipt["filled_from_memory"],
         json!(["fbc", "em", "ph", "fn", "ln"])
     );
-    let sent = sent(&app, 2).await;
+    let sent = sent(&app, &["lead-web", "contact-web"]).await;
     let user = &sent["contact-web"]["user_data"];
     assert_eq!(user["client_user_agent"], "Safari/18.0");
     assert!(user.get("client_ip_address").is_none());
@@ -215,10 +235,12 @@ async fn raw_contact_information_never_reaches_the_database() {
         &crm_purchase("purchase-raw", json!({"external_id": "crm-42"})),
     )
     .await;
-    sent(&app, 2).await;
+    sent(&app, &["lead-raw", "purchase-raw"]).await;
 
-    // Assert: the memory holds hashes and browser identifiers only ...
-    let db = app.dir.path().join("capi-bridge.db");
+    // Assert: the memory (written at the latest when the service stops) holds hashes and
+    // browser identifiers only ...
+    let (_, dir, _, _) = app.stop().await;
+    let db = dir.path().join("capi-bridge.db");
     let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&format!(
         "sqlite://{}?mode=ro",
         db.display()
@@ -276,7 +298,6 @@ async fn raw_contact_information_never_reaches_the_database() {
         "crm-42",
         "Silva",
     ];
-    let (_, dir, _, _) = app.stop().await;
     let contains = |bytes: &[u8], value: &str| {
         bytes
             .windows(value.len())

@@ -601,28 +601,19 @@ fn row(identity: &str, field: &str, value: &str, seen_at: i64) -> (String, Strin
     )
 }
 
-async fn check_match_keys_are_remembered_with_the_events_and_the_newest_value_wins(
-    store: &dyn Store,
-) {
+async fn check_match_keys_keep_the_newest_value_per_identity_and_field(store: &dyn Store) {
     let ip = |v: &str| format!("\"{v}\"");
-    // One commit: events and match keys together; within it, the same key twice keeps the newer.
-    let outcomes = store
-        .insert_events_remembering(
-            &[record("mk-1")],
-            &[
-                match_key("x:a", "client_ip_address", &ip("192.0.2.1"), T0),
-                match_key("x:a", "client_ip_address", &ip("192.0.2.2"), T0 + 5),
-                match_key("x:a", "client_ip_address", &ip("192.0.2.3"), T0 + 1),
-                match_key("x:a", "em", r#"["aa"]"#, T0),
-                match_key("e:aa", "client_ip_address", &ip("192.0.2.2"), T0 + 5),
-            ],
-            T0,
-            None,
-        )
+    // One write; within it, the same key twice keeps the newer.
+    store
+        .remember_match_keys(&[
+            match_key("x:a", "client_ip_address", &ip("192.0.2.1"), T0),
+            match_key("x:a", "client_ip_address", &ip("192.0.2.2"), T0 + 5),
+            match_key("x:a", "client_ip_address", &ip("192.0.2.3"), T0 + 1),
+            match_key("x:a", "em", r#"["aa"]"#, T0),
+            match_key("e:aa", "client_ip_address", &ip("192.0.2.2"), T0 + 5),
+        ])
         .await
-        .expect("insert");
-    assert_eq!(outcomes[0].outcome, InsertOutcome::Queued);
-    assert!(store.find_event("mk-1", T0).await.expect("find").is_some());
+        .expect("remember");
     assert_eq!(
         recall(store, &["x:a", "e:aa", "x:unknown"], T0).await,
         [
@@ -632,40 +623,42 @@ async fn check_match_keys_are_remembered_with_the_events_and_the_newest_value_wi
         ]
     );
     assert!(recall(store, &[], T0).await.is_empty());
+    store.remember_match_keys(&[]).await.expect("nothing");
 
-    // Later commits: an older value never replaces a newer one (a backfilled event, a slower
-    // instance); a newer one does, expiry included; nothing else is touched.
+    // Later writes: an older value never replaces a newer one (a backfilled event, another
+    // instance's late flush); a newer one does, expiry included; a tie goes to the later write;
+    // nothing else is touched.
+    let mut renewed = match_key("x:a", "em", r#"["bb"]"#, T0 + 10);
+    renewed.expires_at = T0 + 20_000;
     store
-        .insert_events_remembering(
-            &[],
-            &[
-                match_key("x:a", "client_ip_address", &ip("192.0.2.9"), T0 + 4),
-                match_key("x:a", "em", r#"["bb"]"#, T0 + 10),
-            ],
-            T0 + 10,
-            None,
-        )
+        .remember_match_keys(&[
+            match_key("x:a", "client_ip_address", &ip("192.0.2.9"), T0 + 4),
+            renewed,
+            match_key("e:aa", "client_ip_address", &ip("192.0.2.7"), T0 + 5),
+        ])
         .await
         .expect("remember");
     assert_eq!(
-        recall(store, &["x:a"], T0 + 10).await,
+        recall(store, &["x:a", "e:aa"], T0 + 10).await,
         [
+            row("e:aa", "client_ip_address", &ip("192.0.2.7"), T0 + 5),
             row("x:a", "client_ip_address", &ip("192.0.2.2"), T0 + 5),
             row("x:a", "em", r#"["bb"]"#, T0 + 10),
         ]
     );
-    // Duplicates carry their match keys too: the values are the person's all the same.
-    let outcomes = store
-        .insert_events_remembering(
-            &[record("mk-1")],
-            &[match_key("l:123", "fbp", &ip("fb.1.1.2"), T0 + 20)],
-            T0 + 20,
-            None,
-        )
+    let em = store
+        .recall_match_keys(&["x:a".to_owned()], T0)
         .await
-        .expect("insert");
-    assert_eq!(outcomes[0].outcome, InsertOutcome::Duplicate);
-    assert_eq!(recall(store, &["l:123"], T0 + 20).await.len(), 1);
+        .expect("recall")
+        .into_iter()
+        .find(|m| m.field == "em")
+        .expect("em");
+    assert_eq!(em.expires_at, T0 + 20_000);
+    // The events are not touched by any of it.
+    assert_eq!(
+        insert(store, &[record("mk-1")], T0).await,
+        [InsertOutcome::Queued]
+    );
 }
 
 async fn check_expired_match_keys_are_not_recalled_and_are_pruned(store: &dyn Store) {
@@ -675,7 +668,7 @@ async fn check_expired_match_keys_are_not_recalled_and_are_pruned(store: &dyn St
     let mut other = match_key("e:b", "em", r#"["bb"]"#, T0);
     other.expires_at = T0 + 1000;
     store
-        .insert_events_remembering(&[], &[short, long, other], T0, None)
+        .remember_match_keys(&[short, long, other])
         .await
         .expect("remember");
     assert_eq!(recall(store, &["x:a", "e:b"], T0 + 999).await.len(), 3);
@@ -754,6 +747,6 @@ store_contract!(
     check_events_inserted_with_a_lease_are_claimable_only_after_it,
     check_retention_prunes_finished_events_and_expired_dedup_keys,
     check_inbox_payloads_are_leased_then_stored_or_kept_invalid,
-    check_match_keys_are_remembered_with_the_events_and_the_newest_value_wins,
+    check_match_keys_keep_the_newest_value_per_identity_and_field,
     check_expired_match_keys_are_not_recalled_and_are_pruned,
 );
