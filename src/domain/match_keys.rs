@@ -5,13 +5,16 @@
 //!
 //! Works on the `data[i]` payload of a [`super::NormalizedEvent`], whose `user_data` is already
 //! normalized and hashed. Only values that are hashed (the eleven hashed keys) or that are not
-//! contact information (`lead_id`, `fbc`, `fbp`, `client_ip_address`, `client_user_agent`) are
-//! ever remembered; anything that does not look hashed where a hash belongs is left out, so a
+//! contact information (`fbc`, `fbp`, `client_ip_address`, `client_user_agent`) are ever
+//! remembered; anything that does not look hashed where a hash belongs is left out, so a
 //! raw email, phone number or name can never reach the memory.
 //!
 //! Every value is remembered with the time of the event it came from (`seen_at`, unix ms) and
 //! an expiry; newer values win. Identities are `x:<hashed external_id>`, `l:<lead_id>` and
 //! `e:<hashed email>`: the keys of one person are linked by the events that carry them together.
+//! A `lead_id` finds the person but is never filled in: Meta refuses an event whose lead id is
+//! not a real Lead Ads id, and one wrong id remembered would make every later event of the
+//! person fail.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -66,8 +69,6 @@ pub enum MatchField {
     Ge,
     /// Hashed external id.
     ExternalId,
-    /// Lead Ads lead id.
-    LeadId,
     /// Click id.
     Fbc,
     /// Browser id.
@@ -81,7 +82,7 @@ pub enum MatchField {
 /// What a field is, which decides where it may be filled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
-    /// Hashed customer information and the lead id: about the person, valid anywhere.
+    /// Hashed customer information: about the person, valid anywhere.
     Person,
     /// The ad click: the person's, wherever the conversion happened online.
     Click,
@@ -91,7 +92,7 @@ enum Kind {
 
 impl MatchField {
     /// Every field, in the order they are filled and reported.
-    pub const ALL: [MatchField; 16] = [
+    pub const ALL: [MatchField; 15] = [
         MatchField::Fbc,
         MatchField::Fbp,
         MatchField::ClientIpAddress,
@@ -107,7 +108,6 @@ impl MatchField {
         MatchField::Db,
         MatchField::Ge,
         MatchField::ExternalId,
-        MatchField::LeadId,
     ];
 
     /// Meta's `user_data` key.
@@ -124,7 +124,6 @@ impl MatchField {
             MatchField::Db => "db",
             MatchField::Ge => "ge",
             MatchField::ExternalId => "external_id",
-            MatchField::LeadId => "lead_id",
             MatchField::Fbc => "fbc",
             MatchField::Fbp => "fbp",
             MatchField::ClientIpAddress => "client_ip_address",
@@ -150,8 +149,7 @@ impl MatchField {
     fn is_hashed(self) -> bool {
         !matches!(
             self,
-            MatchField::LeadId
-                | MatchField::Fbc
+            MatchField::Fbc
                 | MatchField::Fbp
                 | MatchField::ClientIpAddress
                 | MatchField::ClientUserAgent
@@ -160,7 +158,7 @@ impl MatchField {
 
     /// Whether a remembered value of this field may go into an event from `source`
     /// (`meta-capi.md` §1.6, §2.3, §8):
-    /// - hashed customer information and `lead_id` describe the person: every event;
+    /// - hashed customer information describes the person: every event;
     /// - `fbc` is the ad click that brought the person: online conversions and server-side
     ///   events about them (website, CRM `system_generated`, `other`, chat, email, phone call;
     ///   Meta recommends keeping the newest fbc server-side and sending it with every event),
@@ -337,7 +335,7 @@ pub fn worth_writing(stored: Option<&Remembered>, candidate: &Remembered) -> boo
 }
 
 /// True when `value` under `identity` says nothing the identity does not: the email under its
-/// own `e:` identity, the external id under its `x:`, the lead id under its `l:`.
+/// own `e:` identity, the external id under its `x:`.
 fn only_identifies(identity: &str, value: &Remembered) -> bool {
     let Some((kind, key)) = identity.split_once(':') else {
         return false;
@@ -349,7 +347,6 @@ fn only_identifies(identity: &str, value: &Remembered) -> bool {
                 .collect();
             digests.iter().all(|d| d == key)
         }
-        ("l", MatchField::LeadId) => lead_id_text(&value.value).as_deref() == Some(key),
         _ => false,
     }
 }
@@ -432,7 +429,6 @@ fn is_rememberable(field: MatchField, value: &Value) -> bool {
                 && items.iter().all(|item| item.as_str().and_then(hash_digest).is_some()));
     }
     match field {
-        MatchField::LeadId => lead_id_text(value).is_some(),
         MatchField::Fbc => value.as_str().and_then(click_time_ms).is_some(),
         MatchField::Fbp => value
             .as_str()
@@ -666,6 +662,22 @@ mod tests {
             purchase["user_data"]["lead_id"],
             json!(123_456_789_012_345_u64)
         );
+    }
+
+    #[test]
+    fn a_lead_id_finds_the_person_but_is_never_filled_in() {
+        // An invalid lead id makes Meta refuse the event: remembered, it would sink every
+        // later event of the person.
+        let mut lead = website_lead(NOW - DAY);
+        lead["lead_id"] = json!("123456789012345");
+        let (purchase, recollection) =
+            first_then(lead, crm_purchase(json!({"external_id": "crm-42"}), NOW));
+        assert!(purchase["user_data"].get("lead_id").is_none());
+        assert!(recollection.filled.contains(&MatchField::Fbc));
+        assert!(recollection
+            .remember
+            .iter()
+            .all(|(_, r)| r.field.as_str() != "lead_id"));
     }
 
     #[test]
@@ -1054,7 +1066,7 @@ mod tests {
             .iter()
             .map(|(identity, r)| (identity.chars().take(2).collect(), r.field.as_str()))
             .collect();
-        for (identity, field) in [("e:", "em"), ("x:", "external_id"), ("l:", "lead_id")] {
+        for (identity, field) in [("e:", "em"), ("x:", "external_id")] {
             assert!(
                 !pairs.contains(&(identity.to_owned(), field)),
                 "{identity}{field}"
@@ -1063,7 +1075,7 @@ mod tests {
         assert!(pairs.contains(&("e:".to_owned(), "ph")));
         assert!(pairs.contains(&("x:".to_owned(), "em")));
         assert!(pairs.contains(&("l:".to_owned(), "external_id")));
-        assert!(pairs.contains(&("e:".to_owned(), "lead_id")));
+        assert!(pairs.contains(&("l:".to_owned(), "em")));
         // An email list says more than the identity: another address of the person.
         let mut payload = json!({"user_data": {"em": [email.clone(), other.clone()]}});
         let remember =
