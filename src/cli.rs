@@ -339,7 +339,10 @@ async fn send(config: Config, args: SendArgs) -> anyhow::Result<ExitCode> {
     let report = match ingestor.ingest(body, now_ms() / 1000).await {
         Ok(report) => {
             if let Some(memory) = &memory {
-                memory.flush().await?;
+                // The event is stored; the memory is an enhancement.
+                if let Err(err) = memory.flush().await {
+                    eprintln!("warning: could not write the match-key memory: {err}");
+                }
             }
             report
         }

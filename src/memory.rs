@@ -4,15 +4,14 @@
 //! landing-page Lead. What is remembered, under which identities, and what may be filled where
 //! are the pure rules of [`crate::domain::match_keys`]; this module reads and writes them.
 //!
-//! Cost per request: one read for the identities of all its events (on SQLite from the read
-//! pool, beside the writer) and no write on the request's path. What a request remembers is
-//! kept here, where the next request already sees it, and written behind, every
-//! [`FLUSH_INTERVAL`], in key order and short slices. Written with the events instead, every
-//! group commit paid for a random page of the memory's index per new person (SQLite writes
-//! whole pages to its journal), which cut ingest to a third; written a second at a time, the
-//! pages are shared by many people and the events' commits stay as they were. What has not
-//! been written when the process dies is lost: memory is an enhancement, never a condition for
-//! accepting an event, so a failed read or write only means events go as they came.
+//! Cost per request: a share of one read (the identities of all concurrent requests are read
+//! in one query, on SQLite from the read pool beside the writer) and no write on the request's
+//! path. What a request remembers is kept here, where the next request already sees it, and
+//! written behind, every [`FLUSH_INTERVAL`], in key order and short slices. (Written with the
+//! events instead, every group commit paid for a random page of the memory's index per new
+//! person, which cut ingest on SQLite to a third.) What has not been written when the process
+//! dies is lost: memory is an enhancement, never a condition for accepting an event, so a
+//! failed read or write only means events go as they came.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -215,7 +214,7 @@ impl MatchKeyMemory {
         }
     }
 
-    /// Writes what is waiting, in key order and slices of about [`FLUSH_SLICE`] values (each
+    /// Writes what is waiting, in key order and slices of about 500 values (`FLUSH_SLICE`; each
     /// its own transaction); returns how many values were written. What could not be written
     /// waits for the next flush.
     ///

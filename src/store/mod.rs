@@ -4,7 +4,8 @@
 //! answer comes after the commit ([`GroupCommit`] batches many requests into one commit).
 //! Workers own events only through time-limited leases, so a crashed worker's events are
 //! picked up again. Times are unix milliseconds. No transaction is ever held across a network
-//! call; this module never calls Meta.
+//! call; this module never calls Meta. The match-key memory's table (`match_key`) lives here too,
+//! written and read in batches by [`crate::memory`].
 
 mod error;
 mod group_commit;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Connection, QueryBuilder, Row, SqlitePool};
+use sqlx::{QueryBuilder, Row, SqlitePool};
 
 use super::{
     newest_match_keys, AttemptRecord, AttemptView, ClaimedEvent, EventDetail, EventRow,
@@ -188,8 +188,28 @@ impl Store for SqliteStore {
     }
 
     async fn remember_match_keys(&self, rows: &[MatchKeyRow]) -> Result<(), StoreError> {
-        let mut conn = self.writer.acquire().await?;
-        upsert_match_keys(&mut conn, rows).await
+        let mut tx = self.writer.begin().await?;
+        for chunk in newest_match_keys(rows).chunks(ROWS_PER_STATEMENT) {
+            let mut query = QueryBuilder::new(
+                "insert into match_key (identity, field, value, seen_at, expires_at) ",
+            );
+            query.push_values(chunk, |mut row, m| {
+                row.push_bind(&m.identity)
+                    .push_bind(&m.field)
+                    .push_bind(&m.value)
+                    .push_bind(m.seen_at)
+                    .push_bind(m.expires_at);
+            });
+            query.push(
+                " on conflict (identity, field) do update
+                 set value = excluded.value, seen_at = excluded.seen_at,
+                     expires_at = excluded.expires_at
+                 where excluded.seen_at >= match_key.seen_at",
+            );
+            query.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn recall_match_keys(
@@ -656,35 +676,6 @@ impl Store for SqliteStore {
         sqlx::query("select 1").execute(&self.reader).await?;
         Ok(())
     }
-}
-
-/// Upserts `rows` in one transaction: per key the newest `seen_at` stays.
-async fn upsert_match_keys(
-    conn: &mut sqlx::SqliteConnection,
-    rows: &[MatchKeyRow],
-) -> Result<(), StoreError> {
-    let mut tx = conn.begin().await?;
-    for chunk in newest_match_keys(rows).chunks(ROWS_PER_STATEMENT) {
-        let mut query = QueryBuilder::new(
-            "insert into match_key (identity, field, value, seen_at, expires_at) ",
-        );
-        query.push_values(chunk, |mut row, m| {
-            row.push_bind(&m.identity)
-                .push_bind(&m.field)
-                .push_bind(&m.value)
-                .push_bind(m.seen_at)
-                .push_bind(m.expires_at);
-        });
-        query.push(
-            " on conflict (identity, field) do update
-             set value = excluded.value, seen_at = excluded.seen_at,
-                 expires_at = excluded.expires_at
-             where excluded.seen_at >= match_key.seen_at",
-        );
-        query.build().execute(&mut *tx).await?;
-    }
-    tx.commit().await?;
-    Ok(())
 }
 
 /// Appends `(?, ?, …)` binding each id.
