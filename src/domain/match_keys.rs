@@ -501,15 +501,19 @@ fn lead_id_text(value: &Value) -> Option<String> {
 /// fbc.
 fn click_time_ms(fbc: &str) -> Option<i64> {
     let parts: Vec<&str> = fbc.split('.').collect();
-    let well_formed = (parts.len() == 4 || parts.len() == 5)
-        && parts[0] == "fb"
-        && parts.iter().all(|p| !p.is_empty())
-        && parts[1].bytes().all(|b| b.is_ascii_digit())
-        && !fbc.chars().any(char::is_whitespace);
-    if !well_formed || !parts[2].bytes().all(|b| b.is_ascii_digit()) {
+    let (["fb", index, created, _fbclid] | ["fb", index, created, _fbclid, _]) = parts.as_slice()
+    else {
+        return None;
+    };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(index)
+        || !digits(created)
+        || parts.iter().any(|p| p.is_empty())
+        || fbc.chars().any(char::is_whitespace)
+    {
         return None;
     }
-    let created: i64 = parts[2].parse().ok()?;
+    let created: i64 = created.parse().ok()?;
     Some(if created < 100_000_000_000 {
         created.saturating_mul(1000)
     } else {
@@ -915,6 +919,36 @@ mod tests {
         let mut seconds = fbc_value(0);
         seconds.value = json!(format!("fb.1.{}.AbC", NOW - DAY));
         assert_eq!(fill(seconds), [MatchField::Fbc]);
+    }
+
+    #[test]
+    fn click_times_come_from_well_formed_click_ids_only() {
+        assert_eq!(
+            click_time_ms("fb.1.1554763741205.AbCdEf"),
+            Some(1_554_763_741_205)
+        );
+        assert_eq!(
+            click_time_ms("fb.1.1554763741205.AbCdEf.ABcDEFGh"),
+            Some(1_554_763_741_205)
+        );
+        assert_eq!(
+            click_time_ms("fb.1.1554763741.AbC"),
+            Some(1_554_763_741_000)
+        );
+        for bad in [
+            "",
+            "fb.1.1554763741205",
+            "fb.1..AbC",
+            "fb.x.1554763741205.AbC",
+            "fb.1.155476374120a.AbC",
+            "fc.1.1554763741205.AbC",
+            "fb.1.1554763741205.AbC.x.y",
+            "fb.1.1554763741205.",
+            "fb.1.1554763741205.Ab C",
+            "fb.1.99999999999999999999.AbC",
+        ] {
+            assert_eq!(click_time_ms(bad), None, "{bad}");
+        }
     }
 
     #[test]
