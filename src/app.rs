@@ -15,6 +15,7 @@ use crate::api::{self, AppState};
 use crate::config::Config;
 use crate::delivery::{now_ms, Delivery, GraphClient};
 use crate::ingest::Ingestor;
+use crate::memory::MatchKeyMemory;
 use crate::store::{self, GroupCommit, Pruned, Retention, Store};
 
 /// A built, bound, not yet running service.
@@ -29,6 +30,7 @@ pub struct App {
     inbox_wake: Arc<Notify>,
     delivery_wake: Arc<Notify>,
     poll_interval: std::time::Duration,
+    memory: Option<MatchKeyMemory>,
     /// The store, for tests and tools.
     pub store: Arc<dyn Store>,
 }
@@ -69,13 +71,15 @@ impl App {
             now_ms,
             delivery.as_ref().map(Delivery::handoff),
         );
+        let memory = MatchKeyMemory::start(store.clone(), config.match_key_memory_days);
         let ingestor = Ingestor::new(
             config.ingest.clone(),
             config.pixel_id().to_owned(),
             config.dry_run(),
             commit,
             wake.clone(),
-        );
+        )
+        .with_memory(memory.clone());
         let workers_alive = Arc::new(AtomicBool::new(false));
         let lookups =
             crate::sources::lookups_from(&config).context("cannot build the Supabase client")?;
@@ -104,6 +108,7 @@ impl App {
             inbox_wake,
             delivery_wake,
             poll_interval,
+            memory,
             store,
         })
     }
@@ -135,6 +140,10 @@ impl App {
             self.retention,
             shutdown.clone(),
         ));
+        let memory_writer = self.memory.clone().map(|memory| {
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move { memory.run(shutdown).await })
+        });
         let inbox_wake = self.inbox_wake;
         let inbox = tokio::spawn(crate::inbox::run(
             self.store.clone(),
@@ -165,6 +174,13 @@ impl App {
         let _ = maintenance.await;
         let _ = inbox.await;
         let _ = notices.await;
+        if let (Some(memory), Some(writer)) = (self.memory, memory_writer) {
+            let _ = writer.await;
+            // What the last requests remembered.
+            if let Err(err) = memory.flush().await {
+                tracing::warn!(error = %err, "could not write the match-key memory at shutdown");
+            }
+        }
         served
     }
 }
@@ -186,6 +202,7 @@ async fn prune_periodically(
                 dedup_keys = pruned.dedup_keys,
                 delivered = pruned.delivered,
                 dead = pruned.dead,
+                match_keys = pruned.match_keys,
                 "pruned past retention"
             ),
             Err(err) => tracing::warn!(error = %err, "could not prune past retention"),

@@ -17,6 +17,7 @@ use crate::config::{self, Config, Env};
 use crate::delivery::{now_ms, Delivery, GraphClient};
 use crate::domain::normalize::{self, Context, HashedKey};
 use crate::ingest::{IngestError, Ingestor};
+use crate::memory::MatchKeyMemory;
 use crate::store::{self, GroupCommit, ReplayFilter};
 
 /// Delivers conversion events to Meta's Conversions API: validated, normalized, hashed,
@@ -408,15 +409,25 @@ async fn send(config: Config, args: SendArgs) -> anyhow::Result<ExitCode> {
     }
     let store = store::open(&config.database_url, &config.database_schema).await?;
     let wake = Arc::new(Notify::new());
+    let memory = MatchKeyMemory::start(store.clone(), config.match_key_memory_days);
     let ingestor = Ingestor::new(
         config.ingest.clone(),
         config.pixel_id().to_owned(),
         config.dry_run(),
         GroupCommit::start(store.clone(), now_ms, None),
         wake.clone(),
-    );
+    )
+    .with_memory(memory.clone());
     let report = match ingestor.ingest(body, now_ms() / 1000).await {
-        Ok(report) => report,
+        Ok(report) => {
+            if let Some(memory) = &memory {
+                // The event is stored; the memory is an enhancement.
+                if let Err(err) = memory.flush().await {
+                    eprintln!("warning: could not write the match-key memory: {err}");
+                }
+            }
+            report
+        }
         Err(IngestError::Invalid(problems)) => {
             eprintln!("refused:");
             for p in problems {

@@ -43,6 +43,8 @@ pub struct Config {
     pub sources: crate::sources::SourcesConfig,
     /// How long finished events are kept.
     pub retention: Retention,
+    /// Days the match-key memory keeps a person's match keys (0: off).
+    pub match_key_memory_days: u64,
 }
 
 /// Credentials for one pixel (dataset).
@@ -165,6 +167,7 @@ struct FileConfig {
     log_format: Option<String>,
     retention_delivered_days: Option<u64>,
     retention_dead_days: Option<u64>,
+    match_key_memory_days: Option<u64>,
     #[serde(default)]
     meta: FileMeta,
     #[serde(default)]
@@ -585,6 +588,10 @@ pub fn load(env: &Env, config_path: Option<&Path>) -> Result<Config, Vec<String>
         file.rules_file,
         &mut problems,
     );
+    // 90 days: what an fbc (the ad click) is worth.
+    let match_key_memory_days = number(env, "MATCH_KEY_MEMORY_DAYS", &mut problems)
+        .or(file.match_key_memory_days)
+        .unwrap_or(90);
 
     if webhook_secrets.is_empty() && !listen_addr.ip().is_loopback() {
         problems.push(format!(
@@ -616,6 +623,7 @@ pub fn load(env: &Env, config_path: Option<&Path>) -> Result<Config, Vec<String>
         log_format,
         retention,
         sources,
+        match_key_memory_days,
     })
 }
 
@@ -759,6 +767,18 @@ mod tests {
         assert_eq!(config.api_version, "v25.0");
         assert_eq!(config.graph_url, "https://graph.facebook.com");
         assert_eq!(config.ingest.default_action_source, ActionSource::Other);
+    }
+
+    #[test]
+    fn match_key_memory_lasts_90_days_unless_configured_and_0_turns_it_off() {
+        assert_eq!(load_pairs(&[]).expect("valid").match_key_memory_days, 90);
+        let config = load_pairs(&[("MATCH_KEY_MEMORY_DAYS", "0")]).expect("valid");
+        assert_eq!(config.match_key_memory_days, 0);
+        let problems = load_pairs(&[("MATCH_KEY_MEMORY_DAYS", "ninety")]).expect_err("invalid");
+        assert!(
+            problems[0].contains("MATCH_KEY_MEMORY_DAYS"),
+            "{problems:?}"
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@ use tokio::sync::Notify;
 
 use crate::api::error::EventProblem;
 use crate::domain::{self, IngestRules, NormalizedEvent, Problem};
+use crate::memory::{MatchKeyMemory, Recall};
 use crate::store::{GroupCommit, InsertOutcome, NewEventRecord, StoreError};
 
 /// The result of an accepted request.
@@ -37,6 +38,10 @@ pub struct EventReceipt {
     pub event_name: String,
     /// `queued`, `duplicate` or `dry_run`.
     pub status: InsertOutcome,
+    /// `user_data` fields filled from what was remembered about the same person
+    /// ([`MatchKeyMemory`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub filled_from_memory: Vec<&'static str>,
 }
 
 /// Why a request was refused.
@@ -64,6 +69,7 @@ pub struct Ingestor {
     dry_run: bool,
     commit: GroupCommit,
     wake: Arc<Notify>,
+    memory: Option<MatchKeyMemory>,
 }
 
 impl Ingestor {
@@ -81,7 +87,14 @@ impl Ingestor {
             dry_run,
             commit,
             wake,
+            memory: None,
         }
+    }
+
+    /// Fills events from (and remembers them in) the match-key memory; `None` leaves it off.
+    pub fn with_memory(mut self, memory: Option<MatchKeyMemory>) -> Self {
+        self.memory = memory;
+        self
     }
 
     /// Validates, normalizes and durably stores the events of one request body.
@@ -90,10 +103,20 @@ impl Ingestor {
     /// [`IngestError`] naming every problem; nothing is stored then.
     pub async fn ingest(&self, body: Value, now_secs: i64) -> Result<IngestReport, IngestError> {
         let Prepared {
-            normalized,
+            mut normalized,
             warnings,
             test_event_code,
         } = prepare(&self.rules, body, now_secs)?;
+        let recall = match &self.memory {
+            Some(memory) => {
+                memory
+                    .recall_and_fill(&mut normalized, now_secs.saturating_mul(1000))
+                    .await
+            }
+            None => Recall::default(),
+        };
+        let mut filled = recall.filled.into_iter();
+
         let records: Vec<NewEventRecord> = normalized
             .iter()
             .map(|event| NewEventRecord {
@@ -107,6 +130,9 @@ impl Ingestor {
             })
             .collect();
         let outcomes = self.commit.insert(records).await?;
+        if let Some(memory) = &self.memory {
+            memory.remember(recall.remember);
+        }
         if outcomes.contains(&InsertOutcome::Queued) {
             // One idle worker is enough; it takes up to a full batch.
             self.wake.notify_one();
@@ -126,6 +152,7 @@ impl Ingestor {
                     event_id: event.event_id,
                     event_name: event.event_name,
                     status,
+                    filled_from_memory: filled.next().unwrap_or_default(),
                 })
                 .collect(),
             warnings,

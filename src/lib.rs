@@ -10,6 +10,7 @@ pub mod delivery;
 pub mod domain;
 pub mod inbox;
 pub mod ingest;
+pub mod memory;
 pub mod sources;
 pub mod store;
 pub mod telemetry;

@@ -6,6 +6,7 @@
 
 pub mod chatwoot;
 pub mod event;
+pub mod match_keys;
 pub mod normalize;
 pub mod rules;
 

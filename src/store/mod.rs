@@ -4,12 +4,15 @@
 //! answer comes after the commit ([`GroupCommit`] batches many requests into one commit).
 //! Workers own events only through time-limited leases, so a crashed worker's events are
 //! picked up again. Times are unix milliseconds. No transaction is ever held across a network
-//! call; this module never calls Meta.
+//! call; this module never calls Meta. The match-key memory's table (`match_key`) lives here too,
+//! written and read in batches by [`crate::memory`].
 
 mod error;
 mod group_commit;
 mod postgres;
 mod sqlite;
+
+use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use serde::Serialize;
@@ -39,6 +42,41 @@ pub struct NewEventRecord {
     pub deadline_at: i64,
     /// Stored as `dry_run` instead of `queued`: shown, never sent.
     pub dry_run: bool,
+}
+
+/// One remembered match key: the newest value of one `user_data` field for one person identity
+/// (`x:<hashed external_id>`, `l:<lead_id>`, `e:<hashed email>`; see `domain::match_keys`).
+/// Hashed customer information and browser identifiers only, never raw contact information.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MatchKeyRow {
+    /// Whose: the person identity.
+    pub identity: String,
+    /// Meta's `user_data` key (`em`, `fbc`, `client_ip_address`, …).
+    pub field: String,
+    /// The value as sent to Meta, as JSON text.
+    pub value: String,
+    /// Unix ms: the `event_time` of the event it came from. Per identity and field the row with
+    /// the newest `seen_at` is kept.
+    pub seen_at: i64,
+    /// Unix ms after which it is not recalled, and pruned.
+    pub expires_at: i64,
+}
+
+/// Per `(identity, field)` the row with the newest `seen_at` (the later one on a tie), sorted by
+/// key: one row per key, as one upsert statement needs, taken in the same order by every
+/// instance so concurrent writers never deadlock.
+pub(crate) fn newest_match_keys(rows: &[MatchKeyRow]) -> Vec<&MatchKeyRow> {
+    let mut newest: BTreeMap<(&str, &str), &MatchKeyRow> = BTreeMap::new();
+    for row in rows {
+        let key = (row.identity.as_str(), row.field.as_str());
+        if newest
+            .get(&key)
+            .is_none_or(|kept| row.seen_at >= kept.seen_at)
+        {
+            newest.insert(key, row);
+        }
+    }
+    newest.into_values().collect()
 }
 
 /// What happened to one stored event.
@@ -270,6 +308,8 @@ pub struct Pruned {
     pub delivered: u64,
     /// Dead events.
     pub dead: u64,
+    /// Expired match keys.
+    pub match_keys: u64,
 }
 
 /// An increment of one source's counter.
@@ -353,6 +393,19 @@ pub trait Store: Send + Sync + 'static {
         lease_until: Option<i64>,
     ) -> Result<Vec<Inserted>, StoreError>;
 
+    /// Remembers match keys, in one transaction: per identity and field the row with the newest
+    /// `seen_at` stays (a row never replaces a newer one, so instances and late writes merge
+    /// instead of overwriting each other; on a tie the later write wins).
+    async fn remember_match_keys(&self, rows: &[MatchKeyRow]) -> Result<(), StoreError>;
+
+    /// The remembered match keys of these identities that are still alive (`expires_at` after
+    /// `now`), in no particular order.
+    async fn recall_match_keys(
+        &self,
+        identities: &[String],
+        now: i64,
+    ) -> Result<Vec<MatchKeyRow>, StoreError>;
+
     /// Leases up to `limit` due events of `pixel_id` until `lease_until`, counting an attempt.
     async fn claim_due(
         &self,
@@ -380,8 +433,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes what is past its retention: dedup keys older than the 48-hour window (they can
     /// no longer match anything), delivered and dry-run events older than
-    /// `retention.delivered_ms`, dead events older than `retention.dead_ms`. Queued events are
-    /// never pruned.
+    /// `retention.delivered_ms`, dead events older than `retention.dead_ms`, and expired match
+    /// keys. Queued events are never pruned.
     async fn prune(&self, now: i64, retention: &Retention) -> Result<Pruned, StoreError>;
 
     /// Cheap reachability check.

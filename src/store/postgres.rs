@@ -28,10 +28,10 @@ use sqlx::query::Query;
 use sqlx::{Connection, Executor, PgConnection, PgPool, Postgres, QueryBuilder, Row, Transaction};
 
 use super::{
-    AttemptRecord, AttemptView, ClaimedEvent, EventDetail, EventRow, EventUpdate, InboxItem,
-    InsertOutcome, Inserted, NewEventRecord, Notice, ParkedPayload, Pruned, QueueStats,
-    ReplayFilter, Retention, Settlement, SourceCount, SourceStat, Store, StoreError,
-    DEDUP_WINDOW_MS,
+    newest_match_keys, AttemptRecord, AttemptView, ClaimedEvent, EventDetail, EventRow,
+    EventUpdate, InboxItem, InsertOutcome, Inserted, MatchKeyRow, NewEventRecord, Notice,
+    ParkedPayload, Pruned, QueueStats, ReplayFilter, Retention, Settlement, SourceCount,
+    SourceStat, Store, StoreError, DEDUP_WINDOW_MS,
 };
 
 /// Connections per instance. Several instances (and the user's own tools) share the server's
@@ -58,6 +58,7 @@ struct Tables {
     payload: String,
     attempt: String,
     dedup: String,
+    match_key: String,
     inbox: String,
     source_delivery: String,
     source_count: String,
@@ -75,6 +76,7 @@ impl Tables {
             payload: name("event_payload"),
             attempt: name("attempt"),
             dedup: name("dedup_key"),
+            match_key: name("match_key"),
             inbox: name("inbox"),
             source_delivery: name("source_delivery"),
             source_count: name("source_count"),
@@ -535,6 +537,74 @@ impl Store for PostgresStore {
         Ok(results)
     }
 
+    async fn remember_match_keys(&self, rows: &[MatchKeyRow]) -> Result<(), StoreError> {
+        // One key once (an upsert may not touch a row twice), in key order: the lock order every
+        // instance follows, so two instances writing the same keys never deadlock.
+        let rows = newest_match_keys(rows);
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let sql = format!(
+            "insert into {} as m (identity, field, value, seen_at, expires_at)
+             select * from unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::int8[])
+                 as r(identity, field, value, seen_at, expires_at)
+             order by identity, field
+             on conflict (identity, field) do update
+             set value = excluded.value, seen_at = excluded.seen_at,
+                 expires_at = excluded.expires_at
+             where excluded.seen_at >= m.seen_at",
+            self.tables.match_key
+        );
+        let texts =
+            |f: fn(&MatchKeyRow) -> &str| -> Vec<&str> { rows.iter().map(|m| f(m)).collect() };
+        let mut conn = self.conn().await?;
+        self.query(&sql)
+            .bind(texts(|m| m.identity.as_str()))
+            .bind(texts(|m| m.field.as_str()))
+            .bind(texts(|m| m.value.as_str()))
+            .bind(rows.iter().map(|m| m.seen_at).collect::<Vec<_>>())
+            .bind(rows.iter().map(|m| m.expires_at).collect::<Vec<_>>())
+            .execute(&mut *conn)
+            .await?;
+        conn.finish().await?;
+        Ok(())
+    }
+
+    async fn recall_match_keys(
+        &self,
+        identities: &[String],
+        now: i64,
+    ) -> Result<Vec<MatchKeyRow>, StoreError> {
+        if identities.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "select identity, field, value, seen_at, expires_at from {}
+             where identity = any($1::text[]) and expires_at > $2",
+            self.tables.match_key
+        );
+        let mut conn = self.conn().await?;
+        let rows = self
+            .query(&sql)
+            .bind(identities)
+            .bind(now)
+            .fetch_all(&mut *conn)
+            .await?;
+        conn.finish().await?;
+        rows.into_iter()
+            .map(|row| {
+                Ok(MatchKeyRow {
+                    identity: row.try_get(0)?,
+                    field: row.try_get(1)?,
+                    value: row.try_get(2)?,
+                    seen_at: row.try_get(3)?,
+                    expires_at: row.try_get(4)?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+
     async fn claim_due(
         &self,
         pixel_id: &str,
@@ -912,7 +982,12 @@ impl Store for PostgresStore {
     }
 
     async fn prune(&self, now: i64, retention: &Retention) -> Result<Pruned, StoreError> {
-        let Tables { event, dedup, .. } = &self.tables;
+        let Tables {
+            event,
+            dedup,
+            match_key,
+            ..
+        } = &self.tables;
         let dedup_keys = self
             .delete_in_slices(
                 dedup,
@@ -955,10 +1030,14 @@ impl Store for PostgresStore {
                 now - retention.dead_ms,
             )
             .await?;
+        let match_keys = self
+            .delete_in_slices(match_key, &["identity", "field"], "expires_at <= $1", now)
+            .await?;
         Ok(Pruned {
             dedup_keys,
             delivered,
             dead,
+            match_keys,
         })
     }
 

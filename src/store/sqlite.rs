@@ -9,9 +9,10 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{QueryBuilder, Row, SqlitePool};
 
 use super::{
-    AttemptRecord, AttemptView, ClaimedEvent, EventDetail, EventRow, EventUpdate, InboxItem,
-    InsertOutcome, Inserted, NewEventRecord, ParkedPayload, Pruned, QueueStats, ReplayFilter,
-    Retention, Settlement, SourceCount, SourceStat, Store, StoreError, DEDUP_WINDOW_MS,
+    newest_match_keys, AttemptRecord, AttemptView, ClaimedEvent, EventDetail, EventRow,
+    EventUpdate, InboxItem, InsertOutcome, Inserted, MatchKeyRow, NewEventRecord, ParkedPayload,
+    Pruned, QueueStats, ReplayFilter, Retention, Settlement, SourceCount, SourceStat, Store,
+    StoreError, DEDUP_WINDOW_MS,
 };
 
 /// Rows per multi-row statement (9 parameters each stays far below SQLite's limit).
@@ -185,6 +186,61 @@ impl Store for SqliteStore {
         }
         tx.commit().await?;
         Ok(results)
+    }
+
+    async fn remember_match_keys(&self, rows: &[MatchKeyRow]) -> Result<(), StoreError> {
+        let mut tx = self.writer.begin().await?;
+        for chunk in newest_match_keys(rows).chunks(ROWS_PER_STATEMENT) {
+            let mut query = QueryBuilder::new(
+                "insert into match_key (identity, field, value, seen_at, expires_at) ",
+            );
+            query.push_values(chunk, |mut row, m| {
+                row.push_bind(&m.identity)
+                    .push_bind(&m.field)
+                    .push_bind(&m.value)
+                    .push_bind(m.seen_at)
+                    .push_bind(m.expires_at);
+            });
+            query.push(
+                " on conflict (identity, field) do update
+                 set value = excluded.value, seen_at = excluded.seen_at,
+                     expires_at = excluded.expires_at
+                 where excluded.seen_at >= match_key.seen_at",
+            );
+            query.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn recall_match_keys(
+        &self,
+        identities: &[String],
+        now: i64,
+    ) -> Result<Vec<MatchKeyRow>, StoreError> {
+        let mut rows = Vec::new();
+        for chunk in identities.chunks(ROWS_PER_STATEMENT * 5) {
+            let mut query = QueryBuilder::new(
+                "select identity, field, value, seen_at, expires_at from match_key
+                 where identity in (",
+            );
+            let mut list = query.separated(", ");
+            for identity in chunk {
+                list.push_bind(identity);
+            }
+            query.push(") and expires_at > ");
+            query.push_bind(now);
+            for row in query.build().fetch_all(&self.reader).await? {
+                rows.push(MatchKeyRow {
+                    identity: row.try_get(0)?,
+                    field: row.try_get(1)?,
+                    value: row.try_get(2)?,
+                    seen_at: row.try_get(3)?,
+                    expires_at: row.try_get(4)?,
+                });
+            }
+        }
+        Ok(rows)
     }
 
     async fn claim_due(
@@ -505,10 +561,26 @@ impl Store for SqliteStore {
                 now - retention.dead_ms,
             )
             .await?;
+        let mut match_keys = 0;
+        loop {
+            let n = sqlx::query(
+                "delete from match_key where (identity, field) in (
+                     select identity, field from match_key where expires_at <= ?1 limit 2000)",
+            )
+            .bind(now)
+            .execute(&self.writer)
+            .await?
+            .rows_affected();
+            match_keys += n;
+            if n == 0 {
+                break;
+            }
+        }
         Ok(Pruned {
             dedup_keys,
             delivered,
             dead,
+            match_keys,
         })
     }
 

@@ -12,6 +12,7 @@ mod crash;
 mod delivery;
 mod helpers;
 mod ingest;
+mod match_keys;
 mod n8n_example;
 mod postgres;
 mod process;

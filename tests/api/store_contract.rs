@@ -7,8 +7,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use capi_bridge::store::{
-    self, AttemptRecord, EventUpdate, InsertOutcome, NewEventRecord, ReplayFilter, Retention,
-    Settlement, SourceCount, Store, DEDUP_WINDOW_MS,
+    self, AttemptRecord, EventUpdate, InsertOutcome, MatchKeyRow, NewEventRecord, ReplayFilter,
+    Retention, Settlement, SourceCount, Store, DEDUP_WINDOW_MS,
 };
 use sqlx::{Connection, Executor, PgConnection};
 
@@ -638,6 +638,132 @@ async fn check_source_payloads_dedup_delivery_ids_and_count_outcomes(store: &dyn
     assert!(pruned.dedup_keys >= 2, "{pruned:?}");
 }
 
+fn match_key(identity: &str, field: &str, value: &str, seen_at: i64) -> MatchKeyRow {
+    MatchKeyRow {
+        identity: identity.to_owned(),
+        field: field.to_owned(),
+        value: value.to_owned(),
+        seen_at,
+        expires_at: seen_at + 90 * 24 * 3600 * 1000,
+    }
+}
+
+/// What `recall_match_keys` returns, sorted, as `(identity, field, value, seen_at)`.
+async fn recall(
+    store: &dyn Store,
+    identities: &[&str],
+    now: i64,
+) -> Vec<(String, String, String, i64)> {
+    let identities: Vec<String> = identities.iter().map(|i| (*i).to_owned()).collect();
+    let mut rows: Vec<_> = store
+        .recall_match_keys(&identities, now)
+        .await
+        .expect("recall")
+        .into_iter()
+        .map(|m| (m.identity, m.field, m.value, m.seen_at))
+        .collect();
+    rows.sort();
+    rows
+}
+
+fn row(identity: &str, field: &str, value: &str, seen_at: i64) -> (String, String, String, i64) {
+    (
+        identity.to_owned(),
+        field.to_owned(),
+        value.to_owned(),
+        seen_at,
+    )
+}
+
+async fn check_match_keys_keep_the_newest_value_per_identity_and_field(store: &dyn Store) {
+    let ip = |v: &str| format!("\"{v}\"");
+    // One write; within it, the same key twice keeps the newer.
+    store
+        .remember_match_keys(&[
+            match_key("x:a", "client_ip_address", &ip("192.0.2.1"), T0),
+            match_key("x:a", "client_ip_address", &ip("192.0.2.2"), T0 + 5),
+            match_key("x:a", "client_ip_address", &ip("192.0.2.3"), T0 + 1),
+            match_key("x:a", "em", r#"["aa"]"#, T0),
+            match_key("e:aa", "client_ip_address", &ip("192.0.2.2"), T0 + 5),
+        ])
+        .await
+        .expect("remember");
+    assert_eq!(
+        recall(store, &["x:a", "e:aa", "x:unknown"], T0).await,
+        [
+            row("e:aa", "client_ip_address", &ip("192.0.2.2"), T0 + 5),
+            row("x:a", "client_ip_address", &ip("192.0.2.2"), T0 + 5),
+            row("x:a", "em", r#"["aa"]"#, T0),
+        ]
+    );
+    assert!(recall(store, &[], T0).await.is_empty());
+    store.remember_match_keys(&[]).await.expect("nothing");
+
+    // Later writes: an older value never replaces a newer one (a backfilled event, another
+    // instance's late flush); a newer one does, expiry included; a tie goes to the later write;
+    // nothing else is touched.
+    let mut renewed = match_key("x:a", "em", r#"["bb"]"#, T0 + 10);
+    renewed.expires_at = T0 + 20_000;
+    store
+        .remember_match_keys(&[
+            match_key("x:a", "client_ip_address", &ip("192.0.2.9"), T0 + 4),
+            renewed,
+            match_key("e:aa", "client_ip_address", &ip("192.0.2.7"), T0 + 5),
+        ])
+        .await
+        .expect("remember");
+    assert_eq!(
+        recall(store, &["x:a", "e:aa"], T0 + 10).await,
+        [
+            row("e:aa", "client_ip_address", &ip("192.0.2.7"), T0 + 5),
+            row("x:a", "client_ip_address", &ip("192.0.2.2"), T0 + 5),
+            row("x:a", "em", r#"["bb"]"#, T0 + 10),
+        ]
+    );
+    let em = store
+        .recall_match_keys(&["x:a".to_owned()], T0)
+        .await
+        .expect("recall")
+        .into_iter()
+        .find(|m| m.field == "em")
+        .expect("em");
+    assert_eq!(em.expires_at, T0 + 20_000);
+    // The events are not touched by any of it.
+    assert_eq!(
+        insert(store, &[record("mk-1")], T0).await,
+        [InsertOutcome::Queued]
+    );
+}
+
+async fn check_expired_match_keys_are_not_recalled_and_are_pruned(store: &dyn Store) {
+    let mut short = match_key("x:a", "fbc", r#""fb.1.1.abc""#, T0);
+    short.expires_at = T0 + 1000;
+    let long = match_key("x:a", "fbp", r#""fb.1.1.2""#, T0);
+    let mut other = match_key("e:b", "em", r#"["bb"]"#, T0);
+    other.expires_at = T0 + 1000;
+    store
+        .remember_match_keys(&[short, long, other])
+        .await
+        .expect("remember");
+    assert_eq!(recall(store, &["x:a", "e:b"], T0 + 999).await.len(), 3);
+    // Expired: no longer recalled, even before the clean-up runs.
+    assert_eq!(
+        recall(store, &["x:a", "e:b"], T0 + 1000).await,
+        [row("x:a", "fbp", r#""fb.1.1.2""#, T0)]
+    );
+    let pruned = store
+        .prune(T0 + 1000, &Retention::default())
+        .await
+        .expect("prune");
+    assert_eq!(pruned.match_keys, 2);
+    let pruned = store
+        .prune(T0 + 1000, &Retention::default())
+        .await
+        .expect("prune");
+    assert_eq!(pruned.match_keys, 0);
+    assert_eq!(recall(store, &["x:a", "e:b"], T0).await.len(), 1);
+}
+
 /// Runs every check against every backend: one list, so no backend can miss a check.
 macro_rules! store_contract {
     ($($check:ident),* $(,)?) => {
@@ -696,4 +822,6 @@ store_contract!(
     check_retention_prunes_finished_events_and_expired_dedup_keys,
     check_inbox_payloads_are_leased_then_stored_or_kept_invalid,
     check_source_payloads_dedup_delivery_ids_and_count_outcomes,
+    check_match_keys_keep_the_newest_value_per_identity_and_field,
+    check_expired_match_keys_are_not_recalled_and_are_pruned,
 );
