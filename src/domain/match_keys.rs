@@ -296,6 +296,27 @@ pub fn recall_and_fill(
         }
     }
 
+    // A record is started only by an event carrying what other systems lack: a browser
+    // identifier, or an id that links systems. Contact details alone (a CRM's email and phone)
+    // add to a person already known but start nothing: remembering every such event would
+    // cost a write per new person and fill nothing the later event does not have itself.
+    let identities_now = identities(payload);
+    let starts_record = own.iter().any(|v| {
+        matches!(
+            v.field,
+            MatchField::Fbc
+                | MatchField::Fbp
+                | MatchField::ClientIpAddress
+                | MatchField::ClientUserAgent
+        )
+    }) || identities_now.iter().any(|i| !i.starts_with("e:"));
+    if best.is_empty() && !starts_record {
+        return Recollection {
+            filled,
+            remember: Vec::new(),
+        };
+    }
+
     let mut values: BTreeMap<MatchField, Remembered> = BTreeMap::new();
     for value in own.into_iter().chain(best.into_values().cloned()) {
         let newer = values
@@ -305,7 +326,7 @@ pub fn recall_and_fill(
             values.insert(value.field, value);
         }
     }
-    let remember = identities(payload)
+    let remember = identities_now
         .into_iter()
         .flat_map(|identity| {
             values
@@ -1087,6 +1108,34 @@ mod tests {
     }
 
     #[test]
+    fn contact_details_alone_start_no_record_but_add_to_a_known_person() {
+        let email = sha256_hex("ana@example.com");
+        let mut crm_only =
+            json!({"user_data": {"em": [email.clone()], "ph": [sha256_hex("5511987654321")]}});
+        let recollection = recall_and_fill(&mut crm_only, ActionSource::Other, NOW, &[], &RULES);
+        assert!(
+            recollection.remember.is_empty(),
+            "{:?}",
+            recollection.remember
+        );
+
+        let known = Remembered {
+            field: MatchField::Fbp,
+            value: json!("fb.1.1596403881668.1116446470"),
+            seen_at: (NOW - 60) * 1000,
+            expires_at: (NOW + 86_400) * 1000,
+        };
+        let mut crm_only =
+            json!({"user_data": {"em": [email], "ph": [sha256_hex("5511987654321")]}});
+        let recollection =
+            recall_and_fill(&mut crm_only, ActionSource::Other, NOW, &[known], &RULES);
+        assert!(recollection
+            .remember
+            .iter()
+            .any(|(_, r)| r.field == MatchField::Ph));
+    }
+
+    #[test]
     fn an_identity_does_not_remember_itself() {
         let email = sha256_hex("ana.silva@example.com");
         let other = sha256_hex("ana@work.example");
@@ -1111,12 +1160,14 @@ mod tests {
         assert!(pairs.contains(&("l:".to_owned(), "external_id")));
         assert!(pairs.contains(&("l:".to_owned(), "em")));
         // An email list says more than the identity: another address of the person.
-        let mut payload = json!({"user_data": {"em": [email.clone(), other.clone()]}});
+        let mut payload = json!({"user_data": {"em": [email.clone(), other.clone()],
+            "fbp": "fb.1.1596403881668.1116446470"}});
         let remember =
             recall_and_fill(&mut payload, ActionSource::Other, NOW, &[], &RULES).remember;
         assert_eq!(
             remember
                 .iter()
+                .filter(|(_, r)| r.field == MatchField::Em)
                 .map(|(identity, r)| (identity.as_str(), r.field))
                 .collect::<Vec<_>>(),
             [
