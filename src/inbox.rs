@@ -188,13 +188,16 @@ async fn ingest_events(ingestor: &Ingestor, items: Vec<InboxItem>, done: &mut Fi
     }
 }
 
-/// Source payloads: mapped by the rules, then ingested, one at a time in arrival order.
+/// Source payloads: mapped by the rules, checked one by one (so one bad payload parks alone),
+/// then the events of all good ones stored together in arrival order (one transaction for many
+/// payloads, and stages of one lead stay in order).
 async fn map_source_payloads(
     ingestor: &Ingestor,
     mapper: &Mapper,
     items: Vec<InboxItem>,
     done: &mut Finished,
 ) {
+    let mut ready: Vec<(InboxItem, Vec<serde_json::Value>)> = Vec::new();
     for item in items {
         let received_at = now_ms() / 1000;
         match mapper.map(&item.source, &item.payload, received_at).await {
@@ -212,17 +215,65 @@ async fn map_source_payloads(
                 tracing::warn!(source = %item.source, %reason, "lookup failed; the payload is retried later");
             }
             Mapped::Events { events, .. } => {
+                match ingestor.check(serde_json::Value::Array(events.clone()), received_at) {
+                    Ok(()) => ready.push((item, events)),
+                    Err(err) => {
+                        done.count(&item.source, "parked");
+                        done.record(item.id, Err(err));
+                    }
+                }
+            }
+        }
+    }
+
+    let mut batch: Vec<(InboxItem, Vec<serde_json::Value>)> = Vec::new();
+    let mut n_events = 0;
+    for (item, events) in ready {
+        if n_events + events.len() > crate::domain::MAX_EVENTS_PER_REQUEST && !batch.is_empty() {
+            ingest_together(ingestor, std::mem::take(&mut batch), done).await;
+            n_events = 0;
+        }
+        n_events += events.len();
+        batch.push((item, events));
+    }
+    if !batch.is_empty() {
+        ingest_together(ingestor, batch, done).await;
+    }
+}
+
+/// Stores the events of several checked payloads in one request; should that fail for another
+/// reason than storage (two payloads giving the same event twice, say), one by one instead.
+async fn ingest_together(
+    ingestor: &Ingestor,
+    batch: Vec<(InboxItem, Vec<serde_json::Value>)>,
+    done: &mut Finished,
+) {
+    let all: Vec<serde_json::Value> = batch
+        .iter()
+        .flat_map(|(_, events)| events.iter().cloned())
+        .collect();
+    match ingestor
+        .ingest(serde_json::Value::Array(all), now_ms() / 1000)
+        .await
+    {
+        Ok(_) => {
+            for (item, _) in batch {
+                done.count(&item.source, "mapped");
+                done.stored.push(item.id);
+            }
+        }
+        // Left leased: retried once the lease expires, nothing is lost.
+        Err(IngestError::Store(err)) => done.failed = Some(err),
+        Err(_) => {
+            for (item, events) in batch {
                 let result = ingestor
                     .ingest(serde_json::Value::Array(events), now_ms() / 1000)
                     .await
                     .map(|_| ());
-                let outcome = match &result {
-                    Ok(()) => Some("mapped"),
-                    Err(IngestError::Store(_)) => None,
-                    Err(_) => Some("parked"),
-                };
-                if let Some(outcome) = outcome {
-                    done.count(&item.source, outcome);
+                match &result {
+                    Ok(()) => done.count(&item.source, "mapped"),
+                    Err(IngestError::Store(_)) => {}
+                    Err(_) => done.count(&item.source, "parked"),
                 }
                 done.record(item.id, result);
             }

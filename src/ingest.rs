@@ -97,6 +97,14 @@ impl Ingestor {
         self
     }
 
+    /// Whether `ingest` would accept `body` (storage aside), without storing anything.
+    ///
+    /// # Errors
+    /// As `ingest`, except storage.
+    pub fn check(&self, body: Value, now_secs: i64) -> Result<(), IngestError> {
+        prepare(&self.rules, body, now_secs).map(|_| ())
+    }
+
     /// Validates, normalizes and durably stores the events of one request body.
     ///
     /// # Errors

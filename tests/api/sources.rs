@@ -720,3 +720,74 @@ async fn sources_work_the_same_on_postgres() {
     app.wait_for_count("supabase", "mapped", 1).await;
     app.wait_for_count("chatwoot", "duplicate", 1).await;
 }
+
+#[tokio::test]
+async fn a_burst_with_one_bad_payload_and_a_repeat_parks_only_the_bad_one() {
+    let files = files(RULES);
+    let app = spawn(&files).await;
+    let insert = |id: i64| {
+        let mut payload = sample("supabase-leads-insert.json");
+        payload["record"]["id"] = json!(id);
+        payload["record"]["email"] = json!(format!("lead{id}@example.com"));
+        payload
+    };
+    let mut sent = Vec::new();
+    for id in 1..=40 {
+        sent.push(insert(id));
+        if id == 20 {
+            // The same row delivered twice in a row, and a won lead without a deal value
+            // (Meta refuses a Purchase without one).
+            sent.push(insert(id));
+            let mut no_value = sample("supabase-leads-update-won.json");
+            no_value["record"]["deal_value"] = Value::Null;
+            sent.push(no_value);
+        }
+    }
+    // Concurrently, so the inbox worker takes many at once.
+    let answers = post_all_at_once(&app, &sent).await;
+    assert!(answers.iter().all(|s| *s == 202), "{answers:?}");
+
+    let accepted = app.graph.wait_for_accepted(40, WAIT).await;
+    let ids: std::collections::BTreeSet<String> = accepted
+        .iter()
+        .filter_map(|e| e["event_id"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(ids.len(), 40, "{ids:?}");
+    assert!(ids.iter().all(|id| id.starts_with("lead-")));
+    let counts = app.wait_for_count("supabase", "parked", 1).await;
+    assert_eq!(counts["mapped"], 41, "{counts}");
+    let parked = app.store.parked_payloads(10).await.expect("parked");
+    assert_eq!(parked.len(), 1);
+    assert!(
+        parked[0].problems.to_string().contains("value"),
+        "{parked:?}"
+    );
+    assert_eq!(app.graph.accepted_count(), 40);
+}
+
+/// Posts every payload at once and returns the statuses.
+async fn post_all_at_once(app: &TestApp, payloads: &[Value]) -> Vec<u16> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for payload in payloads {
+        let (http, url, body) = (
+            app.http.clone(),
+            format!("{}/v1/sources/supabase", app.address),
+            payload.to_string(),
+        );
+        tasks.spawn(async move {
+            http.post(url)
+                .bearer_auth(SECRET)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        });
+    }
+    let mut statuses = Vec::new();
+    while let Some(status) = tasks.join_next().await {
+        statuses.push(status.unwrap_or(0));
+    }
+    statuses
+}
