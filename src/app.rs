@@ -95,6 +95,7 @@ impl App {
             delivery: delivery.clone(),
             workers_alive: workers_alive.clone(),
             mapper: mapper.clone(),
+            inbox_commit: crate::store::InboxCommit::start(store.clone(), now_ms),
             inbox_wake: inbox_wake.clone(),
         };
         Ok(Self {

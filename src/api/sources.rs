@@ -20,7 +20,7 @@ use crate::delivery::now_ms;
 use crate::domain::rules::PayloadKind;
 use crate::ingest::IngestError;
 use crate::sources::{Mapped, SourceConfig};
-use crate::store::SourceCount;
+use crate::store::{SourceCount, SourcePayload};
 
 /// A payload sent with the source's header secret or signature.
 pub(super) async fn receive(
@@ -98,8 +98,12 @@ async fn accept(
         ));
     }
     let stored = app
-        .store
-        .enqueue_source_payload(name, delivery_id.as_deref(), &payload, now)
+        .inbox_commit
+        .enqueue(SourcePayload {
+            source: name.to_owned(),
+            delivery_id,
+            payload,
+        })
         .await?;
     match stored {
         Some(inbox_id) => {

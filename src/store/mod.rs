@@ -9,6 +9,7 @@
 
 mod error;
 mod group_commit;
+mod inbox_commit;
 mod postgres;
 mod sqlite;
 
@@ -19,6 +20,7 @@ use serde::Serialize;
 
 pub use error::StoreError;
 pub use group_commit::{GroupCommit, Handoff};
+pub use inbox_commit::InboxCommit;
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
@@ -312,6 +314,17 @@ pub struct Pruned {
     pub match_keys: u64,
 }
 
+/// A webhook source's payload to queue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourcePayload {
+    /// Source name.
+    pub source: String,
+    /// The sender's id for the delivery, reused by its retries.
+    pub delivery_id: Option<String>,
+    /// The body.
+    pub payload: serde_json::Value,
+}
+
 /// An increment of one source's counter.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourceCount {
@@ -469,15 +482,35 @@ pub trait Store: Send + Sync + 'static {
     /// Makes invalid inbox rows pending again (after a fix); returns how many.
     async fn requeue_invalid_inbox(&self, now: i64) -> Result<u64, StoreError>;
 
-    /// Queues a webhook source's payload in the inbox, unless the sender's `delivery_id` was
-    /// already queued within the 48-hour window (then `None`); one transaction.
+    /// Queues webhook sources' payloads in the inbox in one transaction, in order; a payload
+    /// whose sender's `delivery_id` was already queued within the 48-hour window (or earlier in
+    /// the same batch) is skipped: `None` in its place.
+    async fn enqueue_source_payloads(
+        &self,
+        payloads: &[SourcePayload],
+        now: i64,
+    ) -> Result<Vec<Option<i64>>, StoreError>;
+
+    /// One payload: [`Store::enqueue_source_payloads`] of one.
     async fn enqueue_source_payload(
         &self,
         source: &str,
         delivery_id: Option<&str>,
         payload: &serde_json::Value,
         now: i64,
-    ) -> Result<Option<i64>, StoreError>;
+    ) -> Result<Option<i64>, StoreError> {
+        let one = SourcePayload {
+            source: source.to_owned(),
+            delivery_id: delivery_id.map(str::to_owned),
+            payload: payload.clone(),
+        };
+        Ok(self
+            .enqueue_source_payloads(std::slice::from_ref(&one), now)
+            .await?
+            .into_iter()
+            .next()
+            .flatten())
+    }
 
     /// Adds to the per-source outcome counters.
     async fn count_source_outcomes(

@@ -31,7 +31,7 @@ use super::{
     newest_match_keys, AttemptRecord, AttemptView, ClaimedEvent, EventDetail, EventRow,
     EventUpdate, InboxItem, InsertOutcome, Inserted, MatchKeyRow, NewEventRecord, Notice,
     ParkedPayload, Pruned, QueueStats, ReplayFilter, Retention, Settlement, SourceCount,
-    SourceStat, Store, StoreError, DEDUP_WINDOW_MS,
+    SourcePayload, SourceStat, Store, StoreError, DEDUP_WINDOW_MS,
 };
 
 /// Connections per instance. Several instances (and the user's own tools) share the server's
@@ -1159,53 +1159,56 @@ impl Store for PostgresStore {
         Ok(n)
     }
 
-    async fn enqueue_source_payload(
+    async fn enqueue_source_payloads(
         &self,
-        source: &str,
-        delivery_id: Option<&str>,
-        payload: &serde_json::Value,
+        payloads: &[SourcePayload],
         now: i64,
-    ) -> Result<Option<i64>, StoreError> {
+    ) -> Result<Vec<Option<i64>>, StoreError> {
         let Tables {
             inbox,
             source_delivery,
             ..
         } = &self.tables;
-        let mut tx = self.begin().await?;
-        if let Some(delivery_id) = delivery_id {
-            let sql = format!(
-                "insert into {source_delivery} as d (source, delivery_id, received_at)
-                 values ($1, $2, $3)
-                 on conflict (source, delivery_id) do update set received_at = excluded.received_at
-                 where d.received_at < $4"
-            );
-            let fresh = self
-                .query(&sql)
-                .bind(source)
-                .bind(delivery_id)
-                .bind(now)
-                .bind(now - DEDUP_WINDOW_MS)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-            if fresh == 0 {
-                return Ok(None);
-            }
-        }
-        let sql = format!(
+        let claim_delivery = format!(
+            "insert into {source_delivery} as d (source, delivery_id, received_at)
+             values ($1, $2, $3)
+             on conflict (source, delivery_id) do update set received_at = excluded.received_at
+             where d.received_at < $4"
+        );
+        let insert = format!(
             "insert into {inbox} (source, payload, created_at, updated_at)
              values ($1, $2::jsonb, $3, $3) returning id"
         );
-        let id: i64 = self
-            .query(&sql)
-            .bind(source)
-            .bind(payload.to_string())
-            .bind(now)
-            .fetch_one(&mut *tx)
-            .await?
-            .try_get(0)?;
+        let mut tx = self.begin().await?;
+        let mut ids = Vec::with_capacity(payloads.len());
+        for item in payloads {
+            if let Some(delivery_id) = &item.delivery_id {
+                let fresh = self
+                    .query(&claim_delivery)
+                    .bind(&item.source)
+                    .bind(delivery_id)
+                    .bind(now)
+                    .bind(now - DEDUP_WINDOW_MS)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if fresh == 0 {
+                    ids.push(None);
+                    continue;
+                }
+            }
+            let id: i64 = self
+                .query(&insert)
+                .bind(&item.source)
+                .bind(item.payload.to_string())
+                .bind(now)
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get(0)?;
+            ids.push(Some(id));
+        }
         tx.commit().await?;
-        Ok(Some(id))
+        Ok(ids)
     }
 
     async fn count_source_outcomes(

@@ -11,8 +11,8 @@ use sqlx::{QueryBuilder, Row, SqlitePool};
 use super::{
     newest_match_keys, AttemptRecord, AttemptView, ClaimedEvent, EventDetail, EventRow,
     EventUpdate, InboxItem, InsertOutcome, Inserted, MatchKeyRow, NewEventRecord, ParkedPayload,
-    Pruned, QueueStats, ReplayFilter, Retention, Settlement, SourceCount, SourceStat, Store,
-    StoreError, DEDUP_WINDOW_MS,
+    Pruned, QueueStats, ReplayFilter, Retention, Settlement, SourceCount, SourcePayload,
+    SourceStat, Store, StoreError, DEDUP_WINDOW_MS,
 };
 
 /// Rows per multi-row statement (9 parameters each stays far below SQLite's limit).
@@ -602,42 +602,45 @@ impl Store for SqliteStore {
         Ok(id)
     }
 
-    async fn enqueue_source_payload(
+    async fn enqueue_source_payloads(
         &self,
-        source: &str,
-        delivery_id: Option<&str>,
-        payload: &serde_json::Value,
+        payloads: &[SourcePayload],
         now: i64,
-    ) -> Result<Option<i64>, StoreError> {
+    ) -> Result<Vec<Option<i64>>, StoreError> {
         let mut tx = self.writer.begin().await?;
-        if let Some(delivery_id) = delivery_id {
-            let fresh = sqlx::query(
-                "insert into source_delivery (source, delivery_id, received_at) values (?1, ?2, ?3)
-                 on conflict (source, delivery_id) do update set received_at = excluded.received_at
-                 where source_delivery.received_at < ?4",
-            )
-            .bind(source)
-            .bind(delivery_id)
-            .bind(now)
-            .bind(now - DEDUP_WINDOW_MS)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if fresh == 0 {
-                return Ok(None);
+        let mut ids = Vec::with_capacity(payloads.len());
+        for item in payloads {
+            if let Some(delivery_id) = &item.delivery_id {
+                let fresh = sqlx::query(
+                    "insert into source_delivery (source, delivery_id, received_at) values (?1, ?2, ?3)
+                     on conflict (source, delivery_id) do update set received_at = excluded.received_at
+                     where source_delivery.received_at < ?4",
+                )
+                .bind(&item.source)
+                .bind(delivery_id)
+                .bind(now)
+                .bind(now - DEDUP_WINDOW_MS)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if fresh == 0 {
+                    ids.push(None);
+                    continue;
+                }
             }
+            let id: i64 = sqlx::query_scalar(
+                "insert into inbox (source, payload, created_at, updated_at) values (?1, ?2, ?3, ?3)
+                 returning id",
+            )
+            .bind(&item.source)
+            .bind(item.payload.to_string())
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await?;
+            ids.push(Some(id));
         }
-        let id = sqlx::query_scalar(
-            "insert into inbox (source, payload, created_at, updated_at) values (?1, ?2, ?3, ?3)
-             returning id",
-        )
-        .bind(source)
-        .bind(payload.to_string())
-        .bind(now)
-        .fetch_one(&mut *tx)
-        .await?;
         tx.commit().await?;
-        Ok(Some(id))
+        Ok(ids)
     }
 
     async fn count_source_outcomes(

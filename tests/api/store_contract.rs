@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use capi_bridge::store::{
     self, AttemptRecord, EventUpdate, InsertOutcome, MatchKeyRow, NewEventRecord, ReplayFilter,
-    Retention, Settlement, SourceCount, Store, DEDUP_WINDOW_MS,
+    Retention, Settlement, SourceCount, SourcePayload, Store, DEDUP_WINDOW_MS,
 };
 use sqlx::{Connection, Executor, PgConnection};
 
@@ -596,8 +596,20 @@ async fn check_source_payloads_dedup_delivery_ids_and_count_outcomes(store: &dyn
         .await
         .expect("enqueue");
     assert!(without_id.is_some());
+    // In one batch, the second of two deliveries with the same id is the duplicate.
+    let twice = SourcePayload {
+        source: "chatwoot".to_owned(),
+        delivery_id: Some("d-9".to_owned()),
+        payload: payload.clone(),
+    };
+    let batch = store
+        .enqueue_source_payloads(&[twice.clone(), twice], T0)
+        .await
+        .expect("enqueue");
+    assert!(batch[0].is_some());
+    assert_eq!(batch[1], None);
     let claimed = store.claim_inbox(10, T0, T0 + 1000).await.expect("claim");
-    assert_eq!(claimed.len(), 3);
+    assert_eq!(claimed.len(), 4);
     assert_eq!(claimed[0].payload, payload);
 
     let count = |outcome: &'static str, n: u64| SourceCount {
@@ -622,7 +634,7 @@ async fn check_source_payloads_dedup_delivery_ids_and_count_outcomes(store: &dyn
     };
     assert_eq!(get("chatwoot", "received"), Some((3, Some(T0 + 5))));
     assert_eq!(get("chatwoot", "unmatched"), Some((1, Some(T0))));
-    assert_eq!(get("chatwoot", "pending").map(|(n, _)| n), Some(1));
+    assert_eq!(get("chatwoot", "pending").map(|(n, _)| n), Some(2));
 
     // After the window the delivery id may be used again, and pruning forgets it.
     let later = T0 + DEDUP_WINDOW_MS + 1;
