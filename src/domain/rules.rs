@@ -337,6 +337,8 @@ impl RuleSet {
     /// A condition that fails for another reason than missing data, or is not a boolean.
     pub fn matching(&self, source: &str, input: &Input<'_>) -> Result<Vec<RuleRef>, RuleFailure> {
         let mut matched = Vec::new();
+        // Built on first need, once for all rules: binding the payload converts it to CEL values.
+        let mut context = None;
         for (index, rule) in self.rules.iter().enumerate() {
             if rule.source != source {
                 continue;
@@ -345,8 +347,8 @@ impl RuleSet {
                 matched.push(RuleRef(index));
                 continue;
             };
-            let context = input.context(&self.env, &BTreeMap::new());
-            match when.execute(&context) {
+            let context = context.get_or_insert_with(|| input.context(&self.env, &BTreeMap::new()));
+            match when.execute(context) {
                 Ok(cel::Value::Bool(true)) => matched.push(RuleRef(index)),
                 Ok(cel::Value::Bool(false)) => {}
                 Err(err) if is_missing_data(&err) => {}
@@ -484,29 +486,36 @@ impl Input<'_> {
         lookups: &BTreeMap<String, Value>,
     ) -> Context<'static, 'e> {
         let mut context = Context::with_env(env.clone());
-        let mut bind = |name: &str, value: &Value| {
-            // Serializing JSON into CEL values cannot fail: every JSON value has a CEL twin.
-            if context.add_variable(name, value).is_err() {
-                context.add_variable_from_value(name, cel::Value::Null);
-            }
+        let bind = |context: &mut Context<'static, 'e>, name: &str, value: cel::Value| {
+            context.add_variable_from_value(name, value);
         };
-        bind("payload", self.payload);
-        bind("source", &Value::String(self.source.to_owned()));
-        bind("now", &Value::from(self.received_at));
-        if let Value::Object(map) = self.payload {
-            for (key, value) in map {
-                if !matches!(key.as_str(), "payload" | "source" | "now") {
-                    bind(key, value);
+        // Every JSON value has a CEL twin, so these conversions do not fail.
+        let convert = |value: &Value| cel::to_value(value).unwrap_or(cel::Value::Null);
+        bind(
+            &mut context,
+            "source",
+            cel::Value::from(self.source.to_owned()),
+        );
+        bind(&mut context, "now", cel::Value::Int(self.received_at));
+        // The payload is converted once; its top-level keys share the converted values.
+        let whole = convert(self.payload);
+        if let cel::Value::Map(map) = &whole {
+            for (key, value) in map.map.iter() {
+                if let cel::objects::Key::String(name) = key {
+                    if !matches!(name.as_str(), "payload" | "source" | "now") {
+                        bind(&mut context, name.as_str(), value.clone());
+                    }
                 }
             }
         }
+        bind(&mut context, "payload", whole);
         if self.kind == PayloadKind::Chatwoot {
             for (name, value) in super::chatwoot::derived(self.payload) {
-                bind(name, &value);
+                bind(&mut context, name, convert(&value));
             }
         }
         for (name, row) in lookups {
-            bind(name, row);
+            bind(&mut context, name, convert(row));
         }
         context
     }
