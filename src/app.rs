@@ -27,6 +27,7 @@ pub struct App {
     retention: Retention,
     ingestor: Ingestor,
     mapper: crate::sources::Mapper,
+    counters: crate::sources::SourceCounters,
     inbox_wake: Arc<Notify>,
     delivery_wake: Arc<Notify>,
     poll_interval: std::time::Duration,
@@ -85,6 +86,7 @@ impl App {
             crate::sources::lookups_from(&config).context("cannot build the Supabase client")?;
         let mapper = crate::sources::Mapper::new(config.sources.clone(), lookups);
         let inbox_wake = Arc::new(Notify::new());
+        let counters = crate::sources::SourceCounters::new(store.clone());
         let retention = config.retention;
         let poll_interval = config.delivery.poll_interval;
         let delivery_wake = wake;
@@ -96,6 +98,7 @@ impl App {
             workers_alive: workers_alive.clone(),
             mapper: mapper.clone(),
             inbox_commit: crate::store::InboxCommit::start(store.clone(), now_ms),
+            counters: counters.clone(),
             inbox_wake: inbox_wake.clone(),
         };
         Ok(Self {
@@ -106,6 +109,7 @@ impl App {
             retention,
             ingestor,
             mapper,
+            counters,
             inbox_wake,
             delivery_wake,
             poll_interval,
@@ -146,6 +150,10 @@ impl App {
             tokio::spawn(async move { memory.run(shutdown).await })
         });
         let inbox_wake = self.inbox_wake;
+        let counting = {
+            let (counters, shutdown) = (self.counters.clone(), shutdown.clone());
+            tokio::spawn(async move { counters.run(shutdown).await })
+        };
         let inbox = tokio::spawn(crate::inbox::run(
             self.store.clone(),
             self.ingestor,
@@ -174,6 +182,7 @@ impl App {
         }
         let _ = maintenance.await;
         let _ = inbox.await;
+        let _ = counting.await;
         let _ = notices.await;
         if let (Some(memory), Some(writer)) = (self.memory, memory_writer) {
             let _ = writer.await;

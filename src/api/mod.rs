@@ -42,6 +42,8 @@ pub struct AppState {
     pub workers_alive: Arc<std::sync::atomic::AtomicBool>,
     /// Maps source payloads to events.
     pub mapper: crate::sources::Mapper,
+    /// Per-source counters, written once a second.
+    pub counters: crate::sources::SourceCounters,
     /// Queues source payloads, many per transaction.
     pub inbox_commit: crate::store::InboxCommit,
     /// Wakes the inbox worker when a source payload is queued.

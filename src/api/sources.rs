@@ -20,7 +20,7 @@ use crate::delivery::now_ms;
 use crate::domain::rules::PayloadKind;
 use crate::ingest::IngestError;
 use crate::sources::{Mapped, SourceConfig};
-use crate::store::{SourceCount, SourcePayload};
+use crate::store::SourcePayload;
 
 /// A payload sent with the source's header secret or signature.
 pub(super) async fn receive(
@@ -88,7 +88,7 @@ async fn accept(
         .any_rule_matches(name, &payload, received_at)
         .unwrap_or(true);
     if !wanted {
-        count(app, name, &[("received", 1), ("unmatched", 1)], now);
+        count(app, name, &[("received", 1), ("unmatched", 1)]);
         return Ok((
             StatusCode::OK,
             Json(Receipt {
@@ -108,7 +108,7 @@ async fn accept(
     match stored {
         Some(inbox_id) => {
             app.inbox_wake.notify_one();
-            count(app, name, &[("received", 1)], now);
+            count(app, name, &[("received", 1)]);
             Ok((
                 StatusCode::ACCEPTED,
                 Json(Receipt {
@@ -118,7 +118,7 @@ async fn accept(
             ))
         }
         None => {
-            count(app, name, &[("received", 1), ("duplicate", 1)], now);
+            count(app, name, &[("received", 1), ("duplicate", 1)]);
             Ok((
                 StatusCode::OK,
                 Json(Receipt {
@@ -130,22 +130,10 @@ async fn accept(
     }
 }
 
-/// Counters are not worth delaying the answer for: they are written in the background.
-fn count(app: &super::AppState, source: &str, outcomes: &[(&'static str, u64)], now: i64) {
-    let counts: Vec<SourceCount> = outcomes
-        .iter()
-        .map(|(outcome, n)| SourceCount {
-            source: source.to_owned(),
-            outcome,
-            count: *n,
-        })
-        .collect();
-    let store = app.store.clone();
-    tokio::spawn(async move {
-        if let Err(err) = store.count_source_outcomes(&counts, now).await {
-            tracing::warn!(error = %err, "could not update source counters");
-        }
-    });
+fn count(app: &super::AppState, source: &str, outcomes: &[(&'static str, u64)]) {
+    for (outcome, n) in outcomes {
+        app.counters.add(source, outcome, *n);
+    }
 }
 
 /// A source accepts, in this order: its URL token in the path; a valid `X-Chatwoot-Signature`

@@ -2,6 +2,7 @@
 //! [`Mapper`] that turns one of their payloads into events with the mapping rules
 //! ([`crate::domain::rules`]), fetching rows the rules ask for.
 
+pub mod counters;
 pub mod settings;
 pub mod supabase_rest;
 
@@ -13,6 +14,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::domain::rules::{Input, RuleFailure};
+pub use counters::SourceCounters;
 pub use settings::{SourceConfig, SourcesConfig};
 
 /// Fetches one row for a rule's `lookups` (the Supabase REST API in production).
