@@ -516,7 +516,12 @@ async fn chatwoot_forged_and_stale_signatures_are_refused_with_their_reason() {
         .await;
     assert_eq!(status, 401);
     // Refused deliveries are not counted: after one good one, the count is one.
-    assert_eq!(app.chatwoot_signed(&label_added("lead"), "d-good", now()).await.0, 202);
+    assert_eq!(
+        app.chatwoot_signed(&label_added("lead"), "d-good", now())
+            .await
+            .0,
+        202
+    );
     let counts = app.wait_for_count("chatwoot", "received", 1).await;
     assert_eq!(counts["received"], 1, "{counts}");
     app.graph.wait_for_accepted(1, WAIT).await;
