@@ -137,7 +137,8 @@ fn count(app: &super::AppState, source: &str, outcomes: &[(&'static str, u64)]) 
 }
 
 /// A source accepts, in this order: its URL token in the path; a valid `X-Chatwoot-Signature`
-/// (Chatwoot sources with a signing secret; a bad or stale one is refused outright); any
+/// (Chatwoot sources with a signing secret; a bad or stale one is refused outright); a body
+/// signed with a `WEBHOOK_SECRET` (Standard Webhooks or `X-Signature-256`); any
 /// `WEBHOOK_SECRET` in a header; anything on a loopback-only service without secrets.
 fn authenticate(
     app: &super::AppState,
@@ -182,6 +183,27 @@ fn authenticate(
                     ),
                 },
             );
+        }
+    }
+    // Senders that sign with WEBHOOK_SECRET instead of sending it (CRMs, Make, Zapier, n8n):
+    // the same formats as /v1/events.
+    let secrets = &app.config.webhook_secrets;
+    if !secrets.is_empty() {
+        if let (Some(id), Some(timestamp), Some(signed)) = (
+            header("webhook-id"),
+            header("webhook-timestamp"),
+            header("webhook-signature"),
+        ) {
+            return signature::verify_standard_webhook(
+                secrets, id, timestamp, body, signed, now_secs,
+            )
+            .map_err(|err| {
+                ApiError::Refused(format!("Standard Webhooks signature refused: {err}"))
+            });
+        }
+        if let Some(signed) = header("x-signature-256").or_else(|| header("x-hub-signature-256")) {
+            return signature::verify_body_hmac(secrets, body, signed)
+                .map_err(|err| ApiError::Refused(format!("X-Signature-256 refused: {err}")));
         }
     }
     if let Some(presented) = super::presented_secret(headers) {

@@ -802,3 +802,85 @@ async fn post_all_at_once(app: &TestApp, payloads: &[Value]) -> Vec<u16> {
     }
     statuses
 }
+
+#[tokio::test]
+async fn crm_webhooks_signed_with_the_secret_are_accepted_and_their_retries_are_duplicates() {
+    use base64::Engine as _;
+    let files = files(RULES);
+    let app = spawn(&files).await;
+    let payload = json!({"type": "UPDATE", "table": "deals", "schema": "public",
+        "record": {"id": 9, "lead_id": 1_893_456_789_012_345_i64, "stage": "Converted"},
+        "old_record": {"id": 9, "lead_id": 1_893_456_789_012_345_i64, "stage": "Sales Opportunity"}});
+    let body = payload.to_string();
+    let standard = |id: &str, at: i64| {
+        let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).expect("key");
+        mac.update(format!("{id}.{at}.{body}").as_bytes());
+        let signature =
+            base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+        vec![
+            ("webhook-id", id.to_owned()),
+            ("webhook-timestamp", at.to_string()),
+            ("webhook-signature", format!("v1,{signature}")),
+        ]
+    };
+
+    let (status, receipt) = app
+        .post_source(
+            "/v1/sources/crm",
+            body.as_bytes(),
+            &standard("msg_1", now()),
+        )
+        .await;
+    assert_eq!(status, 202, "{receipt}");
+    // The sender's retry of the same message: acknowledged, not queued again.
+    let (status, receipt) = app
+        .post_source(
+            "/v1/sources/crm",
+            body.as_bytes(),
+            &standard("msg_1", now()),
+        )
+        .await;
+    assert_eq!(
+        (status, receipt["status"].as_str()),
+        (200, Some("duplicate"))
+    );
+    // Stale and tampered ones are refused.
+    let (status, _) = app
+        .post_source(
+            "/v1/sources/crm",
+            body.as_bytes(),
+            &standard("msg_2", now() - 600),
+        )
+        .await;
+    assert_eq!(status, 401);
+    let (status, _) = app
+        .post_source(
+            "/v1/sources/crm",
+            b"{\"type\": \"UPDATE\"}",
+            &standard("msg_3", now()),
+        )
+        .await;
+    assert_eq!(status, 401);
+
+    // GitHub style on another source.
+    let insert = sample("supabase-leads-insert.json").to_string();
+    let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).expect("key");
+    mac.update(insert.as_bytes());
+    let signed = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+    let (status, _) = app
+        .post_source(
+            "/v1/sources/supabase",
+            insert.as_bytes(),
+            &[("x-signature-256", signed)],
+        )
+        .await;
+    assert_eq!(status, 202);
+
+    let accepted = app.graph.wait_for_accepted(2, WAIT).await;
+    let mut names: Vec<&str> = accepted
+        .iter()
+        .filter_map(|e| e["event_name"].as_str())
+        .collect();
+    names.sort_unstable();
+    assert_eq!(names, ["Converted", "Lead"]);
+}
