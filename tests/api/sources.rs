@@ -235,8 +235,35 @@ async fn supabase_insert_update_and_delete_become_exactly_the_expected_events() 
             .cloned()
             .unwrap_or_else(|| panic!("no {id} in {accepted:?}"))
     };
-    let lead = by_id("lead-1");
-    assert_eq!(lead["event_name"], "Lead");
+    let mut lead = by_id("lead-1");
+    // Exactly what Meta receives (event_time is when the payload was mapped).
+    let event_time = lead
+        .as_object_mut()
+        .and_then(|e| e.remove("event_time"))
+        .and_then(|t| t.as_i64())
+        .expect("event_time");
+    assert!((now() - event_time).abs() < 60);
+    let sample = sample("supabase-leads-insert.json");
+    let record = &sample["record"];
+    assert_eq!(
+        lead,
+        json!({
+            "event_name": "Lead",
+            "event_id": "lead-1",
+            "action_source": "other",
+            "user_data": {
+                "em": [sha256("ana.souza@example.com")],
+                "ph": [sha256("5511999990000")],
+                "fn": [sha256("ana")],
+                "ln": [sha256("souza")],
+                "external_id": [sha256("1")],
+                "fbc": record["fbc"],
+                "fbp": record["fbp"],
+                "client_ip_address": record["client_ip"],
+                "client_user_agent": record["user_agent"],
+            }
+        })
+    );
     let user = &lead["user_data"];
     assert_eq!(user["em"], json!([sha256("ana.souza@example.com")]));
     assert_eq!(user["ph"], json!([sha256("5511999990000")]));
