@@ -4,6 +4,7 @@
 //! Nothing here does I/O, reads the clock or the environment, or logs: time and id generation
 //! are passed in. Everything is tested with tables and property tests.
 
+pub mod browser;
 pub mod chatwoot;
 pub mod event;
 pub mod match_keys;
