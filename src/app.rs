@@ -87,6 +87,7 @@ impl App {
         let mapper = crate::sources::Mapper::new(config.sources.clone(), lookups);
         let inbox_wake = Arc::new(Notify::new());
         let counters = crate::sources::SourceCounters::new(store.clone());
+        let collect_limits = Arc::new(api::CollectLimits::new(&config.sites));
         let retention = config.retention;
         let poll_interval = config.delivery.poll_interval;
         let delivery_wake = wake;
@@ -99,6 +100,7 @@ impl App {
             mapper: mapper.clone(),
             inbox_commit: crate::store::InboxCommit::start(store.clone(), now_ms),
             counters: counters.clone(),
+            collect_limits,
             inbox_wake: inbox_wake.clone(),
         };
         Ok(Self {
@@ -170,8 +172,12 @@ impl App {
             shutdown.clone(),
         ));
         let server_shutdown = shutdown.clone();
-        let server = axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(async move { server_shutdown.cancelled().await });
+        let server = axum::serve(
+            self.listener,
+            self.router
+                .into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { server_shutdown.cancelled().await });
         let served = server.await.context("the HTTP server failed");
         // Whatever stopped the server also stops delivery; in-flight batches finish first.
         shutdown.cancel();

@@ -41,6 +41,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Webhook sources and their mapping rules.
     pub sources: crate::sources::SourcesConfig,
+    /// Landing pages (`POST /v1/collect`).
+    pub sites: crate::sites::SitesConfig,
     /// How long finished events are kept.
     pub retention: Retention,
     /// Days the match-key memory keeps a person's match keys (0: off).
@@ -183,6 +185,9 @@ struct FileConfig {
     /// Mapping rules.
     #[serde(default)]
     rules: Vec<crate::domain::rules::RuleSpec>,
+    /// Landing pages by public site key.
+    #[serde(default)]
+    sites: BTreeMap<String, crate::sites::FileSite>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -581,6 +586,7 @@ pub fn load(env: &Env, config_path: Option<&Path>) -> Result<Config, Vec<String>
         );
     }
 
+    let sites = crate::sites::load(env, file.sites, &mut problems);
     let sources = crate::sources::settings::load(
         env,
         file.sources,
@@ -623,6 +629,7 @@ pub fn load(env: &Env, config_path: Option<&Path>) -> Result<Config, Vec<String>
         log_format,
         retention,
         sources,
+        sites,
         match_key_memory_days,
     })
 }

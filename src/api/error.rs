@@ -49,6 +49,12 @@ pub enum ApiError {
     /// One or more events break Meta's rules; nothing was queued.
     #[error("{} problem(s) in the events; nothing was queued", .0.len())]
     Invalid(Vec<EventProblem>),
+    /// Not allowed for this caller (a page's origin, a site key).
+    #[error("{0}")]
+    Forbidden(String),
+    /// Too many requests; retry after this many seconds.
+    #[error("too many requests; retry after {0} s")]
+    RateLimited(u64),
     /// No such resource.
     #[error("{0}")]
     NotFound(String),
@@ -65,6 +71,8 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -77,6 +85,8 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::Invalid(_) => "invalid_events",
             ApiError::NotFound(_) => "not_found",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::RateLimited(_) => "rate_limited",
             ApiError::Unavailable(_) => "unavailable",
         }
     }
@@ -127,6 +137,11 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert("retry-after", axum::http::HeaderValue::from_static("1"));
+        }
+        if let ApiError::RateLimited(seconds) = &self {
+            if let Ok(value) = axum::http::HeaderValue::from_str(&seconds.to_string()) {
+                response.headers_mut().insert("retry-after", value);
+            }
         }
         if matches!(self, ApiError::Unauthorized) {
             response.headers_mut().insert(

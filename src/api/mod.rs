@@ -2,6 +2,7 @@
 //! HTTP to calls of [`crate::ingest::Ingestor`] and [`crate::store::Store`]; no Meta rules live
 //! here.
 
+mod collect;
 pub mod error;
 mod events;
 mod health;
@@ -25,6 +26,7 @@ use crate::config::Config;
 use crate::delivery::Delivery;
 use crate::ingest::Ingestor;
 use crate::store::Store;
+pub use collect::Limits as CollectLimits;
 pub use error::ApiError;
 
 /// What handlers share.
@@ -42,6 +44,8 @@ pub struct AppState {
     pub workers_alive: Arc<std::sync::atomic::AtomicBool>,
     /// Maps source payloads to events.
     pub mapper: crate::sources::Mapper,
+    /// Rate limits of `POST /v1/collect`.
+    pub collect_limits: Arc<collect::Limits>,
     /// Per-source counters, written once a second.
     pub counters: crate::sources::SourceCounters,
     /// Queues source payloads, many per transaction.
@@ -97,9 +101,17 @@ pub fn router(state: AppState) -> Router {
             "/v1/sources/{name}/{token}",
             post(sources::receive_with_token),
         );
+    // Pages: public, fenced by site key, origin and rate limits; a small body limit of its own.
+    let pages = Router::new()
+        .route(
+            "/v1/collect",
+            post(collect::collect).options(collect::preflight),
+        )
+        .layer(axum::extract::DefaultBodyLimit::max(collect::BODY_LIMIT));
     Router::new()
         .merge(protected)
         .merge(sources)
+        .merge(pages)
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))

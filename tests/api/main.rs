@@ -8,6 +8,7 @@ mod postgrest_stand_in;
 
 mod cli;
 mod cluster;
+mod collect;
 mod crash;
 mod delivery;
 mod helpers;

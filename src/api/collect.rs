@@ -1,0 +1,233 @@
+//! `POST /v1/collect`: events from landing pages. Public (a page cannot hold a secret), so it
+//! is fenced instead: a public site key whose allowed origins must match the request's
+//! `Origin` (or `Referer`), per-IP and per-site rate limits, the site's event names only, and
+//! the server deciding `action_source`, IP address and user agent
+//! ([`crate::domain::browser`]). Bodies may be `text/plain` (what `navigator.sendBeacon`
+//! sends, no CORS preflight) or `application/json` (preflighted; answered for allowed origins
+//! only).
+
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+
+use axum::extract::{ConnectInfo, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::{ApiError, SharedState};
+use crate::delivery::now_ms;
+use crate::domain::browser::{self, IpHeaders, SitePolicy};
+use crate::ingest::IngestError;
+use crate::sites::{SiteConfig, SitesConfig};
+
+/// Largest body a page may send.
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+/// Per-site and per-IP limiters, built once from the configuration.
+pub struct Limits {
+    per_ip: Vec<(String, DefaultKeyedRateLimiter<IpAddr>)>,
+    per_site: Vec<(String, governor::DefaultDirectRateLimiter)>,
+}
+
+impl Limits {
+    /// One pair of limiters per site.
+    pub fn new(sites: &SitesConfig) -> Self {
+        let quota = |n: u32| Quota::per_minute(NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN));
+        Self {
+            per_ip: sites
+                .sites
+                .iter()
+                .map(|s| {
+                    (
+                        s.key.clone(),
+                        RateLimiter::keyed(quota(s.per_ip_per_minute)),
+                    )
+                })
+                .collect(),
+            per_site: sites
+                .sites
+                .iter()
+                .map(|s| {
+                    (
+                        s.key.clone(),
+                        RateLimiter::direct(quota(s.per_site_per_minute)),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// `Err(seconds to wait)` when `ip` or the site is over its limit.
+    fn check(&self, site: &str, ip: IpAddr) -> Result<(), u64> {
+        let clock = governor::clock::DefaultClock::default();
+        let wait = |not_until: governor::NotUntil<governor::clock::QuantaInstant>| {
+            use governor::clock::Clock as _;
+            not_until.wait_time_from(clock.now()).as_secs().max(1)
+        };
+        if let Some((_, limiter)) = self.per_site.iter().find(|(k, _)| k == site) {
+            limiter.check().map_err(wait)?;
+        }
+        if let Some((_, limiter)) = self.per_ip.iter().find(|(k, _)| k == site) {
+            limiter.check_key(&ip).map_err(wait)?;
+        }
+        Ok(())
+    }
+}
+
+/// `?site_key=` (lets a preflight, which has no body, name its site).
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct CollectQuery {
+    site_key: Option<String>,
+}
+
+/// An event from a page; 204 once it is durably queued.
+pub(super) async fn collect(
+    State(state): State<SharedState>,
+    Query(query): Query<CollectQuery>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let app = &state.0;
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(IpAddr::from([127, 0, 0, 1]), |c| c.0.ip());
+    let headers = request.headers().clone();
+    let bytes = axum::body::to_bytes(request.into_body(), BODY_LIMIT)
+        .await
+        .map_err(|_| {
+            ApiError::PayloadTooLarge(format!("a page may send at most {BODY_LIMIT} bytes"))
+        })?;
+    let body: Value = serde_json::from_slice(&bytes).map_err(|err| ApiError::MalformedJson {
+        line: err.line(),
+        column: err.column(),
+        message: "invalid JSON".to_owned(),
+    })?;
+    let Value::Object(body) = body else {
+        return Err(ApiError::BadRequest(
+            "the body must be one JSON object".to_owned(),
+        ));
+    };
+    let key = query
+        .site_key
+        .or_else(|| {
+            body.get("site_key")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    let site = app
+        .config
+        .sites
+        .get(&key)
+        .ok_or_else(|| ApiError::Forbidden("unknown or missing site_key".to_owned()))?;
+    let origin = header_str(&headers, header::ORIGIN);
+    if !browser::origin_allowed(&site.origins, origin, header_str(&headers, header::REFERER)) {
+        return Err(ApiError::Forbidden(
+            "this page's origin is not allowed for the site key".to_owned(),
+        ));
+    }
+    let ip = browser::client_ip(
+        app.config.sites.client_ip,
+        peer,
+        &IpHeaders {
+            forwarded_for: header_str(&headers, "x-forwarded-for"),
+            cf_connecting_ip: header_str(&headers, "cf-connecting-ip"),
+            cf_connecting_ipv6: header_str(&headers, "cf-connecting-ipv6"),
+            real_ip: header_str(&headers, "x-real-ip"),
+        },
+    );
+    if let Err(retry_after) = app.collect_limits.check(&site.key, ip) {
+        return Err(ApiError::RateLimited(retry_after));
+    }
+    let policy = SitePolicy {
+        events: site.events.clone(),
+    };
+    let event =
+        browser::browser_event(&body, &policy, ip, header_str(&headers, header::USER_AGENT))
+            .map_err(|problems| {
+                ApiError::Invalid(
+                    problems
+                        .into_iter()
+                        .map(|p| super::error::EventProblem {
+                            event_index: 0,
+                            event_id: body
+                                .get("event_id")
+                                .and_then(Value::as_str)
+                                .map(str::to_owned),
+                            field: p.field,
+                            reason: p.reason,
+                        })
+                        .collect(),
+                )
+            })?;
+    app.ingestor
+        .ingest(event, now_ms() / 1000)
+        .await
+        .map_err(|err| match err {
+            IngestError::BadRequest(message) => ApiError::BadRequest(message),
+            IngestError::TooMany(message) => ApiError::PayloadTooLarge(message),
+            IngestError::Invalid(problems) => ApiError::Invalid(problems),
+            IngestError::Store(err) => ApiError::from(err),
+        })?;
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    cors(response.headers_mut(), origin, site);
+    Ok(response)
+}
+
+/// The CORS preflight of a JSON `POST`: allowed only for a site's origins.
+pub(super) async fn preflight(
+    State(state): State<SharedState>,
+    Query(query): Query<CollectQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let sites = &state.0.config.sites;
+    let origin = header_str(&headers, header::ORIGIN);
+    let site = match &query.site_key {
+        Some(key) => sites.get(key),
+        None => sites
+            .sites
+            .iter()
+            .find(|s| browser::origin_allowed(&s.origins, origin, None)),
+    };
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    match site.filter(|s| browser::origin_allowed(&s.origins, origin, None)) {
+        Some(site) => {
+            cors(response.headers_mut(), origin, site);
+            let h = response.headers_mut();
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_METHODS,
+                HeaderValue::from_static("POST"),
+            );
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_HEADERS,
+                HeaderValue::from_static("content-type"),
+            );
+            h.insert(
+                header::ACCESS_CONTROL_MAX_AGE,
+                HeaderValue::from_static("86400"),
+            );
+        }
+        None => {
+            *response.status_mut() = StatusCode::FORBIDDEN;
+            response
+                .headers_mut()
+                .insert(header::VARY, HeaderValue::from_static("Origin"));
+        }
+    }
+    response
+}
+
+fn cors(headers: &mut HeaderMap, origin: Option<&str>, site: &SiteConfig) {
+    headers.insert(header::VARY, HeaderValue::from_static("Origin"));
+    if let Some(origin) = origin.filter(|o| browser::origin_allowed(&site.origins, Some(o), None)) {
+        if let Ok(value) = HeaderValue::from_str(origin) {
+            headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, value);
+        }
+    }
+}
+
+fn header_str<K: header::AsHeaderName>(headers: &HeaderMap, name: K) -> Option<&str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
