@@ -231,3 +231,39 @@ fn cors(headers: &mut HeaderMap, origin: Option<&str>, site: &SiteConfig) {
 fn header_str<K: header::AsHeaderName>(headers: &HeaderMap, name: K) -> Option<&str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
+
+/// The browser script (`web/capi.js`), served as it is in the repository.
+pub const SCRIPT: &str = include_str!("../../web/capi.js");
+
+/// `GET /v1/capi.js`: cached for a day, revalidated by its ETag (the SHA-256 of the file),
+/// and readable cross-origin so a page can pin it with Subresource Integrity.
+pub(super) async fn script(headers: HeaderMap) -> Response {
+    use sha2::{Digest, Sha256};
+    let etag = format!(
+        "\"{}\"",
+        hex::encode(&Sha256::digest(SCRIPT.as_bytes())[..16])
+    );
+    let not_modified = header_str(&headers, header::IF_NONE_MATCH).is_some_and(|v| v == etag);
+    let mut response = if not_modified {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        SCRIPT.into_response()
+    };
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/javascript; charset=utf-8"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=86400"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    if let Ok(value) = HeaderValue::from_str(&etag) {
+        h.insert(header::ETAG, value);
+    }
+    response
+}

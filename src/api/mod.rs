@@ -107,6 +107,7 @@ pub fn router(state: AppState) -> Router {
             "/v1/collect",
             post(collect::collect).options(collect::preflight),
         )
+        .route("/v1/capi.js", get(collect::script))
         .layer(axum::extract::DefaultBodyLimit::max(collect::BODY_LIMIT));
     Router::new()
         .merge(protected)

@@ -6,6 +6,7 @@ mod graph_stand_in;
 #[path = "../support/postgrest_stand_in.rs"]
 mod postgrest_stand_in;
 
+mod browser;
 mod cli;
 mod cluster;
 mod collect;
