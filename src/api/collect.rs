@@ -267,3 +267,23 @@ pub(super) async fn script(headers: HeaderMap) -> Response {
     }
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+
+    #[test]
+    fn the_readme_documents_the_scripts_integrity_hash() {
+        let digest = sha2::Sha384::digest(super::SCRIPT.as_bytes());
+        let integrity = format!(
+            "sha384-{}",
+            base64::engine::general_purpose::STANDARD.encode(digest)
+        );
+        let readme = include_str!("../../README.md");
+        assert!(
+            readme.contains(&format!("integrity=\"{integrity}\"")),
+            "README must show integrity=\"{integrity}\""
+        );
+    }
+}
