@@ -135,3 +135,16 @@ async fn a_page_on_another_origin_is_refused() {
     assert!(app.stored(event_id).await.is_none());
     assert_eq!(app.graph.accepted_count(), 0);
 }
+
+#[tokio::test]
+async fn without_consent_the_script_sends_nothing() {
+    // Consent withdrawn, as a banner's callback would: track gives no id and sends nothing.
+    let (app, _dir, url) = page_and_app(None).await;
+
+    let result = chromium("noconsent", &url).await;
+
+    assert_eq!(result["eventId"], Value::Null, "{result}");
+    assert_eq!(result["sent"], json!([]), "{result}");
+    assert_eq!(app.graph.request_count(), 0);
+    assert_eq!(app.graph.accepted_count(), 0);
+}

@@ -276,3 +276,37 @@ async fn behind_a_trusted_proxy_the_forwarded_address_is_the_visitors() {
         "2001:db8::42"
     );
 }
+
+#[tokio::test]
+async fn the_whole_site_has_a_limit_too() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("capi-bridge.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[sites.{SITE}]\norigins = [\"{ORIGIN}\"]\nevents = [\"Lead\"]\nper_site_per_minute = 2\n"
+        ),
+    )
+    .expect("config");
+    let app = spawn_app_with(&[
+        ("CAPI_BRIDGE_CONFIG", path.to_str().expect("path")),
+        ("CLIENT_IP_SOURCE", "x-real-ip"),
+    ])
+    .await;
+    // Three different visitors: the third is over the site's limit.
+    let mut statuses = Vec::new();
+    for (i, ip) in ["198.51.100.1", "198.51.100.2", "198.51.100.3"]
+        .iter()
+        .enumerate()
+    {
+        let response = post(
+            &app,
+            lead(&format!("site-{i}")).to_string(),
+            "text/plain",
+            &[("origin", ORIGIN), ("x-real-ip", ip)],
+        )
+        .await;
+        statuses.push(response.status().as_u16());
+    }
+    assert_eq!(statuses, [204, 204, 429]);
+}

@@ -2,6 +2,7 @@
 // Usage: node landing.mjs <scenario> <page-url>
 //   submit: fill the form, click Send; print {fbqCalls, eventId, userAgent, collect: [statuses]}
 //   unload: track a PageView from a pagehide handler, then navigate away (sendBeacon on unload)
+//   noconsent: consent refused, then track: print {eventId, sent, cookies}
 import { chromium } from 'playwright-core';
 
 const [scenario, pageUrl] = process.argv.slice(2);
@@ -47,6 +48,16 @@ try {
     await page.goto('about:blank');
     const status = await sent;
     console.log(JSON.stringify({ eventId, userAgent, collect: [status] }));
+  } else if (scenario === 'noconsent') {
+    // A consent banner said no: the script sends nothing and sets no cookie.
+    const sent = [];
+    context.on('request', (r) => { if (r.url().includes('/v1/collect')) sent.push(r.url()); });
+    const eventId = await page.evaluate(() => {
+      capiBridge.consent(false);
+      return capiBridge.track('Lead', { email: 'no.consent@example.com' });
+    });
+    const cookies = await context.cookies();
+    console.log(JSON.stringify({ eventId, sent, cookies: cookies.map((c) => c.name) }));
   } else {
     throw new Error('unknown scenario ' + scenario);
   }
