@@ -21,6 +21,8 @@ pub struct SiteConfig {
     pub per_ip_per_minute: u32,
     /// Requests a minute for the whole site.
     pub per_site_per_minute: u32,
+    /// Fields every event of the site gets unless it has them (`currency`, `custom_data`…).
+    pub defaults: serde_json::Map<String, serde_json::Value>,
 }
 
 /// Sites and the IP trust mode.
@@ -59,6 +61,8 @@ pub(crate) struct FileSite {
     per_ip_per_minute: Option<u32>,
     #[serde(default)]
     per_site_per_minute: Option<u32>,
+    #[serde(default)]
+    defaults: BTreeMap<String, toml::Value>,
 }
 
 /// Reads the sites and the IP trust mode; problems are appended to `problems`.
@@ -111,6 +115,16 @@ pub(crate) fn load(
                 ));
             }
         }
+        for key in file.defaults.keys() {
+            if matches!(
+                key.as_str(),
+                "action_source" | "client_ip_address" | "client_user_agent"
+            ) {
+                problems.push(format!(
+                    "{label}.defaults.{key}: decided by the server for pages; remove it"
+                ));
+            }
+        }
         let events = file.events.unwrap_or_else(|| {
             [
                 "PageView",
@@ -135,6 +149,11 @@ pub(crate) fn load(
             events,
             per_ip_per_minute: file.per_ip_per_minute.unwrap_or(60).max(1),
             per_site_per_minute: file.per_site_per_minute.unwrap_or(6000).max(1),
+            defaults: file
+                .defaults
+                .into_iter()
+                .filter_map(|(k, v)| serde_json::to_value(v).ok().map(|v| (k, v)))
+                .collect(),
         });
     }
     SitesConfig { sites, client_ip }

@@ -143,6 +143,7 @@ pub(super) async fn collect(
     }
     let policy = SitePolicy {
         events: site.events.clone(),
+        defaults: site.defaults.clone(),
     };
     let event =
         browser::browser_event(&body, &policy, ip, header_str(&headers, header::USER_AGENT))
@@ -234,6 +235,21 @@ fn header_str<K: header::AsHeaderName>(headers: &HeaderMap, name: K) -> Option<&
 
 /// The browser script (`web/capi.js`), served as it is in the repository.
 pub const SCRIPT: &str = include_str!("../../web/capi.js");
+
+/// The versioned path of the script: cached for a year, since its content never changes.
+pub fn versioned_script_path() -> String {
+    format!("/v1/capi-{}.js", env!("CARGO_PKG_VERSION"))
+}
+
+/// `GET /v1/capi-<version>.js`: immutable, cached for a year.
+pub(super) async fn versioned_script(headers: HeaderMap) -> Response {
+    let mut response = script(headers).await;
+    response.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=31536000, immutable"),
+    );
+    response
+}
 
 /// `GET /v1/capi.js`: cached for a day, revalidated by its ETag (the SHA-256 of the file),
 /// and readable cross-origin so a page can pin it with Subresource Integrity.

@@ -108,6 +108,10 @@ pub fn router(state: AppState) -> Router {
             post(collect::collect).options(collect::preflight),
         )
         .route("/v1/capi.js", get(collect::script))
+        .route(
+            &collect::versioned_script_path(),
+            get(collect::versioned_script),
+        )
         .layer(axum::extract::DefaultBodyLimit::max(collect::BODY_LIMIT));
     Router::new()
         .merge(protected)

@@ -97,10 +97,12 @@ pub fn origin_allowed(allowed: &[String], origin: Option<&str>, referer: Option<
 }
 
 /// What one site (a public site key) allows.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SitePolicy {
     /// Event names the page may send (case-insensitive).
     pub events: Vec<String>,
+    /// Fields every event gets unless the page sent them (objects merged one level deep).
+    pub defaults: Map<String, Value>,
 }
 
 /// The event to ingest from a page's body: the server decides `action_source` (`website`),
@@ -139,6 +141,19 @@ pub fn browser_event(
     let mut event = body.clone();
     for key in ["site_key", "fbclid_seen_at", "consent"] {
         event.remove(key);
+    }
+    for (key, default) in &site.defaults {
+        match (event.get_mut(key), default) {
+            (Some(Value::Object(given)), Value::Object(defaults)) => {
+                for (inner, value) in defaults {
+                    given.entry(inner.clone()).or_insert_with(|| value.clone());
+                }
+            }
+            (Some(given), _) if !given.is_null() => {}
+            _ => {
+                event.insert(key.clone(), default.clone());
+            }
+        }
     }
     if let Some(Value::Object(user)) = event.get_mut("user_data") {
         user.remove("client_ip_address");
@@ -266,7 +281,23 @@ mod tests {
     fn site() -> SitePolicy {
         SitePolicy {
             events: vec!["Lead".to_owned(), "PageView".to_owned()],
+            defaults: json!({"currency": "BRL", "custom_data": {"site": "lp", "campaign": "x"}})
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
         }
+    }
+
+    #[test]
+    fn site_defaults_fill_what_the_page_did_not_send() {
+        let body = json!({"event_name": "Lead", "custom_data": {"campaign": "bf"}});
+        let event =
+            browser_event(body.as_object().expect("object"), &site(), peer(), None).expect("ok");
+        assert_eq!(event["currency"], "BRL");
+        assert_eq!(
+            event["custom_data"],
+            json!({"campaign": "bf", "site": "lp"})
+        );
     }
 
     #[test]

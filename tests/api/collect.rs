@@ -310,3 +310,46 @@ async fn the_whole_site_has_a_limit_too() {
     }
     assert_eq!(statuses, [204, 204, 429]);
 }
+
+#[tokio::test]
+async fn the_script_is_served_cacheable_and_readable_cross_origin() {
+    let config = config(60);
+    let app = spawn(&config, &[]).await;
+    let get = |path: &str| app.http.get(format!("{}{path}", app.address)).send();
+    let script = get("/v1/capi.js").await.expect("request");
+    assert_eq!(script.status(), 200);
+    let header = |r: &reqwest::Response, n: &str| {
+        r.headers()
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    assert_eq!(
+        header(&script, "cache-control").as_deref(),
+        Some("public, max-age=86400")
+    );
+    assert_eq!(
+        header(&script, "access-control-allow-origin").as_deref(),
+        Some("*")
+    );
+    assert!(header(&script, "content-type").is_some_and(|t| t.starts_with("text/javascript")));
+    let etag = header(&script, "etag").expect("etag");
+    let body = script.text().await.expect("body");
+    assert!(body.contains("capiBridge"));
+    let again = app
+        .http
+        .get(format!("{}/v1/capi.js", app.address))
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(again.status(), 304);
+    let versioned = get(&format!("/v1/capi-{}.js", env!("CARGO_PKG_VERSION")))
+        .await
+        .expect("request");
+    assert_eq!(
+        header(&versioned, "cache-control").as_deref(),
+        Some("public, max-age=31536000, immutable")
+    );
+    assert_eq!(versioned.text().await.expect("body"), body);
+}
