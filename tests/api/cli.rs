@@ -456,3 +456,132 @@ fn rules_test_prints_what_a_sample_payload_would_send_or_why_not() {
     // Nothing was stored: no database file was even needed beyond migrations.
     assert!(!dir.path().join("capi-bridge.db").exists());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn source_and_page_paths_log_no_personal_data_or_tokens() {
+    const URL_TOKEN: &str = "distinctive-url-token-0123456789";
+    let graph = GraphStandIn::start(TOKEN, PIXEL).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("rules.toml"),
+        r#"
+        [[rules]]
+        name = "lead"
+        source = "supabase"
+        event = "Lead"
+        fields.event_id = '"lead-" + string(record.id)'
+        fields.email = "record.email"
+        fields.phone = "record.phone"
+        fields.full_name = "record.name"
+        fields.client_ip_address = "record.ip"
+        fields.client_user_agent = "record.ua"
+        "#,
+    )
+    .expect("rules");
+    std::fs::write(
+        dir.path().join("capi-bridge.toml"),
+        "[sites.pk_log_test]\norigins = [\"https://shop.example.com\"]\n",
+    )
+    .expect("config");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_capi-bridge"))
+        .current_dir(dir.path())
+        .env_clear()
+        .env("LISTEN_ADDR", &listen)
+        .env("META_ACCESS_TOKEN", TOKEN)
+        .env("META_PIXEL_ID", PIXEL)
+        .env("META_GRAPH_URL", &graph.url)
+        .env("WEBHOOK_SECRET", SECRET)
+        .env("SUPABASE_WEBHOOK_TOKEN", URL_TOKEN)
+        .env("RULES_FILE", "rules.toml")
+        .env("CAPI_BRIDGE_CONFIG", "capi-bridge.toml")
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "debug")
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn");
+    let http = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !http
+        .get(format!("http://{listen}/healthz"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status() == 200)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "server never came up"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    let webhook = json!({"type": "INSERT", "table": "leads", "schema": "public", "old_record": null,
+        "record": {"id": 7, "email": "Distinctive.Person@Example.com", "phone": "+55 11 98765-4321",
+                   "name": "Zebediah Quux", "ip": "203.0.113.77", "ua": "DistinctiveAgent/9.9"}});
+    let response = http
+        .post(format!("http://{listen}/v1/sources/supabase/{URL_TOKEN}"))
+        .json(&webhook)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(response.status(), 202);
+    let beacon = json!({"site_key": "pk_log_test", "event_name": "Lead", "event_id": "page-7",
+        "event_source_url": "https://shop.example.com/lp", "email": "Distinctive.Person@Example.com"});
+    let response = http
+        .post(format!("http://{listen}/v1/collect"))
+        .header("content-type", "text/plain")
+        .header("origin", "https://shop.example.com")
+        .header("user-agent", "DistinctiveAgent/9.9")
+        .body(beacon.to_string())
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(response.status(), 204);
+    graph.wait_for_accepted(2, WAIT).await;
+
+    let pid = child.id().expect("pid").to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    tokio::time::timeout(WAIT, child.wait())
+        .await
+        .expect("exits in time")
+        .expect("wait");
+    let mut stderr = String::new();
+    use tokio::io::AsyncReadExt as _;
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .await
+        .expect("read logs");
+    assert!(
+        stderr.contains("/v1/sources/"),
+        "debug request spans are on: {stderr}"
+    );
+    for secret in [
+        TOKEN,
+        SECRET,
+        URL_TOKEN,
+        "distinctive.person",
+        "Distinctive.Person",
+        "98765",
+        "Zebediah",
+        "zebediah",
+        "203.0.113.77",
+        "DistinctiveAgent",
+        &sha256("distinctive.person@example.com"),
+        &sha256("5511987654321"),
+        &sha256("zebediah"),
+    ] {
+        assert!(!stderr.contains(secret), "{secret:?} appears in the logs");
+    }
+}
