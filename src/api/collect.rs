@@ -22,6 +22,9 @@ use crate::domain::browser::{self, IpHeaders, SitePolicy};
 use crate::ingest::IngestError;
 use crate::sites::{SiteConfig, SitesConfig};
 
+/// Requests between two clean-ups of the per-visitor limiters.
+const CLEANUP_EVERY: u64 = 10_000;
+
 /// Largest body a page may send.
 pub const BODY_LIMIT: usize = 64 * 1024;
 
@@ -29,6 +32,7 @@ pub const BODY_LIMIT: usize = 64 * 1024;
 pub struct Limits {
     per_ip: Vec<(String, DefaultKeyedRateLimiter<IpAddr>)>,
     per_site: Vec<(String, governor::DefaultDirectRateLimiter)>,
+    checks: std::sync::atomic::AtomicU64,
 }
 
 impl Limits {
@@ -56,6 +60,7 @@ impl Limits {
                     )
                 })
                 .collect(),
+            checks: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -70,6 +75,14 @@ impl Limits {
             limiter.check().map_err(wait)?;
         }
         if let Some((_, limiter)) = self.per_ip.iter().find(|(k, _)| k == site) {
+            // One entry per visitor: now and then, forget the ones whose limit has fully
+            // recovered, so the map does not grow without bound.
+            let n = self
+                .checks
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if n % CLEANUP_EVERY == CLEANUP_EVERY - 1 {
+                limiter.retain_recent();
+            }
             limiter.check_key(&ip).map_err(wait)?;
         }
         Ok(())
