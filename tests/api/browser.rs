@@ -41,6 +41,14 @@ async fn chromium(scenario: &str, url: &str) -> Value {
 
 /// The page's origin, as the browser sends it.
 async fn page_and_app(allowed: Option<&str>) -> (TestApp, tempfile::TempDir, String) {
+    page_and_app_with(allowed, false).await
+}
+
+/// Like [`page_and_app`]; `pending_consent` marks the script tag `data-consent="pending"`.
+async fn page_and_app_with(
+    allowed: Option<&str>,
+    pending_consent: bool,
+) -> (TestApp, tempfile::TempDir, String) {
     // The page server's port is only known after the app starts, so the allowed origin is
     // reserved first: bind, note the port, and serve the page there.
     let probe = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -50,9 +58,12 @@ async fn page_and_app(allowed: Option<&str>) -> (TestApp, tempfile::TempDir, Str
     drop(probe);
     let origin = format!("http://127.0.0.1:{port}");
     let (app, dir) = app_for(allowed.unwrap_or(&origin)).await;
-    let html = include_str!("../../examples/landing/index.html")
+    let mut html = include_str!("../../examples/landing/index.html")
         .replace("http://127.0.0.1:8080", &app.address)
         .replace("pk_example_landing", SITE);
+    if pending_consent {
+        html = html.replace(" defer>", " data-consent=\"pending\" defer>");
+    }
     let router = axum::Router::new().route(
         "/",
         axum::routing::get(move || {
@@ -147,4 +158,32 @@ async fn without_consent_the_script_sends_nothing() {
     assert_eq!(result["sent"], json!([]), "{result}");
     assert_eq!(app.graph.request_count(), 0);
     assert_eq!(app.graph.accepted_count(), 0);
+}
+
+#[tokio::test]
+async fn with_consent_pending_nothing_is_sent_or_stored_until_it_is_granted() {
+    let (app, _dir, url) = page_and_app_with(None, true).await;
+
+    let result = chromium("pending", &url).await;
+
+    assert_eq!(result["before"], Value::Null, "{result}");
+    let cookies_before = result["cookiesBefore"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(!cookies_before.contains(&json!("_fbc")), "{result}");
+    let event_id = result["eventId"]
+        .as_str()
+        .expect("an id once consent is given");
+    let accepted = app.graph.wait_for_accepted(1, WAIT).await;
+    assert_eq!(
+        accepted.len(),
+        1,
+        "only the event after consent: {accepted:?}"
+    );
+    assert_eq!(accepted[0]["event_id"], event_id);
+    // The click id still counts: the fbclid seen on load becomes the event's fbc.
+    assert!(accepted[0]["user_data"]["fbc"]
+        .as_str()
+        .is_some_and(|f| f.ends_with(FBCLID)));
 }

@@ -3,6 +3,7 @@
 //   submit: fill the form, click Send; print {fbqCalls, eventId, userAgent, collect: [statuses]}
 //   unload: track a PageView from a pagehide handler, then navigate away (sendBeacon on unload)
 //   noconsent: consent refused, then track: print {eventId, sent, cookies}
+//   pending: the script tag says data-consent="pending"; track, grant consent, track again
 import { chromium } from 'playwright-core';
 
 const [scenario, pageUrl] = process.argv.slice(2);
@@ -58,6 +59,18 @@ try {
     });
     const cookies = await context.cookies();
     console.log(JSON.stringify({ eventId, sent, cookies: cookies.map((c) => c.name) }));
+  } else if (scenario === 'pending') {
+    // The page loads with data-consent="pending": nothing is sent and no cookie is set until
+    // the banner grants consent.
+    const before = await page.evaluate(() => capiBridge.track('Lead', { email: 'later@example.com' }));
+    const cookiesBefore = (await context.cookies()).map((c) => c.name);
+    const eventId = await page.evaluate(() => {
+      capiBridge.consent(true);
+      return capiBridge.track('Lead', { email: 'later@example.com' });
+    });
+    await page.waitForResponse((r) => r.url().includes('/v1/collect'), { timeout: 10000 }).catch(() => {});
+    const cookiesAfter = (await context.cookies()).map((c) => c.name);
+    console.log(JSON.stringify({ before, cookiesBefore, eventId, cookiesAfter, collect }));
   } else {
     throw new Error('unknown scenario ' + scenario);
   }
