@@ -166,30 +166,9 @@ async fn authenticate(
             Err(ApiError::Unauthorized)
         };
     }
-    // Owned copies, in a block: a borrow of the request (whose body is not `Sync`) must not
-    // live across the awaits below.
-    let (body_hmac, standard) = {
-        let header = |name: &str| {
-            request
-                .headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        };
-        let body_hmac = header("x-signature-256").or_else(|| header("x-hub-signature-256"));
-        let standard = match (
-            header("webhook-id"),
-            header("webhook-timestamp"),
-            header("webhook-signature"),
-        ) {
-            (Some(id), Some(timestamp), Some(signature)) => Some((id, timestamp, signature)),
-            _ => None,
-        };
-        (body_hmac, standard)
-    };
-    if body_hmac.is_none() && standard.is_none() {
+    let Some(signed) = BodySignature::from_headers(request.headers()) else {
         return Err(ApiError::Unauthorized);
-    }
+    };
     // Signatures are over the raw bytes: read them (within the body limit), verify, and hand
     // the same bytes on.
     let (parts, body) = request.into_parts();
@@ -201,21 +180,11 @@ async fn authenticate(
                 state.config.body_limit_bytes
             ))
         })?;
-    let secrets = &state.config.webhook_secrets;
-    let delivery_id = match (&standard, &body_hmac) {
-        (Some((id, timestamp, signature)), _) => {
-            let now_secs = crate::delivery::now_ms() / 1000;
-            signature::verify_standard_webhook(secrets, id, timestamp, &bytes, signature, now_secs)
-                .map_err(|_| ApiError::Unauthorized)?;
-            Some(id.clone())
-        }
-        (None, Some(signed)) => {
-            signature::verify_body_hmac(secrets, &bytes, signed)
-                .map_err(|_| ApiError::Unauthorized)?;
-            None
-        }
-        (None, None) => return Err(ApiError::Unauthorized),
-    };
+    let now_secs = crate::delivery::now_ms() / 1000;
+    let delivery_id = signed
+        .verify(&state.config.webhook_secrets, &bytes, now_secs)
+        .map_err(|_| ApiError::Unauthorized)?
+        .map(str::to_owned);
     let mut request = Request::from_parts(parts, axum::body::Body::from(bytes));
     if let Some(id) = delivery_id {
         request
@@ -223,6 +192,66 @@ async fn authenticate(
             .insert(DeliveryId(format!("wh-{id}")));
     }
     Ok(next.run(request).await)
+}
+
+/// A body signed with a `WEBHOOK_SECRET`, as its headers say: Standard Webhooks
+/// (`webhook-id`, `webhook-timestamp`, `webhook-signature`) or GitHub style
+/// (`X-Signature-256` / `X-Hub-Signature-256`). Shared by `/v1/events` and the sources.
+pub(crate) enum BodySignature {
+    /// Standard Webhooks; the id is the sender's delivery id.
+    Standard {
+        id: String,
+        timestamp: String,
+        signature: String,
+    },
+    /// `sha256=<hex>` over the body.
+    Hmac(String),
+}
+
+impl BodySignature {
+    /// The signature the headers carry, if any (owned: the request's body is not `Sync`).
+    pub(crate) fn from_headers(headers: &HeaderMap) -> Option<Self> {
+        let header = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        if let (Some(id), Some(timestamp), Some(signature)) = (
+            header("webhook-id"),
+            header("webhook-timestamp"),
+            header("webhook-signature"),
+        ) {
+            return Some(Self::Standard {
+                id,
+                timestamp,
+                signature,
+            });
+        }
+        header("x-signature-256")
+            .or_else(|| header("x-hub-signature-256"))
+            .map(Self::Hmac)
+    }
+
+    /// Checks `body` against every secret; the sender's delivery id for Standard Webhooks.
+    pub(crate) fn verify(
+        &self,
+        secrets: &[String],
+        body: &[u8],
+        now_secs: i64,
+    ) -> Result<Option<&str>, signature::SignatureError> {
+        match self {
+            Self::Standard {
+                id,
+                timestamp,
+                signature,
+            } => signature::verify_standard_webhook(
+                secrets, id, timestamp, body, signature, now_secs,
+            )
+            .map(|()| Some(id.as_str())),
+            Self::Hmac(signed) => signature::verify_body_hmac(secrets, body, signed).map(|()| None),
+        }
+    }
 }
 
 /// The sender's id for one delivery (Standard Webhooks `webhook-id`), unchanged across its

@@ -188,23 +188,19 @@ fn authenticate(
     // Senders that sign with WEBHOOK_SECRET instead of sending it (CRMs, Make, Zapier, n8n):
     // the same formats as /v1/events.
     let secrets = &app.config.webhook_secrets;
-    if !secrets.is_empty() {
-        if let (Some(id), Some(timestamp), Some(signed)) = (
-            header("webhook-id"),
-            header("webhook-timestamp"),
-            header("webhook-signature"),
-        ) {
-            return signature::verify_standard_webhook(
-                secrets, id, timestamp, body, signed, now_secs,
-            )
+    if let Some(signed) =
+        super::BodySignature::from_headers(headers).filter(|_| !secrets.is_empty())
+    {
+        return signed
+            .verify(secrets, body, now_secs)
+            .map(|_| ())
             .map_err(|err| {
-                ApiError::Refused(format!("Standard Webhooks signature refused: {err}"))
+                let format = match signed {
+                    super::BodySignature::Standard { .. } => "Standard Webhooks signature",
+                    super::BodySignature::Hmac(_) => "X-Signature-256",
+                };
+                ApiError::Refused(format!("{format} refused: {err}"))
             });
-        }
-        if let Some(signed) = header("x-signature-256").or_else(|| header("x-hub-signature-256")) {
-            return signature::verify_body_hmac(secrets, body, signed)
-                .map_err(|err| ApiError::Refused(format!("X-Signature-256 refused: {err}")));
-        }
     }
     if let Some(presented) = super::presented_secret(headers) {
         return if digests.matches(&presented) {
