@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::delivery::now_ms;
-use crate::ingest::{with_stable_event_ids, IngestError, Ingestor};
+use crate::ingest::{with_stable_event_ids, IngestError, Ingestor, Prepared};
 use crate::sources::{Mapped, Mapper};
 use crate::store::{InboxItem, Notice, SourceCount, Store, StoreError};
 
@@ -152,6 +152,16 @@ impl Finished {
         }
     }
 
+    /// A failure storing a batch: its payloads stay leased.
+    fn record_failure(&mut self, err: IngestError) {
+        match err {
+            IngestError::Store(err) => self.failed = Some(err),
+            // Prepared events only fail in storage; anything else would be a bug, and leaving
+            // the payloads leased retries them rather than losing them.
+            other => tracing::error!(error = %other, "storing prepared events failed"),
+        }
+    }
+
     fn record(&mut self, id: i64, result: Result<(), IngestError>) {
         match result {
             Ok(()) => self.stored.push(id),
@@ -188,96 +198,81 @@ async fn ingest_events(ingestor: &Ingestor, items: Vec<InboxItem>, done: &mut Fi
     }
 }
 
-/// Source payloads: mapped by the rules, checked one by one (so one bad payload parks alone),
-/// then the events of all good ones stored together in arrival order (one transaction for many
-/// payloads, and stages of one lead stay in order).
+/// Source payloads: mapped by the rules and prepared one by one (so one bad payload parks
+/// alone), then the events of all good ones stored together in arrival order (one
+/// transaction for many payloads, and stages of one lead stay in order).
 async fn map_source_payloads(
     ingestor: &Ingestor,
     mapper: &Mapper,
     items: Vec<InboxItem>,
     done: &mut Finished,
 ) {
-    let mut ready: Vec<(InboxItem, Vec<serde_json::Value>)> = Vec::new();
+    let mut batch: Vec<InboxItem> = Vec::new();
+    let mut events: Option<Prepared> = None;
     for item in items {
         let received_at = now_ms() / 1000;
-        match mapper.map(&item.source, &item.payload, received_at).await {
+        let prepared = match mapper.map(&item.source, &item.payload, received_at).await {
             Mapped::Unmatched => {
                 done.stored.push(item.id);
                 done.count(&item.source, "unmatched");
+                continue;
             }
             Mapped::Failed { failures } => {
                 done.invalid
                     .push((item.id, serde_json::to_value(&failures).unwrap_or_default()));
                 done.count(&item.source, "parked");
+                continue;
             }
             Mapped::Retry { reason } => {
                 // Rule, lookup and table names only: no payload values.
                 tracing::warn!(source = %item.source, %reason, "lookup failed; the payload is retried later");
+                continue;
             }
             Mapped::Events { events, .. } => {
-                match ingestor.check(serde_json::Value::Array(events.clone()), received_at) {
-                    Ok(()) => ready.push((item, events)),
+                match ingestor.prepare(serde_json::Value::Array(events), received_at) {
+                    Ok(prepared) => prepared,
                     Err(err) => {
                         done.count(&item.source, "parked");
                         done.record(item.id, Err(err));
+                        continue;
                     }
                 }
             }
+        };
+        let full = events
+            .as_ref()
+            .is_some_and(|e| e.len() + prepared.len() > crate::domain::MAX_EVENTS_PER_REQUEST);
+        if full {
+            store_together(ingestor, std::mem::take(&mut batch), events.take(), done).await;
         }
-    }
-
-    let mut batch: Vec<(InboxItem, Vec<serde_json::Value>)> = Vec::new();
-    let mut n_events = 0;
-    for (item, events) in ready {
-        if n_events + events.len() > crate::domain::MAX_EVENTS_PER_REQUEST && !batch.is_empty() {
-            ingest_together(ingestor, std::mem::take(&mut batch), done).await;
-            n_events = 0;
+        match &mut events {
+            Some(events) => events.append(prepared),
+            None => events = Some(prepared),
         }
-        n_events += events.len();
-        batch.push((item, events));
+        batch.push(item);
     }
-    if !batch.is_empty() {
-        ingest_together(ingestor, batch, done).await;
-    }
+    store_together(ingestor, batch, events, done).await;
 }
 
-/// Stores the events of several checked payloads in one request; should that fail for another
-/// reason than storage (two payloads giving the same event twice, say), one by one instead.
-async fn ingest_together(
+/// Stores the prepared events of several payloads in one request.
+async fn store_together(
     ingestor: &Ingestor,
-    batch: Vec<(InboxItem, Vec<serde_json::Value>)>,
+    batch: Vec<InboxItem>,
+    events: Option<Prepared>,
     done: &mut Finished,
 ) {
-    let all: Vec<serde_json::Value> = batch
-        .iter()
-        .flat_map(|(_, events)| events.iter().cloned())
-        .collect();
-    match ingestor
-        .ingest(serde_json::Value::Array(all), now_ms() / 1000)
-        .await
-    {
+    let Some(events) = events else {
+        return;
+    };
+    match ingestor.store(events, now_ms() / 1000).await {
         Ok(_) => {
-            for (item, _) in batch {
+            for item in batch {
                 done.count(&item.source, "mapped");
                 done.stored.push(item.id);
             }
         }
         // Left leased: retried once the lease expires, nothing is lost.
-        Err(IngestError::Store(err)) => done.failed = Some(err),
-        Err(_) => {
-            for (item, events) in batch {
-                let result = ingestor
-                    .ingest(serde_json::Value::Array(events), now_ms() / 1000)
-                    .await
-                    .map(|_| ());
-                match &result {
-                    Ok(()) => done.count(&item.source, "mapped"),
-                    Err(IngestError::Store(_)) => {}
-                    Err(_) => done.count(&item.source, "parked"),
-                }
-                done.record(item.id, result);
-            }
-        }
+        Err(err) => done.record_failure(err),
     }
 }
 

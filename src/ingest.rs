@@ -97,12 +97,14 @@ impl Ingestor {
         self
     }
 
-    /// Whether `ingest` would accept `body` (storage aside), without storing anything.
+    /// Validates and normalizes the events of one request body without storing them: what
+    /// [`Ingestor::store`] then stores (the inbox checks many payloads one by one this way,
+    /// then stores the good ones together).
     ///
     /// # Errors
-    /// As `ingest`, except storage.
-    pub fn check(&self, body: Value, now_secs: i64) -> Result<(), IngestError> {
-        prepare(&self.rules, body, now_secs).map(|_| ())
+    /// [`IngestError`] naming every problem.
+    pub fn prepare(&self, body: Value, now_secs: i64) -> Result<Prepared, IngestError> {
+        prepare(&self.rules, body, now_secs)
     }
 
     /// Validates, normalizes and durably stores the events of one request body.
@@ -110,11 +112,24 @@ impl Ingestor {
     /// # Errors
     /// [`IngestError`] naming every problem; nothing is stored then.
     pub async fn ingest(&self, body: Value, now_secs: i64) -> Result<IngestReport, IngestError> {
+        let prepared = self.prepare(body, now_secs)?;
+        self.store(prepared, now_secs).await
+    }
+
+    /// Durably stores prepared events (filled from the match-key memory first).
+    ///
+    /// # Errors
+    /// [`IngestError::Store`]: nothing is known to be stored.
+    pub async fn store(
+        &self,
+        prepared: Prepared,
+        now_secs: i64,
+    ) -> Result<IngestReport, IngestError> {
         let Prepared {
             mut normalized,
             warnings,
             test_event_code,
-        } = prepare(&self.rules, body, now_secs)?;
+        } = prepared;
         let recall = match &self.memory {
             Some(memory) => {
                 memory
@@ -169,10 +184,35 @@ impl Ingestor {
 }
 
 /// Events validated and normalized, not yet stored.
-struct Prepared {
+#[derive(Debug)]
+pub struct Prepared {
     normalized: Vec<NormalizedEvent>,
     warnings: Vec<EventProblem>,
     test_event_code: Option<String>,
+}
+
+impl Prepared {
+    /// How many events.
+    pub fn len(&self) -> usize {
+        self.normalized.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.normalized.is_empty()
+    }
+
+    /// The events of `other` after these, in one request (their warnings renumbered); the
+    /// test event code stays this one's (requests combined this way carry none).
+    pub fn append(&mut self, other: Prepared) {
+        let offset = self.normalized.len();
+        self.warnings
+            .extend(other.warnings.into_iter().map(|mut warning| {
+                warning.event_index += offset;
+                warning
+            }));
+        self.normalized.extend(other.normalized);
+    }
 }
 
 /// Exactly what an ingest would store for `body` — each event's `data[i]` as Meta would get
