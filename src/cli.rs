@@ -205,9 +205,9 @@ async fn test_rules(config: Config, source: &str, file: &PathBuf) -> anyhow::Res
         );
         return Ok(ExitCode::from(2));
     }
-    let result =
-        crate::api::sources::preview(&mapper, &config.ingest, source, &payload, now_ms() / 1000)
-            .await;
+    let result = mapper
+        .preview(&config.ingest, source, &payload, now_ms() / 1000)
+        .await;
     println!("{}", serde_json::to_string_pretty(&result)?);
     Ok(
         if result["outcome"] == "parked" || result["outcome"] == "retry" {

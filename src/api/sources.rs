@@ -18,8 +18,7 @@ use subtle::ConstantTimeEq;
 use super::{signature, ApiError, SecretDigests, SharedState};
 use crate::delivery::now_ms;
 use crate::domain::rules::PayloadKind;
-use crate::ingest::IngestError;
-use crate::sources::{Mapped, SourceConfig};
+use crate::sources::SourceConfig;
 use crate::store::SourcePayload;
 
 /// A payload sent with the source's header secret or signature.
@@ -281,69 +280,10 @@ pub(super) async fn test_rules(
         )));
     }
     Ok(Json(
-        preview(
-            &app.mapper,
-            &app.config.ingest,
-            &query.source,
-            &payload,
-            now_ms() / 1000,
-        )
-        .await,
+        app.mapper
+            .preview(&app.config.ingest, &query.source, &payload, now_ms() / 1000)
+            .await,
     ))
-}
-
-/// The events `payload` would become, as Meta would get them, or why none: shared by
-/// `POST /v1/rules/test` and `capi-bridge rules test`.
-pub async fn preview(
-    mapper: &crate::sources::Mapper,
-    ingest_rules: &crate::domain::IngestRules,
-    source: &str,
-    payload: &Value,
-    now_secs: i64,
-) -> Value {
-    match mapper.map(source, payload, now_secs).await {
-        Mapped::Unmatched => json!({
-            "source": source,
-            "outcome": "unmatched",
-            "reason": "no rule of this source matches the payload; it would be acknowledged and counted, nothing sent",
-        }),
-        Mapped::Failed { failures } => json!({
-            "source": source,
-            "outcome": "parked",
-            "reason": "a rule matches but fails on the payload; it would be parked until the rule is fixed",
-            "problems": failures,
-        }),
-        Mapped::Retry { reason } => json!({
-            "source": source,
-            "outcome": "retry",
-            "reason": reason,
-        }),
-        Mapped::Events { events, rules } => {
-            match crate::ingest::preview(ingest_rules, Value::Array(events), now_secs) {
-                Ok((normalized, warnings)) => json!({
-                    "source": source,
-                    "outcome": "events",
-                    "events": normalized.iter().zip(&rules).map(|(event, rule)| json!({
-                        "rule": rule,
-                        "data": event.payload,
-                    })).collect::<Vec<_>>(),
-                    "warnings": warnings,
-                }),
-                Err(IngestError::Invalid(problems)) => json!({
-                    "source": source,
-                    "outcome": "parked",
-                    "reason": "the rules' events break Meta's rules; the payload would be parked",
-                    "rules": rules,
-                    "problems": problems,
-                }),
-                Err(err) => json!({
-                    "source": source,
-                    "outcome": "parked",
-                    "reason": err.to_string(),
-                }),
-            }
-        }
-    }
 }
 
 /// Parked payloads (newest first, at most 500): source, problems and times, never the payload.

@@ -11,9 +11,10 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::domain::rules::{Input, RuleFailure};
+use crate::ingest::IngestError;
 pub use counters::SourceCounters;
 pub use settings::{SourceConfig, SourcesConfig};
 
@@ -142,6 +143,60 @@ impl Mapper {
             received_at,
         };
         Ok(!self.config.rules.matching(source, &input)?.is_empty())
+    }
+
+    /// The events `payload` would become, as Meta would get them, or why none: shared by
+    /// `POST /v1/rules/test` and `capi-bridge rules test`.
+    pub async fn preview(
+        &self,
+        ingest_rules: &crate::domain::IngestRules,
+        source: &str,
+        payload: &Value,
+        now_secs: i64,
+    ) -> Value {
+        match self.map(source, payload, now_secs).await {
+            Mapped::Unmatched => json!({
+                "source": source,
+                "outcome": "unmatched",
+                "reason": "no rule of this source matches the payload; it would be acknowledged and counted, nothing sent",
+            }),
+            Mapped::Failed { failures } => json!({
+                "source": source,
+                "outcome": "parked",
+                "reason": "a rule matches but fails on the payload; it would be parked until the rule is fixed",
+                "problems": failures,
+            }),
+            Mapped::Retry { reason } => json!({
+                "source": source,
+                "outcome": "retry",
+                "reason": reason,
+            }),
+            Mapped::Events { events, rules } => {
+                match crate::ingest::preview(ingest_rules, Value::Array(events), now_secs) {
+                    Ok((normalized, warnings)) => json!({
+                        "source": source,
+                        "outcome": "events",
+                        "events": normalized.iter().zip(&rules).map(|(event, rule)| json!({
+                            "rule": rule,
+                            "data": event.payload,
+                        })).collect::<Vec<_>>(),
+                        "warnings": warnings,
+                    }),
+                    Err(IngestError::Invalid(problems)) => json!({
+                        "source": source,
+                        "outcome": "parked",
+                        "reason": "the rules' events break Meta's rules; the payload would be parked",
+                        "rules": rules,
+                        "problems": problems,
+                    }),
+                    Err(err) => json!({
+                        "source": source,
+                        "outcome": "parked",
+                        "reason": err.to_string(),
+                    }),
+                }
+            }
+        }
     }
 
     /// The events `payload` of `source` becomes.
