@@ -175,7 +175,7 @@ mod tests {
     use super::*;
 
     fn sample(name: &str) -> Value {
-        let path = format!("{}/../shared/samples/{name}", env!("CARGO_MANIFEST_DIR"));
+        let path = format!("{}/tests/samples/{name}", env!("CARGO_MANIFEST_DIR"));
         let text = std::fs::read_to_string(&path).expect("sample exists");
         serde_json::from_str(&text).expect("sample parses")
     }

@@ -411,7 +411,7 @@ fn rules_test_prints_what_a_sample_payload_would_send_or_why_not() {
         "#,
     )
     .expect("write rules");
-    let samples = format!("{}/../shared/samples", env!("CARGO_MANIFEST_DIR"));
+    let samples = format!("{}/tests/samples", env!("CARGO_MANIFEST_DIR"));
     let env = [("RULES_FILE", rules.to_str().expect("path"))];
     let run = |file: &str| {
         let output = capi_bridge(

@@ -75,7 +75,7 @@ const CHATWOOT_TOKEN: &str = "chatwoot-url-token-0123456789abcdef";
 const CHATWOOT_SECRET: &str = "cw_secret";
 
 fn sample(name: &str) -> Value {
-    let path = format!("{}/../shared/samples/{name}", env!("CARGO_MANIFEST_DIR"));
+    let path = format!("{}/tests/samples/{name}", env!("CARGO_MANIFEST_DIR"));
     let text = std::fs::read_to_string(&path).expect("sample exists");
     serde_json::from_str(&text).expect("sample parses")
 }
