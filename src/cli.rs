@@ -1,5 +1,5 @@
 //! The command line: `serve` (default), `check`, `hash`, `send`, `replay`, `migrate`,
-//! `rules test`.
+//! `rules test`, `admin hash-password`.
 
 use std::io::Read as _;
 use std::path::PathBuf;
@@ -59,6 +59,16 @@ pub enum Command {
     /// Mapping rules: `rules test --source supabase payload.json`.
     #[command(subcommand)]
     Rules(RulesCommand),
+    /// The operator dashboard: `admin hash-password`.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+/// `admin` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Read a password from stdin (one line) and print its argon2 hash for ADMIN_PASSWORD_HASH.
+    HashPassword,
 }
 
 /// `rules` subcommands.
@@ -159,6 +169,7 @@ pub async fn run(cli: Cli) -> ExitCode {
             &value,
             country.or_else(|| env.get("DEFAULT_COUNTRY")),
         ),
+        Command::Admin(AdminCommand::HashPassword) => hash_admin_password(),
         command => {
             let config = match config::load(&env, cli.config.as_deref()) {
                 Ok(config) => config,
@@ -174,12 +185,44 @@ pub async fn run(cli: Cli) -> ExitCode {
                 Command::Rules(RulesCommand::Test { source, file }) => {
                     test_rules(config, &source, &file).await
                 }
-                Command::Hash { .. } => Ok(ExitCode::SUCCESS),
+                Command::Hash { .. } | Command::Admin(_) => Ok(ExitCode::SUCCESS),
             };
             result.unwrap_or_else(|err| {
                 eprintln!("error: {err:#}");
                 ExitCode::FAILURE
             })
+        }
+    }
+}
+
+/// `admin hash-password`: the first line of stdin, hashed with argon2id.
+fn hash_admin_password() -> ExitCode {
+    use std::io::{BufRead as _, IsTerminal as _};
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        eprintln!("Type the admin password and press Enter (it is shown as you type):");
+    }
+    let mut line = String::new();
+    if let Err(err) = stdin.lock().read_line(&mut line) {
+        eprintln!("error: cannot read the password from stdin: {err}");
+        return ExitCode::FAILURE;
+    }
+    let password = line.trim_end_matches(['\r', '\n']);
+    if password.chars().count() < crate::admin::settings::MIN_PASSWORD_CHARS {
+        eprintln!(
+            "error: the password must be at least {} characters long",
+            crate::admin::settings::MIN_PASSWORD_CHARS
+        );
+        return ExitCode::from(2);
+    }
+    match crate::admin::hash_password(password) {
+        Ok(hash) => {
+            println!("{hash}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("error: cannot hash the password: {err}");
+            ExitCode::FAILURE
         }
     }
 }
@@ -480,6 +523,7 @@ async fn replay(config: Config, args: ReplayArgs) -> anyhow::Result<ExitCode> {
         event_ids: args.ids,
         event_name: args.event_name,
         reason_contains: args.reason_contains,
+        ..ReplayFilter::default()
     };
     let n = store.requeue_dead(&filter, now_ms()).await?;
     println!("requeued {n} dead event(s); a running server delivers them within its poll interval");

@@ -47,6 +47,8 @@ pub struct Config {
     pub retention: Retention,
     /// Days the match-key memory keeps a person's match keys (0: off).
     pub match_key_memory_days: u64,
+    /// The operator dashboard at `/admin`; `None` when no admin password is set.
+    pub admin: Option<crate::admin::AdminSettings>,
 }
 
 /// Credentials for one pixel (dataset).
@@ -599,6 +601,8 @@ pub fn load(env: &Env, config_path: Option<&Path>) -> Result<Config, Vec<String>
         .or(file.match_key_memory_days)
         .unwrap_or(90);
 
+    let admin = crate::admin::settings::load(env, &mut problems);
+
     if webhook_secrets.is_empty() && !listen_addr.ip().is_loopback() {
         problems.push(format!(
             "refusing to listen on {listen_addr} without authentication: set WEBHOOK_SECRET (a long random string; several may be separated by commas), or LISTEN_ADDR=127.0.0.1:{} for local use",
@@ -631,6 +635,7 @@ pub fn load(env: &Env, config_path: Option<&Path>) -> Result<Config, Vec<String>
         sources,
         sites,
         match_key_memory_days,
+        admin,
     })
 }
 

@@ -97,6 +97,11 @@ impl Ingestor {
         self
     }
 
+    /// Wakes an idle delivery worker: events were made due outside ingest (a replay).
+    pub fn wake_delivery(&self) {
+        self.wake.notify_one();
+    }
+
     /// Validates and normalizes the events of one request body without storing them: what
     /// [`Ingestor::store`] then stores (the inbox checks many payloads one by one this way,
     /// then stores the good ones together).

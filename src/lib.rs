@@ -2,6 +2,7 @@
 //! delivers them to Meta's Conversions API — validated, normalized, hashed, durably queued,
 //! batched, retried and deduplicated. See `ARCHITECTURE.md` for the map.
 
+pub mod admin;
 pub mod api;
 pub mod app;
 pub mod cli;

@@ -84,6 +84,7 @@ pub fn router(state: AppState) -> Router {
             .map(|secret| Sha256::digest(secret.as_bytes()).into())
             .collect(),
     );
+    let admin = crate::admin::router(&state);
     let state: SharedState = Arc::new((state, digests));
     let protected = Router::new()
         .route("/v1/events", post(events::ingest))
@@ -117,6 +118,7 @@ pub fn router(state: AppState) -> Router {
         .merge(protected)
         .merge(sources)
         .merge(pages)
+        .merge(admin)
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))

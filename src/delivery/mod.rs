@@ -129,6 +129,11 @@ impl Delivery {
         }
     }
 
+    /// The pixel's Graph API client (the dashboard's test events go through it directly).
+    pub fn client(&self) -> &GraphClient {
+        &self.client
+    }
+
     /// The pixel's current state.
     pub fn status(&self) -> PixelStatus {
         let now = now_ms();

@@ -7,6 +7,7 @@
 //! call; this module never calls Meta. The match-key memory's table (`match_key`) lives here too,
 //! written and read in batches by [`crate::memory`].
 
+mod dashboard;
 mod error;
 mod group_commit;
 mod inbox_commit;
@@ -18,6 +19,9 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use serde::Serialize;
 
+pub use dashboard::{
+    ActivityBucket, EventQuery, EventSummary, ReasonCount, RecentError, EVENT_STATES,
+};
 pub use error::StoreError;
 pub use group_commit::{GroupCommit, Handoff};
 pub use inbox_commit::InboxCommit;
@@ -182,6 +186,8 @@ pub struct ReplayFilter {
     pub event_name: Option<String>,
     /// Only events whose last error contains this text.
     pub reason_contains: Option<String>,
+    /// Only events whose last error is exactly this (empty: none recorded).
+    pub reason: Option<String>,
 }
 
 /// Everything known about one stored event.
@@ -525,6 +531,38 @@ pub trait Store: Send + Sync + 'static {
     /// The newest `limit` parked (invalid) inbox payloads, with their problems; not the
     /// payloads themselves, which may hold personal data.
     async fn parked_payloads(&self, limit: usize) -> Result<Vec<ParkedPayload>, StoreError>;
+
+    /// Events accepted, delivered and dead in `buckets` consecutive buckets of `bucket_ms`
+    /// starting at `since` (unix ms), oldest first; empty buckets included.
+    async fn activity(
+        &self,
+        since: i64,
+        bucket_ms: i64,
+        buckets: usize,
+    ) -> Result<Vec<ActivityBucket>, StoreError>;
+
+    /// The events `query` selects, newest first (by row), without payloads. `now` decides the
+    /// shown state of leased rows.
+    async fn list_events(
+        &self,
+        query: &EventQuery,
+        now: i64,
+    ) -> Result<Vec<EventSummary>, StoreError>;
+
+    /// Dead events grouped by their exact last error, the largest groups first, at most
+    /// `limit` groups.
+    async fn dead_reasons(&self, limit: usize) -> Result<Vec<ReasonCount>, StoreError>;
+
+    /// The newest `limit` unsuccessful attempts (Meta's codes and messages) with their events'
+    /// ids, newest first.
+    async fn recent_errors(&self, limit: usize) -> Result<Vec<RecentError>, StoreError>;
+
+    /// Makes the queued, not currently leased rows of `event_id` due at `now` (a failed event
+    /// waiting for its next retry goes at once); returns how many.
+    async fn retry_now(&self, event_id: &str, now: i64) -> Result<u64, StoreError>;
+
+    /// Makes these parked (invalid) inbox rows pending again; returns how many.
+    async fn requeue_parked(&self, ids: &[i64], now: i64) -> Result<u64, StoreError>;
 
     /// Waits for a sign that work is waiting, or `timeout` (then `None`). Backends that other
     /// processes can signal (Postgres `LISTEN/NOTIFY`) wake at once; the default just waits.

@@ -27,11 +27,13 @@ use sqlx::postgres::{PgArguments, PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::query::Query;
 use sqlx::{Connection, Executor, PgConnection, PgPool, Postgres, QueryBuilder, Row, Transaction};
 
+use super::dashboard::{fill_buckets, push_shown_state, stored_state};
 use super::{
-    newest_match_keys, AttemptRecord, AttemptView, ClaimedEvent, EventDetail, EventRow,
-    EventUpdate, InboxItem, InsertOutcome, Inserted, MatchKeyRow, NewEventRecord, Notice,
-    ParkedPayload, Pruned, QueueStats, ReplayFilter, Retention, Settlement, SourceCount,
-    SourcePayload, SourceStat, Store, StoreError, DEDUP_WINDOW_MS,
+    newest_match_keys, ActivityBucket, AttemptRecord, AttemptView, ClaimedEvent, EventDetail,
+    EventQuery, EventRow, EventSummary, EventUpdate, InboxItem, InsertOutcome, Inserted,
+    MatchKeyRow, NewEventRecord, Notice, ParkedPayload, Pruned, QueueStats, ReasonCount,
+    RecentError, ReplayFilter, Retention, Settlement, SourceCount, SourcePayload, SourceStat,
+    Store, StoreError, DEDUP_WINDOW_MS,
 };
 
 /// Connections per instance. Several instances (and the user's own tools) share the server's
@@ -945,6 +947,10 @@ impl Store for PostgresStore {
             query.push_bind(text);
             query.push(") > 0");
         }
+        if let Some(reason) = &filter.reason {
+            query.push(" and coalesce(last_error, '') = ");
+            query.push_bind(reason);
+        }
         let mut conn = self.conn().await?;
         let result = query
             .build()
@@ -1345,6 +1351,217 @@ impl Store for PostgresStore {
                 None
             }
         }
+    }
+
+    async fn activity(
+        &self,
+        since: i64,
+        bucket_ms: i64,
+        buckets: usize,
+    ) -> Result<Vec<ActivityBucket>, StoreError> {
+        let event = &self.tables.event;
+        // Each count walks an index on its own time column (received, delivered, died).
+        let sql = format!(
+            "select 0::bigint, (received_at - $1) / $2, count(*) from {event}
+             where received_at >= $1 group by 2
+             union all
+             select 1::bigint, (delivered_at - $1) / $2, count(*) from {event}
+             where state = 'delivered' and delivered_at >= $1 group by 2
+             union all
+             select 2::bigint, (updated_at - $1) / $2, count(*) from {event}
+             where state = 'dead' and updated_at >= $1 group by 2"
+        );
+        let mut conn = self.conn().await?;
+        let rows = self
+            .query(&sql)
+            .bind(since)
+            .bind(bucket_ms.max(1))
+            .fetch_all(&mut *conn)
+            .await?;
+        conn.finish().await?;
+        let rows = rows
+            .into_iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)))
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        Ok(fill_buckets(rows, since, bucket_ms, buckets))
+    }
+
+    async fn list_events(
+        &self,
+        query: &EventQuery,
+        now: i64,
+    ) -> Result<Vec<EventSummary>, StoreError> {
+        let mut sql = QueryBuilder::new("select id, event_id, event_name, pixel_id, ");
+        push_shown_state(&mut sql, now);
+        sql.push(format!(
+            " as shown, attempts, last_error, received_at from {} where true",
+            self.tables.event
+        ));
+        if let Some(state) = &query.state {
+            sql.push(" and state = ");
+            sql.push_bind(stored_state(state));
+            sql.push(" and ");
+            push_shown_state(&mut sql, now);
+            sql.push(" = ");
+            sql.push_bind(state);
+        }
+        if let Some(id) = &query.event_id {
+            sql.push(" and event_id = ");
+            sql.push_bind(id);
+        }
+        if let Some(name) = &query.event_name {
+            sql.push(" and event_name = ");
+            sql.push_bind(name);
+        }
+        if let Some(from) = query.received_from {
+            sql.push(" and received_at >= ");
+            sql.push_bind(from);
+        }
+        if let Some(until) = query.received_until {
+            sql.push(" and received_at < ");
+            sql.push_bind(until);
+        }
+        if let Some(before) = query.before_row {
+            sql.push(" and id < ");
+            sql.push_bind(before);
+        }
+        sql.push(" order by id desc limit ");
+        sql.push_bind(i64::try_from(query.limit).unwrap_or(i64::MAX));
+        let mut conn = self.conn().await?;
+        let rows = sql
+            .build()
+            .persistent(!self.transaction_pooler)
+            .fetch_all(&mut *conn)
+            .await?;
+        conn.finish().await?;
+        rows.into_iter()
+            .map(|row| {
+                Ok(EventSummary {
+                    row_id: row.try_get("id")?,
+                    event_id: row.try_get("event_id")?,
+                    event_name: row.try_get("event_name")?,
+                    pixel_id: row.try_get("pixel_id")?,
+                    state: row.try_get("shown")?,
+                    attempts: i64::from(row.try_get::<i32, _>("attempts")?),
+                    last_error: row.try_get("last_error")?,
+                    received_at: row.try_get("received_at")?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+
+    async fn dead_reasons(&self, limit: usize) -> Result<Vec<ReasonCount>, StoreError> {
+        let sql = format!(
+            "select coalesce(last_error, '') as reason, count(*) as n, max(updated_at) as last_at
+             from {} where state = 'dead'
+             group by coalesce(last_error, '') order by n desc, last_at desc limit $1",
+            self.tables.event
+        );
+        let mut conn = self.conn().await?;
+        let rows = self
+            .query(&sql)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&mut *conn)
+            .await?;
+        conn.finish().await?;
+        rows.into_iter()
+            .map(|row| {
+                Ok(ReasonCount {
+                    reason: row.try_get("reason")?,
+                    count: row.try_get("n")?,
+                    last_at: row.try_get("last_at")?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+
+    async fn recent_errors(&self, limit: usize) -> Result<Vec<RecentError>, StoreError> {
+        let Tables { event, attempt, .. } = &self.tables;
+        let sql = format!(
+            "select e.event_id, e.event_name, e.pixel_id, a.attempted_at, a.outcome,
+                a.http_status, a.code, a.subcode, a.fbtrace_id, a.error_title, a.error_message
+             from {attempt} as a join {event} as e on e.id = a.event_row_id
+             order by a.id desc limit $1"
+        );
+        let mut conn = self.conn().await?;
+        let rows = self
+            .query(&sql)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&mut *conn)
+            .await?;
+        conn.finish().await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(RecentError {
+                    event_id: r.try_get("event_id")?,
+                    event_name: r.try_get("event_name")?,
+                    pixel_id: r.try_get("pixel_id")?,
+                    attempt: AttemptView {
+                        attempted_at: r.try_get("attempted_at")?,
+                        record: AttemptRecord {
+                            outcome: r.try_get("outcome")?,
+                            http_status: r
+                                .try_get::<Option<i32>, _>("http_status")?
+                                .and_then(|s| u16::try_from(s).ok()),
+                            code: r.try_get("code")?,
+                            subcode: r.try_get("subcode")?,
+                            fbtrace_id: r.try_get("fbtrace_id")?,
+                            error_title: r.try_get("error_title")?,
+                            error_message: r.try_get("error_message")?,
+                        },
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+
+    async fn retry_now(&self, event_id: &str, now: i64) -> Result<u64, StoreError> {
+        // A live lease means a worker is sending it right now: leave that row alone.
+        let sql = format!(
+            "update {} set next_attempt_at = $2, updated_at = $2
+             where event_id = $1 and state = 'queued'
+               and (leased_until is null or leased_until <= $2)",
+            self.tables.event
+        );
+        let mut conn = self.conn().await?;
+        let n = self
+            .query(&sql)
+            .bind(event_id)
+            .bind(now)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+        // Due now for any instance: tell them, as for newly queued events.
+        if n > 0 {
+            self.query("select pg_notify($1, '')")
+                .bind(&self.tables.queue_channel)
+                .execute(&mut *conn)
+                .await?;
+        }
+        conn.finish().await?;
+        Ok(n)
+    }
+
+    async fn requeue_parked(&self, ids: &[i64], now: i64) -> Result<u64, StoreError> {
+        let sql = format!(
+            "update {} set state = 'pending', problems = null, leased_until = null,
+                 updated_at = $2
+             where state = 'invalid' and id = any($1::bigint[])",
+            self.tables.inbox
+        );
+        let mut conn = self.conn().await?;
+        let n = self
+            .query(&sql)
+            .bind(ids)
+            .bind(now)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+        conn.finish().await?;
+        Ok(n)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

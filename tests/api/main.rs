@@ -6,6 +6,8 @@ mod graph_stand_in;
 #[path = "../support/postgrest_stand_in.rs"]
 mod postgrest_stand_in;
 
+mod admin;
+mod admin_browser;
 mod browser;
 mod cli;
 mod cluster;

@@ -7,8 +7,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use capi_bridge::store::{
-    self, AttemptRecord, EventUpdate, InsertOutcome, MatchKeyRow, NewEventRecord, ReplayFilter,
-    Retention, Settlement, SourceCount, SourcePayload, Store, DEDUP_WINDOW_MS,
+    self, ActivityBucket, AttemptRecord, EventQuery, EventUpdate, InsertOutcome, MatchKeyRow,
+    NewEventRecord, ReplayFilter, Retention, Settlement, SourceCount, SourcePayload, Store,
+    DEDUP_WINDOW_MS,
 };
 use sqlx::{Connection, Executor, PgConnection};
 
@@ -777,6 +778,278 @@ async fn check_expired_match_keys_are_not_recalled_and_are_pruned(store: &dyn St
 }
 
 /// Runs every check against every backend: one list, so no backend can miss a check.
+/// The dashboard's reads: activity per bucket, the event list with its filters and pages,
+/// dead letters by exact reason, the latest errors; and its writes: retry now, replay by
+/// exact reason, replay chosen parked payloads.
+async fn check_dashboard_queries_count_list_group_and_replay(store: &dyn Store) {
+    const FIVE_MIN: i64 = 5 * 60 * 1000;
+    let mut purchase = record("d5");
+    purchase.event_name = "Purchase".to_owned();
+    insert(
+        store,
+        &[
+            record("d1"),
+            record("d2"),
+            record("d3"),
+            record("d4"),
+            purchase,
+        ],
+        T0,
+    )
+    .await;
+    let claimed = store
+        .claim_due(PIXEL, 10, T0, T0 + 1000)
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), 5);
+    let refused = AttemptRecord {
+        outcome: "rejected".to_owned(),
+        http_status: Some(400),
+        code: Some(100),
+        subcode: Some(2_804_050),
+        fbtrace_id: Some("trace-1".to_owned()),
+        error_title: Some("Missing customer information".to_owned()),
+        error_message: Some("Add em or ph".to_owned()),
+    };
+    let dead = |row_id: i64| EventUpdate {
+        row_id,
+        settlement: Settlement::Dead {
+            reason: "meta error 100/2804050: Missing customer information".to_owned(),
+        },
+        attempt: Some(refused.clone()),
+    };
+    let updates = vec![
+        EventUpdate {
+            row_id: claimed[0].row_id,
+            settlement: Settlement::Delivered,
+            attempt: None,
+        },
+        dead(claimed[1].row_id),
+        dead(claimed[2].row_id),
+        EventUpdate {
+            row_id: claimed[3].row_id,
+            settlement: Settlement::Retry {
+                next_attempt_at: T0 + 60_000,
+                reason: "http 500".to_owned(),
+            },
+            attempt: Some(AttemptRecord {
+                outcome: "retry".to_owned(),
+                http_status: Some(500),
+                ..AttemptRecord::default()
+            }),
+        },
+        EventUpdate {
+            row_id: claimed[4].row_id,
+            settlement: Settlement::Release {
+                reason: "pixel paused".to_owned(),
+            },
+            attempt: None,
+        },
+    ];
+    store.settle(&updates, T0 + 100).await.expect("settle");
+    // One more, two buckets later.
+    insert(store, &[record("d6")], T0 + 2 * FIVE_MIN + 1).await;
+
+    let activity = store.activity(T0, FIVE_MIN, 3).await.expect("activity");
+    assert_eq!(
+        activity,
+        [
+            ActivityBucket {
+                start: T0,
+                accepted: 5,
+                delivered: 1,
+                dead: 2
+            },
+            ActivityBucket {
+                start: T0 + FIVE_MIN,
+                ..ActivityBucket::default()
+            },
+            ActivityBucket {
+                start: T0 + 2 * FIVE_MIN,
+                accepted: 1,
+                delivered: 0,
+                dead: 0
+            },
+        ]
+    );
+    // Before the window: nothing; a window of one bucket ignores later events.
+    let earlier = store
+        .activity(T0 - 3 * FIVE_MIN, FIVE_MIN, 3)
+        .await
+        .expect("activity");
+    assert!(earlier
+        .iter()
+        .all(|b| b.accepted + b.delivered + b.dead == 0));
+    assert_eq!(
+        store.activity(T0, FIVE_MIN, 1).await.expect("activity")[0].accepted,
+        5
+    );
+
+    let now = T0 + 200;
+    let list = |query: EventQuery| async move {
+        store
+            .list_events(&query, now)
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|e| (e.event_id, e.state))
+            .collect::<Vec<_>>()
+    };
+    let page = |limit: usize| EventQuery {
+        limit,
+        ..EventQuery::default()
+    };
+    let all = list(page(10)).await;
+    let ids: Vec<&str> = all.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ids, ["d6", "d5", "d4", "d3", "d2", "d1"], "newest first");
+    let state_of = |id: &str| all.iter().find(|(i, _)| i == id).map(|(_, s)| s.as_str());
+    assert_eq!(state_of("d1"), Some("delivered"));
+    assert_eq!(state_of("d2"), Some("dead"));
+    assert_eq!(state_of("d4"), Some("failed"));
+    assert_eq!(state_of("d6"), Some("queued"));
+    let by_state = |state: &str| EventQuery {
+        state: Some(state.to_owned()),
+        ..page(10)
+    };
+    assert_eq!(
+        list(by_state("dead")).await,
+        [
+            ("d3".to_owned(), "dead".to_owned()),
+            ("d2".to_owned(), "dead".to_owned())
+        ]
+    );
+    assert_eq!(list(by_state("failed")).await.len(), 1);
+    assert_eq!(list(by_state("delivered")).await.len(), 1);
+    assert_eq!(list(by_state("lost")).await, []);
+    let named = EventQuery {
+        event_name: Some("Purchase".to_owned()),
+        ..page(10)
+    };
+    assert_eq!(list(named).await, [("d5".to_owned(), "queued".to_owned())]);
+    let by_id = EventQuery {
+        event_id: Some("d2".to_owned()),
+        ..page(10)
+    };
+    assert_eq!(list(by_id).await.len(), 1);
+    let later = EventQuery {
+        received_from: Some(T0 + 1),
+        ..page(10)
+    };
+    assert_eq!(list(later).await, [("d6".to_owned(), "queued".to_owned())]);
+    let earlier = EventQuery {
+        received_until: Some(T0 + 1),
+        ..page(10)
+    };
+    assert_eq!(list(earlier).await.len(), 5);
+    // Pages: two rows, then the two after the last row shown.
+    let first = store.list_events(&page(2), now).await.expect("list");
+    assert_eq!(first.len(), 2);
+    let next = EventQuery {
+        before_row: first.last().map(|e| e.row_id),
+        ..page(2)
+    };
+    let second: Vec<String> = list(next).await.into_iter().map(|(id, _)| id).collect();
+    assert_eq!(second, ["d4", "d3"]);
+
+    let reasons = store.dead_reasons(10).await.expect("reasons");
+    assert_eq!(reasons.len(), 1);
+    assert_eq!(
+        reasons[0].reason,
+        "meta error 100/2804050: Missing customer information"
+    );
+    assert_eq!((reasons[0].count, reasons[0].last_at), (2, T0 + 100));
+
+    let errors = store.recent_errors(2).await.expect("errors");
+    assert_eq!(errors.len(), 2);
+    assert!(errors.iter().all(|e| e.attempt.attempted_at == T0 + 100));
+    let refused_one = errors
+        .iter()
+        .find(|e| e.attempt.record.code == Some(100))
+        .expect("a refusal among the newest");
+    assert_eq!(refused_one.attempt.record, refused);
+    assert_eq!(refused_one.event_name, "Lead");
+    assert_eq!(store.recent_errors(10).await.expect("errors").len(), 3);
+
+    // Retry now: the failed event is due at once, not at T0 + 60 s; a leased one is left alone.
+    assert_eq!(store.retry_now("d4", T0 + 300).await.expect("retry"), 1);
+    let due: Vec<String> = store
+        .claim_due(PIXEL, 10, T0 + 300, T0 + 1300)
+        .await
+        .expect("claim")
+        .into_iter()
+        .map(|c| c.event_id)
+        .collect();
+    assert!(due.contains(&"d4".to_owned()), "{due:?}");
+    assert_eq!(store.retry_now("d4", T0 + 400).await.expect("retry"), 0);
+    assert_eq!(store.retry_now("d2", T0 + 400).await.expect("retry"), 0);
+
+    // Replay by exact reason: a prefix matches nothing.
+    let prefix = ReplayFilter {
+        reason: Some("meta error 100".to_owned()),
+        ..ReplayFilter::default()
+    };
+    assert_eq!(
+        store.requeue_dead(&prefix, T0 + 500).await.expect("replay"),
+        0
+    );
+    let exact = ReplayFilter {
+        reason: Some(reasons[0].reason.clone()),
+        ..ReplayFilter::default()
+    };
+    assert_eq!(
+        store.requeue_dead(&exact, T0 + 500).await.expect("replay"),
+        2
+    );
+    assert!(store.dead_reasons(10).await.expect("reasons").is_empty());
+
+    // Parked payloads: only the chosen ones go back to pending.
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        let payload = serde_json::json!({"event_name": "Lead", "n": n});
+        ids.push(
+            store
+                .enqueue_inbox("sql", &payload, T0)
+                .await
+                .expect("enqueue"),
+        );
+    }
+    let claimed = store
+        .claim_inbox(10, T0, T0 + 1000)
+        .await
+        .expect("claim inbox");
+    assert_eq!(claimed.len(), 3);
+    let problems = serde_json::json!([{"field": "email", "reason": "missing"}]);
+    let invalid: Vec<(i64, serde_json::Value)> =
+        ids.iter().map(|id| (*id, problems.clone())).collect();
+    store
+        .finish_inbox(&[], &invalid, T0 + 10)
+        .await
+        .expect("park");
+    assert_eq!(
+        store
+            .requeue_parked(&[ids[0], ids[2]], T0 + 20)
+            .await
+            .expect("replay parked"),
+        2
+    );
+    let still: Vec<i64> = store
+        .parked_payloads(10)
+        .await
+        .expect("parked")
+        .into_iter()
+        .map(|p| p.id)
+        .collect();
+    assert_eq!(still, [ids[1]]);
+    assert_eq!(
+        store
+            .requeue_parked(&[ids[0]], T0 + 30)
+            .await
+            .expect("again"),
+        0,
+        "already pending"
+    );
+}
+
 macro_rules! store_contract {
     ($($check:ident),* $(,)?) => {
         mod sqlite_store {
@@ -836,4 +1109,5 @@ store_contract!(
     check_source_payloads_dedup_delivery_ids_and_count_outcomes,
     check_match_keys_keep_the_newest_value_per_identity_and_field,
     check_expired_match_keys_are_not_recalled_and_are_pruned,
+    check_dashboard_queries_count_list_group_and_replay,
 );
