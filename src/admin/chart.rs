@@ -6,12 +6,11 @@ use maud::{html, Markup};
 
 use crate::store::ActivityBucket;
 
+/// The drawing's own units; the SVG stretches to the page's width and a fixed height, so the
+/// labels are HTML beside it (text inside a stretched SVG would be distorted or, on a phone,
+/// tiny).
 const WIDTH: f64 = 720.0;
 const HEIGHT: f64 = 200.0;
-const LEFT: f64 = 40.0;
-const RIGHT: f64 = 8.0;
-const TOP: f64 = 12.0;
-const BOTTOM: f64 = 28.0;
 
 /// The three series, in drawing order: CSS class and label.
 const SERIES: [(&str, &str); 3] = [
@@ -39,6 +38,17 @@ pub fn totals(buckets: &[ActivityBucket]) -> [i64; 3] {
     sums
 }
 
+/// The scale's top: the largest count rounded up to an even number (at least 2), so the middle
+/// gridline is a whole count.
+fn scale_top(buckets: &[ActivityBucket]) -> i64 {
+    let max = buckets
+        .iter()
+        .flat_map(|b| [b.accepted, b.delivered, b.dead])
+        .max()
+        .unwrap_or(0);
+    (max + max % 2).max(2)
+}
+
 /// A chart of `buckets`; `label` names a bucket's start (`16:05`), `id` is unique on the page.
 pub fn bars(
     id: &str,
@@ -46,54 +56,45 @@ pub fn bars(
     buckets: &[ActivityBucket],
     label: impl Fn(i64) -> String,
 ) -> Markup {
-    let max = buckets
-        .iter()
-        .flat_map(|b| [b.accepted, b.delivered, b.dead])
-        .max()
-        .unwrap_or(0)
-        .max(1);
-    let plot_width = WIDTH - LEFT - RIGHT;
-    let plot_height = HEIGHT - TOP - BOTTOM;
+    let top = scale_top(buckets);
     let n = buckets.len().max(1) as f64;
-    let group = plot_width / n;
-    let bar = (group * 0.8 / 3.0).max(1.0);
-    let height_of = |v: i64| v as f64 / max as f64 * plot_height;
+    let group = WIDTH / n;
+    let bar = group * 0.8 / 3.0;
+    let height_of = |v: i64| v as f64 / top as f64 * HEIGHT;
     let [accepted, delivered, dead] = totals(buckets);
     let summary = format!("{caption}: {accepted} accepted, {delivered} delivered, {dead} dead");
     let title_id = format!("{id}-title");
-    // Where the x-axis labels go: first, middle and last bucket.
-    let ticks: Vec<usize> = match buckets.len() {
-        0 => Vec::new(),
-        1 => vec![0],
-        len => vec![0, len / 2, len - 1],
-    };
     html! {
-        svg class="chart" viewBox=(format!("0 0 {WIDTH} {HEIGHT}")) role="img"
-            aria-labelledby=(title_id) {
-            title id=(title_id) { (summary) }
-            // Gridlines at the top and the middle, labelled with their counts.
-            @for (fraction, count) in [(1.0, max), (0.5, max / 2)] {
-                @let y = TOP + plot_height * (1.0 - fraction);
-                line class="grid" x1=(LEFT) x2=(WIDTH - RIGHT) y1=(y) y2=(y) {}
-                text class="axis" x=(LEFT - 6.0) y=(y + 4.0) text-anchor="end" { (count) }
+        div class="chart" {
+            div class="y-axis" aria-hidden="true" {
+                span class="y-top" { (top) }
+                span class="y-mid" { (top / 2) }
+                span class="y-zero" { "0" }
             }
-            line class="baseline" x1=(LEFT) x2=(WIDTH - RIGHT) y1=(TOP + plot_height) y2=(TOP + plot_height) {}
-            text class="axis" x=(LEFT - 6.0) y=(TOP + plot_height + 4.0) text-anchor="end" { "0" }
-            @for (index, bucket) in buckets.iter().enumerate() {
-                @let x0 = LEFT + group * index as f64 + group * 0.1;
-                @for (series, (class, name)) in SERIES.iter().enumerate() {
-                    @let v = value(bucket, series);
-                    @let h = height_of(v);
-                    rect class=(class) x=(x0 + bar * series as f64) y=(TOP + plot_height - h)
-                        width=(bar) height=(h) {
-                        title { (label(bucket.start)) ": " (v) " " (name) }
+            svg viewBox=(format!("0 0 {WIDTH} {HEIGHT}")) preserveAspectRatio="none" role="img"
+                aria-labelledby=(title_id) {
+                title id=(title_id) { (summary) }
+                @for y in [0.5, HEIGHT / 2.0] {
+                    line class="grid" x1="0" x2=(WIDTH) y1=(y) y2=(y) vector-effect="non-scaling-stroke" {}
+                }
+                @for (index, bucket) in buckets.iter().enumerate() {
+                    @let x0 = group * index as f64 + group * 0.1;
+                    @for (series, (class, name)) in SERIES.iter().enumerate() {
+                        @let v = value(bucket, series);
+                        @let h = height_of(v);
+                        rect class=(class) x=(x0 + bar * series as f64) y=(HEIGHT - h)
+                            width=(bar) height=(h) {
+                            title { (label(bucket.start)) ": " (v) " " (name) }
+                        }
                     }
                 }
+                line class="baseline" x1="0" x2=(WIDTH) y1=(HEIGHT - 0.5) y2=(HEIGHT - 0.5) vector-effect="non-scaling-stroke" {}
             }
-            @for index in ticks {
-                @if let Some(bucket) = buckets.get(index) {
-                    text class="axis" x=(LEFT + group * index as f64 + group / 2.0)
-                        y=(HEIGHT - 8.0) text-anchor="middle" { (label(bucket.start)) }
+            div class="x-axis" aria-hidden="true" {
+                @if let (Some(first), Some(middle)) = (buckets.first(), buckets.get(buckets.len() / 2)) {
+                    span { (label(first.start)) }
+                    span { (label(middle.start)) }
+                    span { "now" }
                 }
             }
         }
@@ -143,12 +144,24 @@ mod tests {
             "{svg}"
         );
         // The tallest bar fills the plot, half of it is half as tall, zero is flat.
-        let plot = HEIGHT - TOP - BOTTOM;
-        assert!(svg.contains(&format!("height=\"{plot}\"")), "{svg}");
-        assert!(svg.contains(&format!("height=\"{}\"", plot / 2.0)), "{svg}");
+        assert!(svg.contains(&format!("height=\"{HEIGHT}\"")), "{svg}");
+        assert!(
+            svg.contains(&format!("height=\"{}\"", HEIGHT / 2.0)),
+            "{svg}"
+        );
+        assert!(svg.contains("<span class=\"y-top\">4</span>"), "{svg}");
+        assert!(svg.contains("<span class=\"y-mid\">2</span>"), "{svg}");
         assert!(svg.contains("height=\"0\""), "{svg}");
         assert!(svg.contains("<title>t1: 1 dead</title>"), "{svg}");
         assert_eq!(totals(&buckets), [4, 2, 1]);
+    }
+
+    #[test]
+    fn the_scale_is_even_so_the_middle_line_is_a_whole_count() {
+        assert_eq!(scale_top(&[bucket(0, 3, 1, 0)]), 4);
+        assert_eq!(scale_top(&[bucket(0, 0, 0, 0)]), 2);
+        assert_eq!(scale_top(&[bucket(0, 1, 0, 0)]), 2);
+        assert_eq!(scale_top(&[bucket(0, 0, 10, 0)]), 10);
     }
 
     #[test]

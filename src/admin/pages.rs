@@ -278,7 +278,7 @@ pub fn overview(data: &Overview, csrf: &str) -> Markup {
                         tbody {
                             @for pixel in &data.pixels {
                                 tr {
-                                    td class="mono" { (pixel.pixel_id) }
+                                    td class="mono nowrap" { (pixel.pixel_id) }
                                     td { (state_badge(&pixel.state)) }
                                     td { (pixel.reason.as_deref().unwrap_or("")) }
                                     td { @if let Some(until) = pixel.until { (time(until)) } }
@@ -319,7 +319,7 @@ fn meta_message(record: &crate::store::AttemptRecord) -> String {
 
 fn errors_table(errors: &[RecentError]) -> Markup {
     html! {
-        table {
+        table class="responsive" {
             thead { tr {
                 th scope="col" { "When" } th scope="col" { "Event" } th scope="col" { "Outcome" }
                 th scope="col" { "Code" } th scope="col" { "Meta said" }
@@ -328,12 +328,12 @@ fn errors_table(errors: &[RecentError]) -> Markup {
             tbody {
                 @for error in errors {
                     tr {
-                        td { (time(error.attempt.attempted_at)) }
-                        td class="mono" { a href=(event_href(&error.event_id)) { (error.event_id) } " " (error.event_name) }
-                        td { (error.attempt.record.outcome) }
-                        td class="mono" { (meta_code(&error.attempt.record)) }
-                        td { (meta_message(&error.attempt.record)) }
-                        td class="mono hide-narrow" { (error.attempt.record.fbtrace_id.as_deref().unwrap_or("")) }
+                        td class="nowrap" data-label="When" { (time(error.attempt.attempted_at)) }
+                        td class="mono nowrap" data-label="Event" { a href=(event_href(&error.event_id)) { (error.event_id) } " " (error.event_name) }
+                        td data-label="Outcome" { (error.attempt.record.outcome) }
+                        td class="mono nowrap" data-label="Code" { (meta_code(&error.attempt.record)) }
+                        td data-label="Meta said" { (meta_message(&error.attempt.record)) }
+                        td class="mono nowrap hide-narrow" { (error.attempt.record.fbtrace_id.as_deref().unwrap_or("")) }
                     }
                 }
             }
@@ -426,7 +426,7 @@ pub fn events(
                 p { "No events match." }
             } @else {
                 div class="scroll" {
-                    table {
+                    table class="responsive" {
                         caption { "Newest first" }
                         thead { tr {
                             th scope="col" { "Received" } th scope="col" { "Event id" } th scope="col" { "Name" }
@@ -436,12 +436,12 @@ pub fn events(
                         tbody {
                             @for row in rows {
                                 tr {
-                                    td { (time(row.received_at)) }
-                                    td class="mono" { a href=(event_href(&row.event_id)) { (row.event_id) } }
-                                    td { (row.event_name) }
-                                    td { (state_badge(&row.state)) }
-                                    td class="num" { (row.attempts) }
-                                    td class="mono hide-narrow" { (row.pixel_id) }
+                                    td class="nowrap" data-label="Received" { (time(row.received_at)) }
+                                    td class="mono nowrap" data-label="Event id" { a href=(event_href(&row.event_id)) { (row.event_id) } }
+                                    td data-label="Name" { (row.event_name) }
+                                    td data-label="State" { (state_badge(&row.state)) }
+                                    td class="num" data-label="Attempts" { (row.attempts) }
+                                    td class="mono nowrap hide-narrow" { (row.pixel_id) }
                                     td class="hide-narrow" { (row.last_error.as_deref().unwrap_or("")) }
                                 }
                             }
@@ -502,7 +502,7 @@ pub fn event(detail: &EventDetail, message: Option<&str>, csrf: &str) -> Markup 
 
 fn attempts_table(attempts: &[AttemptView]) -> Markup {
     html! {
-        table {
+        table class="responsive" {
             thead { tr {
                 th scope="col" { "When" } th scope="col" { "Outcome" } th scope="col" { "HTTP" }
                 th scope="col" { "Code" } th scope="col" { "Meta said" } th scope="col" { "fbtrace_id" }
@@ -510,12 +510,12 @@ fn attempts_table(attempts: &[AttemptView]) -> Markup {
             tbody {
                 @for attempt in attempts {
                     tr {
-                        td { (time(attempt.attempted_at)) }
-                        td { (attempt.record.outcome) }
-                        td class="num" { (attempt.record.http_status.map(|s| s.to_string()).unwrap_or_default()) }
-                        td class="mono" { (meta_code(&attempt.record)) }
-                        td { (meta_message(&attempt.record)) }
-                        td class="mono" { (attempt.record.fbtrace_id.as_deref().unwrap_or("")) }
+                        td class="nowrap" data-label="When" { (time(attempt.attempted_at)) }
+                        td data-label="Outcome" { (attempt.record.outcome) }
+                        td class="num" data-label="HTTP" { (attempt.record.http_status.map(|s| s.to_string()).unwrap_or_default()) }
+                        td class="mono nowrap" data-label="Code" { (meta_code(&attempt.record)) }
+                        td data-label="Meta said" { (meta_message(&attempt.record)) }
+                        td class="mono nowrap" data-label="fbtrace_id" { (attempt.record.fbtrace_id.as_deref().unwrap_or("")) }
                     }
                 }
             }
@@ -564,12 +564,15 @@ pub fn dead_letters(data: &DeadLetters, message: Option<&str>, csrf: &str) -> Ma
                                 tr {
                                     td { @if group.reason.is_empty() { "(no reason recorded)" } @else { (group.reason) } }
                                     td class="num" data-metric="dead-count" { (group.count) }
-                                    td { (time(group.last_at)) }
+                                    td class="nowrap" { (time(group.last_at)) }
                                     td {
                                         form method="post" action="/admin/dead/replay" {
                                             (csrf_field(csrf))
                                             input type="hidden" name="reason" value=(group.reason);
-                                            button type="submit" { "Replay " (group.count) }
+                                            button type="submit" class="nowrap" {
+                                                "Replay " (group.count)
+                                                span class="visually-hidden" { " dead events with this reason" }
+                                            }
                                         }
                                     }
                                 }
@@ -592,15 +595,18 @@ pub fn dead_letters(data: &DeadLetters, message: Option<&str>, csrf: &str) -> Ma
                         tbody {
                             @for group in &data.parked {
                                 tr {
-                                    td class="mono" { (group.source) }
+                                    td class="mono nowrap" { (group.source) }
                                     td { ul { @for problem in &group.problems { li { (problem) } } } }
                                     td class="num" { (group.count) }
-                                    td { (time(group.last_at)) }
+                                    td class="nowrap" { (time(group.last_at)) }
                                     td {
                                         form method="post" action="/admin/parked/replay" {
                                             (csrf_field(csrf))
                                             input type="hidden" name="group" value=(group.key);
-                                            button type="submit" { "Replay " (group.count) }
+                                            button type="submit" class="nowrap" {
+                                                "Replay " (group.count)
+                                                span class="visually-hidden" { " payloads with these problems" }
+                                            }
                                         }
                                     }
                                 }
