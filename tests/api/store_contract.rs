@@ -24,13 +24,15 @@ fn record(event_id: &str) -> NewEventRecord {
         test_event_code: None,
         deadline_at: T0 + 7 * 24 * 3600 * 1000,
         dry_run: false,
+        source: Some("api".to_owned()),
+        lease_until: None,
     }
 }
 
 /// Inserts unleased (the polling path) and returns the outcomes.
 async fn insert(store: &dyn Store, records: &[NewEventRecord], now: i64) -> Vec<InsertOutcome> {
     store
-        .insert_events(records, now, None)
+        .insert_events(records, now)
         .await
         .expect("insert")
         .into_iter()
@@ -366,9 +368,11 @@ async fn check_dry_run_events_are_stored_but_never_claimed(store: &dyn Store) {
 async fn check_events_inserted_with_a_lease_are_claimable_only_after_it(store: &dyn Store) {
     let inserted = store
         .insert_events(
-            &[record("l1"), record("l2"), record("l1")],
+            &[record("l1"), record("l2"), record("l1")].map(|r| NewEventRecord {
+                lease_until: Some(T0 + 1000),
+                ..r
+            }),
             T0,
-            Some(T0 + 1000),
         )
         .await
         .expect("insert");
