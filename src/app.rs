@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState};
 use crate::config::Config;
-use crate::delivery::{now_ms, Delivery, GraphClient};
+use crate::delivery::{now_ms, Delivery, GraphClient, Wakes};
 use crate::ingest::Ingestor;
 use crate::memory::MatchKeyMemory;
 use crate::store::{self, GroupCommit, Pruned, Retention, Store};
@@ -22,14 +22,14 @@ use crate::store::{self, GroupCommit, Pruned, Retention, Store};
 pub struct App {
     listener: TcpListener,
     router: axum::Router,
-    delivery: Option<Delivery>,
+    delivery: Vec<Delivery>,
     workers_alive: Arc<AtomicBool>,
     retention: Retention,
     ingestor: Ingestor,
     mapper: crate::sources::Mapper,
     counters: crate::sources::SourceCounters,
     inbox_wake: Arc<Notify>,
-    delivery_wake: Arc<Notify>,
+    delivery_wakes: Wakes,
     poll_interval: std::time::Duration,
     memory: Option<MatchKeyMemory>,
     /// The store, for tests and tools.
@@ -53,32 +53,33 @@ impl App {
         let listener = TcpListener::bind(config.listen_addr)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen_addr))?;
-        let wake = Arc::new(Notify::new());
-        let delivery = match &config.meta {
-            Some(meta) => {
-                let client =
-                    GraphClient::new(&config, meta).context("cannot build the HTTP client")?;
-                Some(Delivery::new(
-                    store.clone(),
-                    client,
-                    config.delivery.clone(),
-                    wake.clone(),
-                ))
-            }
-            None => None,
-        };
-        let commit = GroupCommit::start(
-            store.clone(),
-            now_ms,
-            delivery.as_ref().map(Delivery::handoff),
-        );
+        // One delivery per pixel, each with its own workers, wake-up and handoff: a paused
+        // pixel never holds up the others.
+        let mut delivery = Vec::new();
+        let mut wakes = Vec::new();
+        for meta in config.pixels.iter() {
+            let wake = Arc::new(Notify::new());
+            let client = GraphClient::new(&config, meta).context("cannot build the HTTP client")?;
+            delivery.push(Delivery::new(
+                store.clone(),
+                client,
+                config.delivery.clone(),
+                wake.clone(),
+            ));
+            wakes.push((meta.pixel_id.clone(), wake));
+        }
+        let wakes = Wakes::new(wakes);
+        let handoffs = delivery
+            .iter()
+            .map(|d| (d.client().pixel_id().to_owned(), d.handoff()))
+            .collect();
+        let commit = GroupCommit::start(store.clone(), now_ms, handoffs);
         let memory = MatchKeyMemory::start(store.clone(), config.match_key_memory_days);
         let ingestor = Ingestor::new(
             config.ingest.clone(),
-            config.pixel_id().to_owned(),
-            config.dry_run(),
+            config.pixels.clone(),
             commit,
-            wake.clone(),
+            wakes.clone(),
         )
         .with_memory(memory.clone());
         let workers_alive = Arc::new(AtomicBool::new(false));
@@ -90,7 +91,7 @@ impl App {
         let collect_limits = Arc::new(api::CollectLimits::new(&config.sites));
         let retention = config.retention;
         let poll_interval = config.delivery.poll_interval;
-        let delivery_wake = wake;
+        let delivery_wakes = wakes;
         let state = AppState {
             config: Arc::new(config),
             store: store.clone(),
@@ -113,7 +114,7 @@ impl App {
             mapper,
             counters,
             inbox_wake,
-            delivery_wake,
+            delivery_wakes,
             poll_interval,
             memory,
             store,
@@ -133,12 +134,17 @@ impl App {
     /// # Errors
     /// When the server fails.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let workers = self.delivery.map(|delivery| {
+        let workers = (!self.delivery.is_empty()).then(|| {
             let alive = self.workers_alive.clone();
             let shutdown = shutdown.clone();
             alive.store(true, Ordering::Relaxed);
+            let pixels = self.delivery;
             tokio::spawn(async move {
-                delivery.run(shutdown).await;
+                let mut running = tokio::task::JoinSet::new();
+                for delivery in pixels {
+                    running.spawn(delivery.run(shutdown.clone()));
+                }
+                while running.join_next().await.is_some() {}
                 alive.store(false, Ordering::Relaxed);
             })
         });
@@ -167,7 +173,7 @@ impl App {
         let notices = tokio::spawn(crate::inbox::relay_notices(
             self.store.clone(),
             inbox_wake,
-            self.delivery_wake.clone(),
+            self.delivery_wakes.clone(),
             self.poll_interval,
             shutdown.clone(),
         ));

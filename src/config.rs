@@ -21,9 +21,9 @@ pub struct Config {
     pub database_url: String,
     /// Postgres schema holding capi-bridge's tables (ignored by SQLite).
     pub database_schema: String,
-    /// Meta credentials; `None` means dry-run.
-    pub meta: Option<MetaConfig>,
-    /// Graph API version, e.g. `v25.0`.
+    /// The pixels events go to, with their credentials; none means dry-run.
+    pub pixels: crate::pixels::Pixels,
+    /// Graph API version, e.g. `v25.0` (a pixel may set its own).
     pub api_version: String,
     /// Base URL of the Graph API (tests point it at a local stand-in).
     pub graph_url: String,
@@ -54,6 +54,8 @@ pub struct Config {
 /// Credentials for one pixel (dataset).
 #[derive(Clone)]
 pub struct MetaConfig {
+    /// The name requests choose it by (`default` for `META_PIXEL_ID`).
+    pub name: String,
     /// Pixel or dataset id.
     pub pixel_id: String,
     /// System-user access token. Never logged, never put in a URL.
@@ -62,6 +64,8 @@ pub struct MetaConfig {
     pub app_secret: Option<String>,
     /// Routes every event to Events Manager's Test Events tab.
     pub test_event_code: Option<String>,
+    /// Graph API version, e.g. `v25.0`.
+    pub api_version: String,
 }
 
 /// Supabase's REST API (PostgREST) with a service key, for row lookups.
@@ -123,7 +127,7 @@ impl std::fmt::Debug for Config {
         f.debug_struct("Config")
             .field("listen_addr", &self.listen_addr)
             .field("database_url", &redact_url(&self.database_url))
-            .field("pixel_id", &self.meta.as_ref().map(|m| m.pixel_id.as_str()))
+            .field("pixels", &self.pixels)
             .field("api_version", &self.api_version)
             .field("graph_url", &self.graph_url)
             .field("webhook_secrets", &self.webhook_secrets.len())
@@ -136,12 +140,7 @@ impl std::fmt::Debug for Config {
 impl Config {
     /// True when no Meta credentials are configured: events are stored, never sent.
     pub fn dry_run(&self) -> bool {
-        self.meta.is_none()
-    }
-
-    /// The pixel events are stored under (empty in dry-run).
-    pub fn pixel_id(&self) -> &str {
-        self.meta.as_ref().map_or("", |m| m.pixel_id.as_str())
+        self.pixels.is_empty()
     }
 
     /// True when a configured secret is short enough to guess. Short secrets from the original
@@ -174,6 +173,11 @@ struct FileConfig {
     match_key_memory_days: Option<u64>,
     #[serde(default)]
     meta: FileMeta,
+    /// Several pixels by name.
+    #[serde(default)]
+    pixels: BTreeMap<String, crate::pixels::FilePixel>,
+    /// The pixel of requests that choose none.
+    default_pixel: Option<String>,
     #[serde(default)]
     delivery: FileDelivery,
     /// Incoming event name (case-insensitive) → name sent to Meta.
@@ -362,39 +366,6 @@ pub fn load(env: &Env, config_path: Option<&Path>) -> Result<Config, Vec<String>
         ));
     }
 
-    let token = env.get("META_ACCESS_TOKEN");
-    let pixel_id = env.get("META_PIXEL_ID").or(file.meta.pixel_id);
-    let meta = match (token, pixel_id) {
-        (Some(access_token), Some(pixel_id)) => {
-            if !pixel_id.chars().all(|c| c.is_ascii_digit()) {
-                problems.push("META_PIXEL_ID must be the numeric pixel (dataset) id".to_owned());
-            }
-            Some(MetaConfig {
-                pixel_id,
-                access_token,
-                app_secret: env.get("META_APP_SECRET"),
-                test_event_code: env
-                    .get("META_TEST_EVENT_CODE")
-                    .or(file.meta.test_event_code),
-            })
-        }
-        (Some(_), None) => {
-            problems.push(
-                "META_ACCESS_TOKEN is set but META_PIXEL_ID is not: set both, or neither for dry-run"
-                    .to_owned(),
-            );
-            None
-        }
-        (None, Some(_)) => {
-            problems.push(
-                "META_PIXEL_ID is set but META_ACCESS_TOKEN is not: set both, or neither for dry-run"
-                    .to_owned(),
-            );
-            None
-        }
-        (None, None) => None,
-    };
-
     let api_version = env
         .get("META_API_VERSION")
         .or(file.meta.api_version)
@@ -404,6 +375,18 @@ pub fn load(env: &Env, config_path: Option<&Path>) -> Result<Config, Vec<String>
             "META_API_VERSION must look like v25.0, got {api_version:?}"
         ));
     }
+
+    let pixels = crate::pixels::load(
+        env,
+        crate::pixels::Inputs {
+            file_pixel_id: file.meta.pixel_id,
+            file_test_event_code: file.meta.test_event_code,
+            file_pixels: file.pixels,
+            file_default: file.default_pixel,
+            api_version: &api_version,
+        },
+        &mut problems,
+    );
 
     let graph_url = env
         .get("META_GRAPH_URL")
@@ -610,6 +593,29 @@ pub fn load(env: &Env, config_path: Option<&Path>) -> Result<Config, Vec<String>
         ));
     }
 
+    // Every pixel a site, a source or a rule names must exist.
+    let named = sites
+        .sites
+        .iter()
+        .filter_map(|s| Some((format!("sites.{}.pixel", s.key), s.pixel.as_deref()?)))
+        .chain(
+            sources
+                .sources
+                .iter()
+                .filter_map(|s| Some((format!("sources.{}.pixel", s.name), s.pixel.as_deref()?))),
+        )
+        .chain(
+            sources
+                .rules
+                .pixels()
+                .map(|(rule, pixel)| (format!("rule {rule}: pixel"), pixel)),
+        );
+    for (place, pixel) in named {
+        if let Err(err) = pixels.check_name(pixel) {
+            problems.push(format!("{place}: {err}"));
+        }
+    }
+
     if !problems.is_empty() {
         return Err(problems);
     }
@@ -617,7 +623,7 @@ pub fn load(env: &Env, config_path: Option<&Path>) -> Result<Config, Vec<String>
         listen_addr,
         database_url,
         database_schema,
-        meta,
+        pixels,
         api_version,
         graph_url,
         webhook_secrets,
@@ -663,7 +669,7 @@ fn number(env: &Env, name: &str, problems: &mut Vec<String>) -> Option<u64> {
     }
 }
 
-fn is_api_version(raw: &str) -> bool {
+pub(crate) fn is_api_version(raw: &str) -> bool {
     let Some(rest) = raw.strip_prefix('v') else {
         return false;
     };

@@ -12,6 +12,7 @@ pub mod domain;
 pub mod inbox;
 pub mod ingest;
 pub mod memory;
+pub mod pixels;
 pub mod sites;
 pub mod sources;
 pub mod store;

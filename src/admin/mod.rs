@@ -349,6 +349,7 @@ fn event_query(search: &EventSearch) -> Result<EventQuery, String> {
     Ok(EventQuery {
         event_id: text(&search.event_id),
         event_name: text(&search.event_name),
+        source: text(&search.source),
         state,
         received_from: time(&search.from, "Received from")?,
         received_until: time(&search.to, "Received before")?,
@@ -563,28 +564,33 @@ async fn replay_parked(
     Ok(Redirect::to(&format!("/admin/dead?replayed={n}")).into_response())
 }
 
-fn pixel_ids(admin: &Admin) -> Vec<String> {
+/// The delivering pixels: `(name, id)`.
+fn pixel_choices(admin: &Admin) -> Vec<(String, String)> {
     admin
         .app
         .delivery
         .iter()
-        .map(|d| d.client().pixel_id().to_owned())
+        .map(|d| {
+            let client = d.client();
+            (client.pixel_name().to_owned(), client.pixel_id().to_owned())
+        })
         .collect()
 }
 
+/// The default pixel's configured test event code, to prefill the form.
 fn default_test_code(admin: &Admin) -> String {
     admin
         .app
         .config
-        .meta
-        .as_ref()
-        .and_then(|m| m.test_event_code.clone())
+        .pixels
+        .default_pixel()
+        .and_then(|p| p.test_event_code.clone())
         .unwrap_or_default()
 }
 
 async fn test_form(State(admin): State<Shared>, Extension(session): Extension<Session>) -> Markup {
     pages::test_event(
-        &pixel_ids(&admin),
+        &pixel_choices(&admin),
         &default_test_code(&admin),
         None,
         None,
@@ -609,7 +615,7 @@ async fn send_test(
     Extension(session): Extension<Session>,
     Form(form): Form<TestForm>,
 ) -> Response {
-    let pixels = pixel_ids(&admin);
+    let pixels = pixel_choices(&admin);
     let page = |outcome: Option<&TestOutcome>, problem: Option<&str>| {
         pages::test_event(
             &pixels,

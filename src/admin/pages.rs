@@ -274,10 +274,11 @@ pub fn overview(data: &Overview, csrf: &str) -> Markup {
             } @else {
                 div class="scroll" {
                     table {
-                        thead { tr { th scope="col" { "Pixel" } th scope="col" { "State" } th scope="col" { "Why" } th scope="col" { "Until" } } }
+                        thead { tr { th scope="col" { "Pixel" } th scope="col" { "Id" } th scope="col" { "State" } th scope="col" { "Why" } th scope="col" { "Until" } } }
                         tbody {
                             @for pixel in &data.pixels {
                                 tr {
+                                    td { (pixel.name) }
                                     td class="mono nowrap" { (pixel.pixel_id) }
                                     td { (state_badge(&pixel.state)) }
                                     td { (pixel.reason.as_deref().unwrap_or("")) }
@@ -349,6 +350,8 @@ pub struct EventSearch {
     #[serde(default)]
     pub event_name: String,
     #[serde(default)]
+    pub source: String,
+    #[serde(default)]
     pub state: String,
     #[serde(default)]
     pub from: String,
@@ -365,6 +368,7 @@ impl EventSearch {
         for (key, value) in [
             ("event_id", &self.event_id),
             ("event_name", &self.event_name),
+            ("source", &self.source),
             ("state", &self.state),
             ("from", &self.from),
             ("to", &self.to),
@@ -403,6 +407,10 @@ pub fn events(
                     input id="event_name" name="event_name" type="search" value=(search.event_name) placeholder="Lead";
                 }
                 div {
+                    label for="source" { "Source" }
+                    input id="source" name="source" type="search" value=(search.source) placeholder="api";
+                }
+                div {
                     label for="state" { "State" }
                     select id="state" name="state" {
                         option value="" selected[search.state.is_empty()] { "any" }
@@ -430,7 +438,7 @@ pub fn events(
                         caption { "Newest first" }
                         thead { tr {
                             th scope="col" { "Received" } th scope="col" { "Event id" } th scope="col" { "Name" }
-                            th scope="col" { "State" } th scope="col" class="num" { "Attempts" }
+                            th scope="col" { "Source" } th scope="col" { "State" } th scope="col" class="num" { "Attempts" }
                             th scope="col" class="hide-narrow" { "Pixel" } th scope="col" class="hide-narrow" { "Last error" }
                         } }
                         tbody {
@@ -439,6 +447,7 @@ pub fn events(
                                     td class="nowrap" data-label="Received" { (time(row.received_at)) }
                                     td class="mono nowrap" data-label="Event id" { a href=(event_href(&row.event_id)) { (row.event_id) } }
                                     td data-label="Name" { (row.event_name) }
+                                    td class="mono" data-label="Source" { (row.source.as_deref().unwrap_or("")) }
                                     td data-label="State" { (state_badge(&row.state)) }
                                     td class="num" data-label="Attempts" { (row.attempts) }
                                     td class="mono nowrap hide-narrow" { (row.pixel_id) }
@@ -475,6 +484,7 @@ pub fn event(detail: &EventDetail, message: Option<&str>, csrf: &str) -> Markup 
                 dt { "Name" } dd { (detail.event_name) }
                 dt { "State" } dd data-field="state" { (state_badge(&detail.state)) }
                 dt { "Pixel" } dd class="mono" { (detail.pixel_id) }
+                @if let Some(source) = &detail.source { dt { "Source" } dd class="mono" { (source) } }
                 dt { "Received" } dd { (time(detail.received_at)) }
                 dt { "Attempts" } dd { (detail.attempts) }
                 @if let Some(at) = detail.delivered_at { dt { "Delivered" } dd { (time(at)) } }
@@ -657,7 +667,7 @@ pub struct TestRefusal {
 
 /// `/admin/test`: the form, and Meta's answer after a send.
 pub fn test_event(
-    pixels: &[String],
+    pixels: &[(String, String)],
     default_code: &str,
     outcome: Option<&TestOutcome>,
     problem: Option<&str>,
@@ -678,7 +688,7 @@ pub fn test_event(
                     div {
                         label for="pixel" { "Pixel" }
                         select id="pixel" name="pixel" {
-                            @for pixel in pixels { option value=(pixel) { (pixel) } }
+                            @for (name, id) in pixels { option value=(id) { (name) " (" (id) ")" } }
                         }
                     }
                     div {

@@ -38,8 +38,8 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     /// The ingest pipeline.
     pub ingestor: Ingestor,
-    /// Delivery (absent in dry-run), for pixel status.
-    pub delivery: Option<Delivery>,
+    /// Delivery of each pixel (none in dry-run), for pixel status.
+    pub delivery: Vec<Delivery>,
     /// Set while the delivery workers run.
     pub workers_alive: Arc<std::sync::atomic::AtomicBool>,
     /// Maps source payloads to events.

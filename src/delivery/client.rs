@@ -41,7 +41,7 @@ impl GraphClient {
             .build()?;
         let pixel_url = format!(
             "{}/{}/{}",
-            config.graph_url, config.api_version, meta.pixel_id
+            config.graph_url, meta.api_version, meta.pixel_id
         );
         Ok(Self {
             http,
@@ -58,6 +58,11 @@ impl GraphClient {
     /// The pixel this client sends to.
     pub fn pixel_id(&self) -> &str {
         &self.meta.pixel_id
+    }
+
+    /// The pixel's configured name.
+    pub fn pixel_name(&self) -> &str {
+        &self.meta.name
     }
 
     /// Sends one request of events and classifies Meta's answer.

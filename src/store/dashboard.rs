@@ -26,6 +26,8 @@ pub struct EventQuery {
     pub event_id: Option<String>,
     /// Exactly this event name.
     pub event_name: Option<String>,
+    /// Exactly this source (`api`, `cli`, `sql`, a source's name, `site:<key>`).
+    pub source: Option<String>,
     /// One of [`EVENT_STATES`]; anything else matches nothing.
     pub state: Option<String>,
     /// Received at or after this unix ms.
@@ -49,6 +51,8 @@ pub struct EventSummary {
     pub event_name: String,
     /// Pixel.
     pub pixel_id: String,
+    /// Where it came from, when recorded.
+    pub source: Option<String>,
     /// One of [`EVENT_STATES`].
     pub state: String,
     /// Attempts made.

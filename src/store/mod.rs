@@ -48,6 +48,11 @@ pub struct NewEventRecord {
     pub deadline_at: i64,
     /// Stored as `dry_run` instead of `queued`: shown, never sent.
     pub dry_run: bool,
+    /// Where it came from: `api`, `cli`, `sql`, a source's name or `site:<key>`.
+    pub source: Option<String>,
+    /// Stored already leased to this process until then (one attempt counted), because the
+    /// group commit hands it straight to its pixel's delivery workers; `None`: stored due now.
+    pub lease_until: Option<i64>,
 }
 
 /// One remembered match key: the newest value of one `user_data` field for one person identity
@@ -213,6 +218,8 @@ pub struct EventDetail {
     pub delivered_at: Option<i64>,
     /// Test code the event is sent with.
     pub test_event_code: Option<String>,
+    /// Where it came from (see [`NewEventRecord::source`]).
+    pub source: Option<String>,
     /// The exact `data[i]` sent (hashed).
     pub payload: serde_json::Value,
     /// Every attempt with Meta's answer, oldest first.
@@ -233,6 +240,7 @@ pub(crate) struct EventRow {
     pub(crate) delivered_at: Option<i64>,
     pub(crate) delivered_fbtrace_id: Option<String>,
     pub(crate) test_event_code: Option<String>,
+    pub(crate) source: Option<String>,
     pub(crate) payload: Option<String>,
 }
 
@@ -272,6 +280,7 @@ impl EventRow {
             next_attempt_at: queued.then_some(self.next_attempt_at),
             delivered_at: self.delivered_at,
             test_event_code: self.test_event_code,
+            source: self.source,
             payload,
             attempts_log,
         }
@@ -402,14 +411,13 @@ pub trait Store: Send + Sync + 'static {
     /// Stores new events in one transaction, skipping keys seen in the last 48 hours.
     /// Results are in input order.
     ///
-    /// With `lease_until`, queued events are stored already leased (one attempt counted) to
+    /// Queued events with a `lease_until` are stored already leased (one attempt counted) to
     /// this process, which hands them straight to its delivery workers: no claim needed. If the
     /// process dies, the lease expires and any worker claims them as usual.
     async fn insert_events(
         &self,
         events: &[NewEventRecord],
         now: i64,
-        lease_until: Option<i64>,
     ) -> Result<Vec<Inserted>, StoreError>;
 
     /// Remembers match keys, in one transaction: per identity and field the row with the newest

@@ -387,7 +387,6 @@ impl Store for PostgresStore {
         &self,
         events: &[NewEventRecord],
         now: i64,
-        lease_until: Option<i64>,
     ) -> Result<Vec<Inserted>, StoreError> {
         if events.is_empty() {
             return Ok(Vec::new());
@@ -413,18 +412,12 @@ impl Store for PostgresStore {
                 ))
             })
             .collect();
-        let (attempts, next_attempt_at) = match lease_until {
-            Some(until) => (1_i32, until),
-            None => (0, now),
-        };
         let rows: Vec<_> = candidates
             .iter()
-            .map(|(_, e)| {
-                if e.dry_run {
-                    ("dry_run", 0, now, None)
-                } else {
-                    ("queued", attempts, next_attempt_at, lease_until)
-                }
+            .map(|(_, e)| match e.lease_until {
+                _ if e.dry_run => ("dry_run", 0_i32, now, None),
+                Some(until) => ("queued", 1, until, Some(until)),
+                None => ("queued", 0, now, None),
             })
             .collect();
         // Dedup keys, events and payloads in ONE statement, run on its own (no BEGIN/COMMIT
@@ -441,9 +434,10 @@ impl Store for PostgresStore {
         let sql = format!(
             "with input as (
                  select * from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                     $6::int4[], $7::int8[], $8::int8[], $9::int8[], $10::text[]) with ordinality
+                     $6::int4[], $7::int8[], $8::int8[], $9::int8[], $10::text[], $13::text[])
+                     with ordinality
                      as i(pixel_id, event_id, event_name, test_event_code, state, attempts,
-                         next_attempt_at, leased_until, deadline_at, payload, ord)
+                         next_attempt_at, leased_until, deadline_at, payload, source, ord)
              ),
              fresh as (
                  insert into {dedup} as d (pixel_id, event_name, event_id, first_seen_at)
@@ -456,9 +450,11 @@ impl Store for PostgresStore {
              ),
              stored as (
                  insert into {event} (pixel_id, event_id, event_name, test_event_code, state,
-                     attempts, next_attempt_at, leased_until, deadline_at, received_at, updated_at)
+                     attempts, next_attempt_at, leased_until, deadline_at, received_at, updated_at,
+                     source)
                  select i.pixel_id, i.event_id, i.event_name, i.test_event_code, i.state,
-                     i.attempts, i.next_attempt_at, i.leased_until, i.deadline_at, $11, $11
+                     i.attempts, i.next_attempt_at, i.leased_until, i.deadline_at, $11, $11,
+                     i.source
                  from input as i join fresh using (pixel_id, event_name, event_id)
                  order by i.ord
                  returning id, pixel_id, event_name, event_id
@@ -498,11 +494,19 @@ impl Store for PostgresStore {
             .bind(texts(|e| e.payload.as_str()))
             .bind(now)
             .bind(cutoff)
+            .bind(
+                candidates
+                    .iter()
+                    .map(|(_, e)| e.source.as_deref())
+                    .collect::<Vec<_>>(),
+            )
             .fetch_all(&mut *conn)
             .await?;
         // Events nobody has leased: tell every instance, so an idle one claims them at once.
-        if lease_until.is_none() && !stored.is_empty() && candidates.iter().any(|(_, e)| !e.dry_run)
-        {
+        let unleased = candidates
+            .iter()
+            .any(|(_, e)| !e.dry_run && e.lease_until.is_none());
+        if unleased && !stored.is_empty() {
             self.query("select pg_notify($1, '')")
                 .bind(&self.tables.queue_channel)
                 .execute(&mut *conn)
@@ -857,7 +861,7 @@ impl Store for PostgresStore {
         } = &self.tables;
         let sql = format!(
             "select id, event_id, event_name, pixel_id, state, attempts, last_error, received_at,
-                next_attempt_at, leased_until, delivered_at, delivered_fbtrace_id, test_event_code,
+                next_attempt_at, leased_until, delivered_at, delivered_fbtrace_id, test_event_code, source,
                 (select payload from {payload} as p where p.event_row_id = e.id) as payload
              from {event} as e where event_id = $1 order by id desc limit 1"
         );
@@ -915,6 +919,7 @@ impl Store for PostgresStore {
             delivered_at: row.try_get("delivered_at")?,
             delivered_fbtrace_id: row.try_get("delivered_fbtrace_id")?,
             test_event_code: row.try_get("test_event_code")?,
+            source: row.try_get("source")?,
             payload: row.try_get("payload")?,
         }
         .into_detail(attempts_log, now);
@@ -1391,7 +1396,7 @@ impl Store for PostgresStore {
         query: &EventQuery,
         now: i64,
     ) -> Result<Vec<EventSummary>, StoreError> {
-        let mut sql = QueryBuilder::new("select id, event_id, event_name, pixel_id, ");
+        let mut sql = QueryBuilder::new("select id, event_id, event_name, pixel_id, source, ");
         push_shown_state(&mut sql, now);
         sql.push(format!(
             " as shown, attempts, last_error, received_at from {} where true",
@@ -1412,6 +1417,10 @@ impl Store for PostgresStore {
         if let Some(name) = &query.event_name {
             sql.push(" and event_name = ");
             sql.push_bind(name);
+        }
+        if let Some(source) = &query.source {
+            sql.push(" and source = ");
+            sql.push_bind(source);
         }
         if let Some(from) = query.received_from {
             sql.push(" and received_at >= ");
@@ -1441,6 +1450,7 @@ impl Store for PostgresStore {
                     event_id: row.try_get("event_id")?,
                     event_name: row.try_get("event_name")?,
                     pixel_id: row.try_get("pixel_id")?,
+                    source: row.try_get("source")?,
                     state: row.try_get("shown")?,
                     attempts: i64::from(row.try_get::<i32, _>("attempts")?),
                     last_error: row.try_get("last_error")?,

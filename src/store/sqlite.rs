@@ -93,7 +93,6 @@ impl Store for SqliteStore {
         &self,
         events: &[NewEventRecord],
         now: i64,
-        lease_until: Option<i64>,
     ) -> Result<Vec<Inserted>, StoreError> {
         let mut tx = self.writer.begin().await?;
         let cutoff = now - DEDUP_WINDOW_MS;
@@ -150,21 +149,17 @@ impl Store for SqliteStore {
                 });
             }
         }
-        let (attempts, next_attempt_at) = match lease_until {
-            Some(until) => (1_i64, until),
-            None => (0, now),
-        };
         for chunk in fresh.chunks(ROWS_PER_STATEMENT) {
             let mut query = QueryBuilder::new(
                 "insert into event (id, pixel_id, event_id, event_name, test_event_code,
                     state, attempts, next_attempt_at, leased_until, deadline_at, received_at,
-                    updated_at) ",
+                    updated_at, source) ",
             );
             query.push_values(chunk, |mut row, (id, e)| {
-                let (state, attempts, next_attempt_at, leased_until) = if e.dry_run {
-                    ("dry_run", 0, now, None)
-                } else {
-                    ("queued", attempts, next_attempt_at, lease_until)
+                let (state, attempts, next_attempt_at, leased_until) = match e.lease_until {
+                    _ if e.dry_run => ("dry_run", 0, now, None),
+                    Some(until) => ("queued", 1_i64, until, Some(until)),
+                    None => ("queued", 0, now, None),
                 };
                 row.push_bind(id)
                     .push_bind(&e.pixel_id)
@@ -177,7 +172,8 @@ impl Store for SqliteStore {
                     .push_bind(leased_until)
                     .push_bind(e.deadline_at)
                     .push_bind(now)
-                    .push_bind(now);
+                    .push_bind(now)
+                    .push_bind(&e.source);
             });
             query.build().execute(&mut *tx).await?;
             let mut query = QueryBuilder::new("insert into event_payload (event_row_id, payload) ");
@@ -423,7 +419,7 @@ impl Store for SqliteStore {
     ) -> Result<Option<EventDetail>, StoreError> {
         let Some(row) = sqlx::query(
             "select id, event_id, event_name, pixel_id, state, attempts, last_error, received_at,
-                next_attempt_at, leased_until, delivered_at, delivered_fbtrace_id, test_event_code,
+                next_attempt_at, leased_until, delivered_at, delivered_fbtrace_id, test_event_code, source,
                 (select payload from event_payload where event_row_id = event.id) as payload
              from event where event_id = ?1 order by id desc limit 1",
         )
@@ -474,6 +470,7 @@ impl Store for SqliteStore {
             delivered_at: row.try_get("delivered_at")?,
             delivered_fbtrace_id: row.try_get("delivered_fbtrace_id")?,
             test_event_code: row.try_get("test_event_code")?,
+            source: row.try_get("source")?,
             payload: row.try_get("payload")?,
         }
         .into_detail(attempts_log, now);
@@ -828,7 +825,7 @@ impl Store for SqliteStore {
         query: &EventQuery,
         now: i64,
     ) -> Result<Vec<EventSummary>, StoreError> {
-        let mut sql = QueryBuilder::new("select id, event_id, event_name, pixel_id, ");
+        let mut sql = QueryBuilder::new("select id, event_id, event_name, pixel_id, source, ");
         push_shown_state(&mut sql, now);
         sql.push(" as shown, attempts, last_error, received_at from event where 1 = 1");
         if let Some(state) = &query.state {
@@ -846,6 +843,10 @@ impl Store for SqliteStore {
         if let Some(name) = &query.event_name {
             sql.push(" and event_name = ");
             sql.push_bind(name);
+        }
+        if let Some(source) = &query.source {
+            sql.push(" and source = ");
+            sql.push_bind(source);
         }
         if let Some(from) = query.received_from {
             sql.push(" and received_at >= ");
@@ -869,6 +870,7 @@ impl Store for SqliteStore {
                     event_id: row.try_get("event_id")?,
                     event_name: row.try_get("event_name")?,
                     pixel_id: row.try_get("pixel_id")?,
+                    source: row.try_get("source")?,
                     state: row.try_get("shown")?,
                     attempts: row.try_get("attempts")?,
                     last_error: row.try_get("last_error")?,

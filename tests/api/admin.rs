@@ -343,6 +343,21 @@ async fn the_pages_show_events_dead_letters_and_replay_a_group() {
         "Meta's refusal among the errors"
     );
 
+    let from_api = get(&app, "/admin/events?source=api", cookie)
+        .await
+        .text()
+        .await
+        .expect("html");
+    assert!(from_api.contains("pages-ok-1") && from_api.contains("pages-dead-2"));
+    let from_elsewhere = get(&app, "/admin/events?source=chatwoot", cookie)
+        .await
+        .text()
+        .await
+        .expect("html");
+    assert!(
+        from_elsewhere.contains("No events match"),
+        "{from_elsewhere}"
+    );
     let list = get(&app, "/admin/events?state=dead", cookie)
         .await
         .text()

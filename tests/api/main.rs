@@ -18,6 +18,7 @@ mod helpers;
 mod ingest;
 mod match_keys;
 mod n8n_example;
+mod pixels;
 mod postgres;
 mod process;
 mod sources;

@@ -25,13 +25,15 @@ fn record(event_id: &str) -> NewEventRecord {
         test_event_code: None,
         deadline_at: T0 + 7 * 24 * 3600 * 1000,
         dry_run: false,
+        source: Some("api".to_owned()),
+        lease_until: None,
     }
 }
 
 /// Inserts unleased (the polling path) and returns the outcomes.
 async fn insert(store: &dyn Store, records: &[NewEventRecord], now: i64) -> Vec<InsertOutcome> {
     store
-        .insert_events(records, now, None)
+        .insert_events(records, now)
         .await
         .expect("insert")
         .into_iter()
@@ -367,9 +369,11 @@ async fn check_dry_run_events_are_stored_but_never_claimed(store: &dyn Store) {
 async fn check_events_inserted_with_a_lease_are_claimable_only_after_it(store: &dyn Store) {
     let inserted = store
         .insert_events(
-            &[record("l1"), record("l2"), record("l1")],
+            &[record("l1"), record("l2"), record("l1")].map(|r| NewEventRecord {
+                lease_until: Some(T0 + 1000),
+                ..r
+            }),
             T0,
-            Some(T0 + 1000),
         )
         .await
         .expect("insert");
@@ -785,6 +789,7 @@ async fn check_dashboard_queries_count_list_group_and_replay(store: &dyn Store) 
     const FIVE_MIN: i64 = 5 * 60 * 1000;
     let mut purchase = record("d5");
     purchase.event_name = "Purchase".to_owned();
+    purchase.source = Some("chatwoot".to_owned());
     insert(
         store,
         &[
@@ -926,6 +931,21 @@ async fn check_dashboard_queries_count_list_group_and_replay(store: &dyn Store) 
         ..page(10)
     };
     assert_eq!(list(named).await, [("d5".to_owned(), "queued".to_owned())]);
+    let from_chatwoot = EventQuery {
+        source: Some("chatwoot".to_owned()),
+        ..page(10)
+    };
+    assert_eq!(
+        list(from_chatwoot).await,
+        [("d5".to_owned(), "queued".to_owned())]
+    );
+    let listed_source = store
+        .list_events(&page(1), now)
+        .await
+        .expect("list")
+        .remove(0)
+        .source;
+    assert_eq!(listed_source.as_deref(), Some("api"));
     let by_id = EventQuery {
         event_id: Some("d2".to_owned()),
         ..page(10)

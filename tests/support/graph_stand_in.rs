@@ -62,6 +62,8 @@ pub struct Received {
 struct Inner {
     valid_token: String,
     pixel_id: String,
+    /// Further pixels (datasets) and the token each accepts.
+    other_pixels: std::collections::BTreeMap<String, String>,
     scripted: VecDeque<Scripted>,
     poison_event_ids: Vec<String>,
     latency: Duration,
@@ -80,6 +82,22 @@ pub struct GraphStandIn {
 }
 
 type Shared = (Arc<Mutex<Inner>>, Arc<Notify>);
+
+impl Inner {
+    /// The token `pixel` accepts, if the pixel exists.
+    fn token_for(&self, pixel: &str) -> Option<&str> {
+        if pixel == self.pixel_id {
+            Some(&self.valid_token)
+        } else {
+            self.other_pixels.get(pixel).map(String::as_str)
+        }
+    }
+
+    /// Meta checks the token first: an unknown pixel with a valid token is "does not exist".
+    fn token_valid(&self, pixel: &str, presented: Option<&str>) -> bool {
+        presented.is_some() && presented == Some(self.token_for(pixel).unwrap_or(&self.valid_token))
+    }
+}
 
 impl GraphStandIn {
     /// Starts a stand-in that accepts `token` for `pixel_id`.
@@ -125,6 +143,14 @@ impl GraphStandIn {
     /// Meta accepts every event id again (the user fixed the cause).
     pub fn clear_poison(&self) {
         self.lock().poison_event_ids.clear();
+    }
+
+    /// Also accepts events for `pixel_id` with `token` (another dataset, maybe another
+    /// business's token), or changes the token an added pixel accepts.
+    pub fn add_pixel(&self, pixel_id: &str, token: &str) {
+        self.lock()
+            .other_pixels
+            .insert(pixel_id.to_owned(), token.to_owned());
     }
 
     /// Changes the token the stand-in accepts (a user fixing their credentials).
@@ -338,7 +364,7 @@ async fn events(
                 }
             };
             (response, Vec::new())
-        } else if parsed["access_token"].as_str() != Some(state.valid_token.as_str()) {
+        } else if !state.token_valid(&pixel, parsed["access_token"].as_str()) {
             (
                 graph_error(
                     400,
@@ -349,7 +375,7 @@ async fn events(
                 ),
                 Vec::new(),
             )
-        } else if pixel != state.pixel_id {
+        } else if state.token_for(&pixel).is_none() {
             (
                 graph_error(
                     400,
@@ -407,11 +433,14 @@ async fn pixel(
     headers: HeaderMap,
 ) -> Response {
     let state = inner.lock().unwrap_or_else(|e| e.into_inner());
-    let expected = format!("Bearer {}", state.valid_token);
-    if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(expected.as_str()) {
+    let presented = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if !state.token_valid(&pixel, presented) {
         return graph_error(400, 190, None, "", "Invalid OAuth access token.");
     }
-    if pixel != state.pixel_id {
+    if state.token_for(&pixel).is_none() {
         return graph_error(400, 100, Some(33), "", "Object does not exist.");
     }
     Json(json!({ "id": pixel, "name": "Stand-in pixel" })).into_response()
