@@ -566,3 +566,52 @@ async fn a_hash_from_the_cli_logs_in_and_the_plain_password_is_not_needed() {
     );
     log_in(&app).await;
 }
+
+#[tokio::test]
+async fn a_failed_event_waiting_for_its_retry_is_sent_at_once_from_its_page() {
+    // Retries an hour apart: only the button can make it go sooner.
+    let app = admin_app(&[
+        ("DELIVERY_RETRY_BASE_MS", "3600000"),
+        ("DELIVERY_RETRY_MAX_MS", "3600000"),
+    ])
+    .await;
+    app.graph.script([crate::graph_stand_in::Scripted::Raw(
+        503,
+        "upstream unavailable".to_owned(),
+    )]);
+    app.post_events(&lead("failed-1")).await;
+    let failed = app.wait_for_state("failed-1", "failed").await;
+    assert!(failed
+        .next_attempt_at
+        .is_some_and(|at| at > capi_bridge::delivery::now_ms() + 60_000));
+    let login = log_in(&app).await;
+    let page = get(&app, "/admin/events/failed-1", Some(&login.cookie))
+        .await
+        .text()
+        .await
+        .expect("html");
+    assert!(page.contains("Retry now"), "{page}");
+    let response = post_form(
+        &app,
+        "/admin/events/failed-1/retry",
+        Some(&login.cookie),
+        &[("csrf", &login.csrf)],
+    )
+    .await;
+    assert_eq!(
+        response.headers()[LOCATION],
+        "/admin/events/failed-1?retried=1"
+    );
+    app.wait_for_state("failed-1", "delivered").await;
+    let page = get(
+        &app,
+        "/admin/events/failed-1?retried=1",
+        Some(&login.cookie),
+    )
+    .await
+    .text()
+    .await
+    .expect("html");
+    assert!(page.contains("Queued again"), "{page}");
+    assert!(page.contains("503"), "the failed attempt is listed: {page}");
+}
