@@ -241,9 +241,16 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     if config.has_weak_secret() {
         tracing::warn!("a WEBHOOK_SECRET is shorter than 16 characters; use a long random one (e.g. openssl rand -hex 24)");
     }
+    if crate::tls::needs_proxy_in_front(config.listen_addr, config.tls.as_ref()) {
+        tracing::warn!(
+            listen_addr = %config.listen_addr,
+            "listening beyond loopback without TLS: HTTPS must then be terminated by a proxy in front (or set TLS_CERT_FILE and TLS_KEY_FILE)"
+        );
+    }
     let app = App::build(config.clone()).await?;
     tracing::info!(
         listen_addr = %app.local_addr()?,
+        https = config.tls.is_some(),
         pixel_id = config.pixel_id(),
         api_version = %config.api_version,
         "capi-bridge listening"

@@ -47,6 +47,8 @@ pub struct Config {
     pub retention: Retention,
     /// Days the match-key memory keeps a person's match keys (0: off).
     pub match_key_memory_days: u64,
+    /// Certificate and key files for native HTTPS; `None` serves plain HTTP.
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 /// Credentials for one pixel (dataset).
@@ -127,6 +129,7 @@ impl std::fmt::Debug for Config {
             .field("webhook_secrets", &self.webhook_secrets.len())
             .field("supabase", &self.supabase)
             .field("delivery", &self.delivery)
+            .field("tls", &self.tls)
             .finish_non_exhaustive()
     }
 }
@@ -170,6 +173,8 @@ struct FileConfig {
     retention_delivered_days: Option<u64>,
     retention_dead_days: Option<u64>,
     match_key_memory_days: Option<u64>,
+    tls_cert_file: Option<String>,
+    tls_key_file: Option<String>,
     #[serde(default)]
     meta: FileMeta,
     #[serde(default)]
@@ -599,6 +604,15 @@ pub fn load(env: &Env, config_path: Option<&Path>) -> Result<Config, Vec<String>
         .or(file.match_key_memory_days)
         .unwrap_or(90);
 
+    let tls = crate::tls::TlsFiles::from_settings(
+        env.get("TLS_CERT_FILE").or(file.tls_cert_file),
+        env.get("TLS_KEY_FILE").or(file.tls_key_file),
+    )
+    .unwrap_or_else(|problem| {
+        problems.push(problem);
+        None
+    });
+
     if webhook_secrets.is_empty() && !listen_addr.ip().is_loopback() {
         problems.push(format!(
             "refusing to listen on {listen_addr} without authentication: set WEBHOOK_SECRET (a long random string; several may be separated by commas), or LISTEN_ADDR=127.0.0.1:{} for local use",
@@ -631,6 +645,7 @@ pub fn load(env: &Env, config_path: Option<&Path>) -> Result<Config, Vec<String>
         sources,
         sites,
         match_key_memory_days,
+        tls,
     })
 }
 
@@ -680,19 +695,24 @@ fn check_graph_url(raw: &str) -> Result<(), String> {
     match url.scheme() {
         "https" => Ok(()),
         "http" => {
-            let loopback = match url.host() {
-                Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-                Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-                Some(url::Host::Domain(d)) => d == "localhost",
-                None => false,
-            };
-            if loopback {
+            if is_loopback_url(&url) {
                 Ok(())
             } else {
                 Err("META_GRAPH_URL must use https (plain http is allowed only for a loopback test stand-in)".to_owned())
             }
         }
         other => Err(format!("META_GRAPH_URL must use https, got {other}")),
+    }
+}
+
+/// True when `url` names this machine (127.0.0.0/8, ::1 or localhost): the only place plain
+/// http may go, because nothing then travels over a network.
+pub fn is_loopback_url(url: &url::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(domain)) => domain.eq_ignore_ascii_case("localhost"),
+        None => false,
     }
 }
 

@@ -15,3 +15,4 @@ pub mod sites;
 pub mod sources;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
