@@ -305,6 +305,23 @@ async fn check(config: Config) -> anyhow::Result<ExitCode> {
     if config.supabase.is_some() {
         println!("  supabase lookups: configured");
     }
+    match &config.tls {
+        Some(files) => match crate::tls::Tls::load(files.clone()) {
+            Ok(_) => println!(
+                "  https: {} with {} (reloaded on SIGHUP and when the files change)",
+                files.cert.display(),
+                files.key.display()
+            ),
+            Err(err) => {
+                println!("https: FAILED: {err}");
+                return Ok(ExitCode::FAILURE);
+            }
+        },
+        None if crate::tls::needs_proxy_in_front(config.listen_addr, None) => {
+            println!("  https: not here; a proxy in front must terminate TLS");
+        }
+        None => {}
+    }
     match store::open(&config.database_url, &config.database_schema).await {
         Ok(_) => println!("storage: ok"),
         Err(err) => {

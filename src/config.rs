@@ -973,6 +973,70 @@ mod tests {
     }
 
     #[test]
+    fn plain_http_to_the_graph_api_is_only_for_a_loopback_stand_in() {
+        for url in [
+            "https://graph.facebook.com",
+            "http://127.0.0.1:9000",
+            "http://127.1.2.3:9000",
+            "http://localhost:9000",
+            "http://LOCALHOST:9000",
+            "http://[::1]:9000",
+        ] {
+            let config = load_pairs(&[("META_GRAPH_URL", url)]);
+            assert!(config.is_ok(), "{url}: {:?}", config.err());
+        }
+        for url in [
+            "http://graph.facebook.com",
+            "http://10.0.0.5:8080",
+            "http://localhost.example.com",
+            "http://127.0.0.1.example.com",
+            "ftp://graph.facebook.com",
+        ] {
+            let problems = load_pairs(&[("META_GRAPH_URL", url)]).expect_err(url);
+            assert!(
+                problems[0].starts_with("META_GRAPH_URL must use https"),
+                "{url}: {problems:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn https_needs_both_files_from_the_environment_or_the_toml_file() {
+        assert!(load_pairs(&[]).expect("valid").tls.is_none());
+        let config =
+            load_pairs(&[("TLS_CERT_FILE", "c.pem"), ("TLS_KEY_FILE", "k.pem")]).expect("valid");
+        let files = config.tls.expect("https");
+        assert_eq!(
+            (files.cert.to_str(), files.key.to_str()),
+            (Some("c.pem"), Some("k.pem"))
+        );
+        let problems = load_pairs(&[("TLS_KEY_FILE", "k.pem")]).expect_err("one of two");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].contains("TLS_CERT_FILE") && problems[0].contains("TLS_KEY_FILE"),
+            "{problems:?}"
+        );
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("capi-bridge.toml");
+        std::fs::write(
+            &path,
+            "tls_cert_file = \"/le/fullchain.pem\"\ntls_key_file = \"/le/privkey.pem\"\n",
+        )
+        .expect("write");
+        let files = load(&Env::default(), Some(&path))
+            .expect("valid")
+            .tls
+            .expect("https");
+        assert_eq!(files.cert.to_str(), Some("/le/fullchain.pem"));
+        // The environment wins, file by file.
+        let env = Env::from_pairs([("TLS_KEY_FILE", "/other/privkey.pem")]);
+        let files = load(&env, Some(&path)).expect("valid").tls.expect("https");
+        assert_eq!(files.key.to_str(), Some("/other/privkey.pem"));
+        assert_eq!(files.cert.to_str(), Some("/le/fullchain.pem"));
+    }
+
+    #[test]
     fn every_key_documented_in_the_example_file_is_real() {
         let example = include_str!("../capi-bridge.example.toml");
         // Uncomment every `# key = value` line: deny_unknown_fields rejects a misspelt key.

@@ -39,7 +39,10 @@ impl TlsFiles {
     ///
     /// # Errors
     /// One of the two without the other, as a configuration problem naming both.
-    pub fn from_settings(cert: Option<String>, key: Option<String>) -> Result<Option<Self>, String> {
+    pub fn from_settings(
+        cert: Option<String>,
+        key: Option<String>,
+    ) -> Result<Option<Self>, String> {
         match (cert, key) {
             (Some(cert), Some(key)) => Ok(Some(Self {
                 cert: cert.into(),
@@ -407,9 +410,16 @@ mod tests {
         );
 
         std::fs::write(&cert_path, "not a certificate\n").expect("write");
-        std::fs::write(&key_path, "-----BEGIN PRIVATE KEY-----\nc2VjcmV0IQ@@\n-----END PRIVATE KEY-----\n").expect("write");
+        std::fs::write(
+            &key_path,
+            "-----BEGIN PRIVATE KEY-----\nc2VjcmV0IQ@@\n-----END PRIVATE KEY-----\n",
+        )
+        .expect("write");
         let no_cert = Tls::load(files.clone()).err().expect("no certificate");
-        assert!(matches!(no_cert, TlsError::NoCertificate { .. }), "{no_cert}");
+        assert!(
+            matches!(no_cert, TlsError::NoCertificate { .. }),
+            "{no_cert}"
+        );
 
         std::fs::write(
             &cert_path,
@@ -421,5 +431,26 @@ mod tests {
         let shown = bad_key.to_string();
         assert!(shown.contains("TLS_KEY_FILE"), "{shown}");
         assert!(!shown.contains("c2VjcmV0"), "{shown}");
+
+        // Two valid halves of different pairs.
+        let one = self_signed("one");
+        let other = self_signed("other");
+        std::fs::write(&cert_path, one.0).expect("write");
+        std::fs::write(&key_path, &other.1).expect("write");
+        let mismatch = Tls::load(files.clone()).err().expect("mismatch");
+        assert!(matches!(mismatch, TlsError::KeyMismatch), "{mismatch}");
+        std::fs::write(&key_path, one.1).expect("write");
+        let tls = Tls::load(files.clone()).expect("a matching pair");
+        assert_eq!(tls.files(), &files);
+    }
+
+    /// (certificate PEM, key PEM)
+    fn self_signed(name: &str) -> (String, String) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec![name.to_owned()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("certificate");
+        (cert.pem(), key.serialize_pem())
     }
 }

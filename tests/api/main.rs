@@ -21,3 +21,4 @@ mod process;
 mod sources;
 mod store_contract;
 mod supabase_lookup;
+mod tls;
