@@ -505,3 +505,92 @@ async fn configuration_errors_name_what_to_fix() {
     assert_eq!(code, Some(0), "{text}");
     assert!(text.contains("https: "), "{text}");
 }
+
+#[tokio::test]
+async fn shutdown_over_https_finishes_the_request_in_flight_and_then_stops() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let files = Files::new(dir.path());
+    let cert = certificate("capi-bridge drain", 41);
+    files.install(&cert);
+    let [cert_var, key_var] = files.env();
+    let app = spawn_app_with(&[(cert_var.0, &cert_var.1), (key_var.0, &key_var.1)]).await;
+    let authority = app
+        .address
+        .strip_prefix("https://")
+        .expect("https")
+        .to_owned();
+
+    // A raw TLS connection, so the request can be left half-sent.
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(cert.der.clone()))
+        .expect("trust the certificate");
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("protocol versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(&authority)
+        .await
+        .expect("connect");
+    let server_name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("server name");
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(server_name, tcp)
+        .await
+        .expect("TLS handshake");
+
+    // Headers only; `Expect: 100-continue` tells when the handler has started reading.
+    let body = lead("drain-1").to_string();
+    let head = format!(
+        "POST /v1/events HTTP/1.1\r\nhost: {authority}\r\nauthorization: Bearer {SECRET}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\nexpect: 100-continue\r\n\r\n",
+        body.len()
+    );
+    tls.write_all(head.as_bytes()).await.expect("send headers");
+    let mut answer = vec![0_u8; 1024];
+    let read = tokio::time::timeout(WAIT, tls.read(&mut answer))
+        .await
+        .expect("100 Continue in time")
+        .expect("read");
+    let interim = String::from_utf8_lossy(&answer[..read]).into_owned();
+    assert!(interim.starts_with("HTTP/1.1 100 Continue"), "{interim}");
+
+    // Stop while the request is in flight; it is still answered.
+    let address = app.address.clone();
+    let store = app.store.clone();
+    let stopping = tokio::spawn(app.stop());
+    tls.write_all(body.as_bytes()).await.expect("send the body");
+    let mut response = Vec::new();
+    tokio::time::timeout(WAIT, tls.read_to_end(&mut response))
+        .await
+        .expect("the response in time")
+        .expect("read the response");
+    let response = String::from_utf8_lossy(&response).into_owned();
+    assert!(response.starts_with("HTTP/1.1 202"), "{response}");
+    assert!(
+        response
+            .to_ascii_lowercase()
+            .contains("strict-transport-security: max-age=31536000"),
+        "{response}"
+    );
+    // (The database lives in the returned directory: kept until the end.)
+    let (_graph, _dir, ..) = tokio::time::timeout(WAIT, stopping)
+        .await
+        .expect("the service stops after the request")
+        .expect("stop task");
+    // Stopped: nothing listens any more, and the answered event was kept.
+    let refused = client(&[&cert])
+        .get(format!("{address}/healthz"))
+        .send()
+        .await;
+    assert!(refused.is_err(), "still answering after the stop");
+    let kept = store
+        .find_event("drain-1", capi_bridge::delivery::now_ms())
+        .await
+        .expect("read the store");
+    assert!(kept.is_some(), "the answered event was not stored");
+}
