@@ -254,9 +254,11 @@ impl Trigger {
     }
 }
 
+/// The certificate file's and the key file's bytes.
+type Contents = (Vec<u8>, Vec<u8>);
+
 /// Both files' contents, and a fingerprint of them (or of why they cannot be read).
-#[allow(clippy::type_complexity)]
-fn read_files(files: &TlsFiles) -> (Fingerprint, Result<(Vec<u8>, Vec<u8>), TlsError>) {
+fn read_files(files: &TlsFiles) -> (Fingerprint, Result<Contents, TlsError>) {
     let read = read_file(&files.cert, "TLS_CERT_FILE")
         .and_then(|cert| Ok((cert, read_file(&files.key, "TLS_KEY_FILE")?)));
     let mut hash = Sha256::new();
