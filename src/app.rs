@@ -32,6 +32,8 @@ pub struct App {
     delivery_wakes: Wakes,
     poll_interval: std::time::Duration,
     memory: Option<MatchKeyMemory>,
+    /// Native HTTPS when a certificate is configured.
+    tls: Option<crate::tls::Tls>,
     /// The store, for tests and tools.
     pub store: Arc<dyn Store>,
 }
@@ -42,6 +44,13 @@ impl App {
     /// # Errors
     /// Storage that cannot be opened, an address that cannot be bound, a TLS setup failure.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
+        // Before anything is opened: a certificate that cannot be served is a start failure.
+        let tls = config
+            .tls
+            .clone()
+            .map(crate::tls::Tls::load)
+            .transpose()
+            .context("cannot serve HTTPS")?;
         let store = store::open(&config.database_url, &config.database_schema)
             .await
             .with_context(|| {
@@ -117,6 +126,7 @@ impl App {
             delivery_wakes,
             poll_interval,
             memory,
+            tls,
             store,
         })
     }
@@ -177,14 +187,23 @@ impl App {
             self.poll_interval,
             shutdown.clone(),
         ));
-        let server_shutdown = shutdown.clone();
-        let server = axum::serve(
-            self.listener,
-            self.router
-                .into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move { server_shutdown.cancelled().await });
-        let served = server.await.context("the HTTP server failed");
+        let served = match self.tls {
+            Some(tls) => tls
+                .serve(self.listener, self.router, shutdown.clone())
+                .await
+                .context("the HTTPS server failed"),
+            None => {
+                let server_shutdown = shutdown.clone();
+                axum::serve(
+                    self.listener,
+                    self.router
+                        .into_make_service_with_connect_info::<SocketAddr>(),
+                )
+                .with_graceful_shutdown(async move { server_shutdown.cancelled().await })
+                .await
+                .context("the HTTP server failed")
+            }
+        };
         // Whatever stopped the server also stops delivery; in-flight batches finish first.
         shutdown.cancel();
         if let Some(workers) = workers {

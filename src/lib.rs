@@ -16,3 +16,4 @@ pub mod sites;
 pub mod sources;
 pub mod store;
 pub mod telemetry;
+pub mod tls;

@@ -138,7 +138,12 @@ async fn start(
 ) -> TestApp {
     let config = config::load(&Env::from_pairs(env.clone()), None).expect("test config is valid");
     let app = App::build(config).await.expect("app builds");
-    let address = format!("http://{}", app.local_addr().expect("addr"));
+    let scheme = if env.iter().any(|(k, _)| k == "TLS_CERT_FILE") {
+        "https"
+    } else {
+        "http"
+    };
+    let address = format!("{scheme}://{}", app.local_addr().expect("addr"));
     let store = app.store.clone();
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(app.run_until_stopped(shutdown.clone()));

@@ -22,3 +22,4 @@ mod process;
 mod sources;
 mod store_contract;
 mod supabase_lookup;
+mod tls;
