@@ -32,6 +32,7 @@ pub struct App {
     delivery_wake: Arc<Notify>,
     poll_interval: std::time::Duration,
     memory: Option<MatchKeyMemory>,
+    quality: crate::quality::QualityCounters,
     /// The store, for tests and tools.
     pub store: Arc<dyn Store>,
 }
@@ -53,6 +54,7 @@ impl App {
         let listener = TcpListener::bind(config.listen_addr)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen_addr))?;
+        crate::metrics::install();
         let wake = Arc::new(Notify::new());
         let delivery = match &config.meta {
             Some(meta) => {
@@ -73,6 +75,7 @@ impl App {
             delivery.as_ref().map(Delivery::handoff),
         );
         let memory = MatchKeyMemory::start(store.clone(), config.match_key_memory_days);
+        let quality = crate::quality::QualityCounters::new(store.clone());
         let ingestor = Ingestor::new(
             config.ingest.clone(),
             config.pixel_id().to_owned(),
@@ -80,7 +83,8 @@ impl App {
             commit,
             wake.clone(),
         )
-        .with_memory(memory.clone());
+        .with_memory(memory.clone())
+        .with_quality(Some(quality.clone()));
         let workers_alive = Arc::new(AtomicBool::new(false));
         let lookups =
             crate::sources::lookups_from(&config).context("cannot build the Supabase client")?;
@@ -102,6 +106,7 @@ impl App {
             counters: counters.clone(),
             collect_limits,
             inbox_wake: inbox_wake.clone(),
+            meta_quality: crate::quality::MetaQuality::new(),
         };
         Ok(Self {
             listener,
@@ -116,6 +121,7 @@ impl App {
             delivery_wake,
             poll_interval,
             memory,
+            quality,
             store,
         })
     }
@@ -156,6 +162,11 @@ impl App {
             let (counters, shutdown) = (self.counters.clone(), shutdown.clone());
             tokio::spawn(async move { counters.run(shutdown).await })
         };
+        let quality_counting = {
+            let (quality, shutdown) = (self.quality.clone(), shutdown.clone());
+            tokio::spawn(async move { quality.run(shutdown).await })
+        };
+        let metrics_upkeep = tokio::spawn(crate::metrics::run_upkeep(shutdown.clone()));
         let inbox = tokio::spawn(crate::inbox::run(
             self.store.clone(),
             self.ingestor,
@@ -189,6 +200,10 @@ impl App {
         let _ = maintenance.await;
         let _ = inbox.await;
         let _ = counting.await;
+        let _ = quality_counting.await;
+        // What requests drained after the counting task stopped counted.
+        self.quality.flush().await;
+        let _ = metrics_upkeep.await;
         let _ = notices.await;
         if let (Some(memory), Some(writer)) = (self.memory, memory_writer) {
             let _ = writer.await;

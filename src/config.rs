@@ -47,6 +47,8 @@ pub struct Config {
     pub retention: Retention,
     /// Days the match-key memory keeps a person's match keys (0: off).
     pub match_key_memory_days: u64,
+    /// Bearer token `GET /metrics` requires (`METRICS_TOKEN`); `None` leaves it open.
+    pub metrics_token: Option<String>,
 }
 
 /// Credentials for one pixel (dataset).
@@ -125,6 +127,7 @@ impl std::fmt::Debug for Config {
             .field("api_version", &self.api_version)
             .field("graph_url", &self.graph_url)
             .field("webhook_secrets", &self.webhook_secrets.len())
+            .field("metrics_token", &self.metrics_token.is_some())
             .field("supabase", &self.supabase)
             .field("delivery", &self.delivery)
             .finish_non_exhaustive()
@@ -631,6 +634,7 @@ pub fn load(env: &Env, config_path: Option<&Path>) -> Result<Config, Vec<String>
         sources,
         sites,
         match_key_memory_days,
+        metrics_token: env.get("METRICS_TOKEN"),
     })
 }
 

@@ -187,7 +187,9 @@ async fn ingest_events(ingestor: &Ingestor, items: Vec<InboxItem>, done: &mut Fi
         let ingestor = ingestor.clone();
         tasks.spawn(async move {
             let body = with_stable_event_ids(item.payload, &format!("inbox-{}", item.id));
+            let labels = crate::metrics::event_labels(&body);
             let result = ingestor.ingest(body, now_ms() / 1000).await;
+            crate::metrics::ingested(ingestor.pixel_id(), "sql", &labels, &result);
             (item.id, result.map(|_| ()))
         });
     }
@@ -207,7 +209,8 @@ async fn map_source_payloads(
     items: Vec<InboxItem>,
     done: &mut Finished,
 ) {
-    let mut batch: Vec<InboxItem> = Vec::new();
+    // Each payload with how many events it gave, to count them under its source.
+    let mut batch: Vec<(InboxItem, usize)> = Vec::new();
     let mut events: Option<Prepared> = None;
     for item in items {
         let received_at = now_ms() / 1000;
@@ -229,9 +232,12 @@ async fn map_source_payloads(
                 continue;
             }
             Mapped::Events { events, .. } => {
-                match ingestor.prepare(serde_json::Value::Array(events), received_at) {
+                let body = serde_json::Value::Array(events);
+                let labels = crate::metrics::event_labels(&body);
+                match ingestor.prepare(body, received_at) {
                     Ok(prepared) => prepared,
                     Err(err) => {
+                        crate::metrics::refused(ingestor.pixel_id(), &item.source, &labels, &err);
                         done.count(&item.source, "parked");
                         done.record(item.id, Err(err));
                         continue;
@@ -245,11 +251,12 @@ async fn map_source_payloads(
         if full {
             store_together(ingestor, std::mem::take(&mut batch), events.take(), done).await;
         }
+        let n_events = prepared.len();
         match &mut events {
             Some(events) => events.append(prepared),
             None => events = Some(prepared),
         }
-        batch.push(item);
+        batch.push((item, n_events));
     }
     store_together(ingestor, batch, events, done).await;
 }
@@ -257,7 +264,7 @@ async fn map_source_payloads(
 /// Stores the prepared events of several payloads in one request.
 async fn store_together(
     ingestor: &Ingestor,
-    batch: Vec<InboxItem>,
+    batch: Vec<(InboxItem, usize)>,
     events: Option<Prepared>,
     done: &mut Finished,
 ) {
@@ -265,8 +272,14 @@ async fn store_together(
         return;
     };
     match ingestor.store(events, now_ms() / 1000).await {
-        Ok(_) => {
-            for item in batch {
+        Ok(report) => {
+            let mut receipts = report.events.iter();
+            for (item, n_events) in batch {
+                crate::metrics::stored(
+                    ingestor.pixel_id(),
+                    &item.source,
+                    receipts.by_ref().take(n_events),
+                );
                 done.count(&item.source, "mapped");
                 done.stored.push(item.id);
             }

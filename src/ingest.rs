@@ -70,6 +70,7 @@ pub struct Ingestor {
     commit: GroupCommit,
     wake: Arc<Notify>,
     memory: Option<MatchKeyMemory>,
+    quality: Option<crate::quality::QualityCounters>,
 }
 
 impl Ingestor {
@@ -88,12 +89,24 @@ impl Ingestor {
             commit,
             wake,
             memory: None,
+            quality: None,
         }
     }
 
     /// Fills events from (and remembers them in) the match-key memory; `None` leaves it off.
     pub fn with_memory(mut self, memory: Option<MatchKeyMemory>) -> Self {
         self.memory = memory;
+        self
+    }
+
+    /// The pixel events are stored under.
+    pub fn pixel_id(&self) -> &str {
+        &self.pixel_id
+    }
+
+    /// Counts what the stored events carry (match quality); `None` leaves it off.
+    pub fn with_quality(mut self, quality: Option<crate::quality::QualityCounters>) -> Self {
+        self.quality = quality;
         self
     }
 
@@ -138,7 +151,6 @@ impl Ingestor {
             }
             None => Recall::default(),
         };
-        let mut filled = recall.filled.into_iter();
 
         let records: Vec<NewEventRecord> = normalized
             .iter()
@@ -153,6 +165,18 @@ impl Ingestor {
             })
             .collect();
         let outcomes = self.commit.insert(records).await?;
+        if let Some(quality) = &self.quality {
+            let now_ms = now_secs.saturating_mul(1000);
+            quality.record(
+                &self.pixel_id,
+                now_ms,
+                &normalized,
+                &recall.filled,
+                &warnings,
+                &outcomes,
+            );
+        }
+        let mut filled = recall.filled.into_iter();
         if let Some(memory) = &self.memory {
             memory.remember(recall.remember);
         }

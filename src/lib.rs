@@ -11,6 +11,8 @@ pub mod domain;
 pub mod inbox;
 pub mod ingest;
 pub mod memory;
+pub mod metrics;
+pub mod quality;
 pub mod sites;
 pub mod sources;
 pub mod store;

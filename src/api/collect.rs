@@ -176,15 +176,15 @@ pub(super) async fn collect(
                         .collect(),
                 )
             })?;
-    app.ingestor
-        .ingest(event, now_ms() / 1000)
-        .await
-        .map_err(|err| match err {
-            IngestError::BadRequest(message) => ApiError::BadRequest(message),
-            IngestError::TooMany(message) => ApiError::PayloadTooLarge(message),
-            IngestError::Invalid(problems) => ApiError::Invalid(problems),
-            IngestError::Store(err) => ApiError::from(err),
-        })?;
+    let labels = crate::metrics::event_labels(&event);
+    let result = app.ingestor.ingest(event, now_ms() / 1000).await;
+    crate::metrics::ingested(app.config.pixel_id(), "collect", &labels, &result);
+    result.map_err(|err| match err {
+        IngestError::BadRequest(message) => ApiError::BadRequest(message),
+        IngestError::TooMany(message) => ApiError::PayloadTooLarge(message),
+        IngestError::Invalid(problems) => ApiError::Invalid(problems),
+        IngestError::Store(err) => ApiError::from(err),
+    })?;
     let mut response = StatusCode::NO_CONTENT.into_response();
     cors(response.headers_mut(), origin, site);
     Ok(response)

@@ -23,7 +23,7 @@ use crate::store::{
     AttemptRecord, ClaimedEvent, EventUpdate, Handoff, Settlement, Store, StoreError,
 };
 use classify::{backoff_ms, GraphError, Verdict};
-pub use client::GraphClient;
+pub use client::{GraphClient, MetaEventQuality};
 
 /// Unix milliseconds now.
 pub fn now_ms() -> i64 {
@@ -127,6 +127,11 @@ impl Delivery {
             accepting: self.accepting.clone(),
             lease: self.config.lease,
         }
+    }
+
+    /// The Graph client of this pixel (for reads such as the Dataset Quality API).
+    pub fn graph_client(&self) -> &GraphClient {
+        &self.client
     }
 
     /// The pixel's current state.
@@ -336,6 +341,7 @@ impl Delivery {
             self.deliver_group(events, test_code.as_deref(), &mut updates)
                 .await;
         }
+        crate::metrics::settled(self.client.pixel_id(), &updates);
         self.store.settle(&updates, now_ms()).await?;
         Ok(Progress::Worked(n_events))
     }
@@ -373,6 +379,12 @@ impl Delivery {
                     test_code,
                 )
                 .await;
+            crate::metrics::graph_request(
+                self.client.pixel_id(),
+                chunk.len(),
+                started.elapsed(),
+                &verdict,
+            );
             let now = now_ms();
             let pixel_id = self.client.pixel_id();
             match verdict {
