@@ -182,9 +182,17 @@ pub struct MetaEventQuality {
     pub event_name: String,
     /// EMQ, 0 to 10.
     pub composite_score: Option<f64>,
-    /// Per identifier (`email`, `phone`, `external_id`, `ip_address`, …) the share of events
-    /// carrying it, in percent, as Meta saw them.
-    pub match_key_coverage: Vec<(String, f64)>,
+    /// Per identifier, the share of events carrying it as Meta saw them.
+    pub match_key_coverage: Vec<KeyCoverage>,
+}
+
+/// How many events carried one identifier, as Meta saw them.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct KeyCoverage {
+    /// `email`, `phone`, `external_id`, `ip_address`, `user_agent`, `fbc`, …
+    pub identifier: String,
+    /// Percent of events, 0 to 100.
+    pub percentage: f64,
 }
 
 impl MetaEventQuality {
@@ -214,7 +222,10 @@ impl MetaEventQuality {
                     .filter_map(|key| {
                         let identifier = key.get("identifier")?.as_str()?.to_owned();
                         let percentage = key.get("coverage")?.get("percentage")?.as_f64()?;
-                        Some((identifier, percentage))
+                        Some(KeyCoverage {
+                            identifier,
+                            percentage,
+                        })
                     })
                     .collect();
                 Some(Self {

@@ -23,7 +23,7 @@ use crate::store::{
     AttemptRecord, ClaimedEvent, EventUpdate, Handoff, Settlement, Store, StoreError,
 };
 use classify::{backoff_ms, GraphError, Verdict};
-pub use client::{GraphClient, MetaEventQuality};
+pub use client::{GraphClient, KeyCoverage, MetaEventQuality};
 
 /// Unix milliseconds now.
 pub fn now_ms() -> i64 {
