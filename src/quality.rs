@@ -359,7 +359,7 @@ pub async fn report(
             events: total.events,
         })
         .collect();
-    events.sort_by(|a, b| b.events.cmp(&a.events));
+    events.sort_by_key(|e| std::cmp::Reverse(e.events));
     let mut dropped_totals: BTreeMap<(String, String, String, String), i64> = BTreeMap::new();
     for drop in drops {
         *dropped_totals
@@ -378,7 +378,7 @@ pub async fn report(
             },
         )
         .collect();
-    dropped.sort_by(|a, b| b.count.cmp(&a.count));
+    dropped.sort_by_key(|d| std::cmp::Reverse(d.count));
     let mut meta_pixels = Vec::with_capacity(clients.len());
     for client in clients {
         meta_pixels.push(meta.for_pixel(client).await);

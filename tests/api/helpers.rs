@@ -76,8 +76,8 @@ pub async fn spawn_app_for_pixel(pixel: &str, overrides: &[(&str, &str)]) -> Tes
     let graph = GraphStandIn::start(TOKEN, pixel).await;
     let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
     let mut env = test_env(&graph, &dir);
-    let overrides = [("META_PIXEL_ID", pixel)].iter().chain(overrides);
-    for (key, value) in overrides {
+    let pixel = [("META_PIXEL_ID", pixel)];
+    for (key, value) in pixel.iter().chain(overrides) {
         env.retain(|(k, _)| k != key);
         if !value.is_empty() {
             env.push(((*key).to_owned(), (*value).to_owned()));

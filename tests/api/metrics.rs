@@ -66,7 +66,9 @@ fn histogram(scrape: &Scrape, metric: &str, labels: &[(&str, &str)]) -> Vec<(f64
         .iter()
         .find(|s| matches(s, metric, labels))
         .map(|s| match &s.value {
-            PromValue::Histogram(buckets) => buckets.iter().map(|b| (b.less_than, b.count)).collect(),
+            PromValue::Histogram(buckets) => {
+                buckets.iter().map(|b| (b.less_than, b.count)).collect()
+            }
             other => panic!("{metric} is not a histogram: {other:?}"),
         })
         .unwrap_or_default()
@@ -166,14 +168,21 @@ async fn the_scrape_counts_events_deliveries_meta_errors_and_the_queue() {
     // One duration and one size per Graph request; the sizes add up to every event sent,
     // more than once for events in a split batch.
     let requests = app.graph.request_count() as f64;
-    let sizes = histogram(&scrape, "capi_bridge_delivery_batch_size", &[("pixel_id", p)]);
+    let sizes = histogram(
+        &scrape,
+        "capi_bridge_delivery_batch_size",
+        &[("pixel_id", p)],
+    );
     let size_count = value(
         &scrape,
         "capi_bridge_delivery_batch_size_count",
         &[("pixel_id", p)],
     );
     assert_eq!(size_count, Some(requests), "{text}");
-    assert_eq!(sizes.last().map(|(le, n)| (le.is_infinite(), *n)), Some((true, requests)));
+    assert_eq!(
+        sizes.last().map(|(le, n)| (le.is_infinite(), *n)),
+        Some((true, requests))
+    );
     let sent: f64 = app
         .graph
         .requests()
@@ -181,7 +190,11 @@ async fn the_scrape_counts_events_deliveries_meta_errors_and_the_queue() {
         .map(|r| r.body["data"].as_array().map_or(0, Vec::len) as f64)
         .sum();
     assert_eq!(
-        value(&scrape, "capi_bridge_delivery_batch_size_sum", &[("pixel_id", p)]),
+        value(
+            &scrape,
+            "capi_bridge_delivery_batch_size_sum",
+            &[("pixel_id", p)]
+        ),
         Some(sent)
     );
     assert_eq!(
@@ -209,7 +222,13 @@ async fn the_scrape_counts_events_deliveries_meta_errors_and_the_queue() {
         Some(0.0)
     );
     assert_eq!(value(&scrape, "capi_bridge_dead_events", &[]), Some(1.0));
-    let state = |s: &str| value(&scrape, "capi_bridge_pixel_state", &[("pixel_id", p), ("state", s)]);
+    let state = |s: &str| {
+        value(
+            &scrape,
+            "capi_bridge_pixel_state",
+            &[("pixel_id", p), ("state", s)],
+        )
+    };
     assert_eq!(state("running"), Some(1.0));
     assert_eq!(state("paused"), Some(0.0));
 }
@@ -238,17 +257,27 @@ async fn a_paused_pixel_and_its_waiting_events_show_in_the_gauges() {
     };
     let p = pixel.as_str();
     assert_eq!(
-        value(&scrape, "capi_bridge_pixel_state", &[("pixel_id", p), ("state", "running")]),
+        value(
+            &scrape,
+            "capi_bridge_pixel_state",
+            &[("pixel_id", p), ("state", "running")]
+        ),
         Some(0.0)
     );
-    assert!(
-        value(&scrape, "capi_bridge_meta_errors_total", &[("pixel_id", p), ("code", "190")])
-            .is_some_and(|n| n >= 1.0)
-    );
+    assert!(value(
+        &scrape,
+        "capi_bridge_meta_errors_total",
+        &[("pixel_id", p), ("code", "190")]
+    )
+    .is_some_and(|n| n >= 1.0));
     assert_eq!(value(&scrape, "capi_bridge_queue_depth", &[]), Some(1.0));
     assert!(value(&scrape, "capi_bridge_queue_oldest_age_seconds", &[]).is_some_and(|s| s >= 0.0));
     assert_eq!(
-        value(&scrape, "capi_bridge_delivery_events_total", &[("pixel_id", p), ("outcome", "delivered")]),
+        value(
+            &scrape,
+            "capi_bridge_delivery_events_total",
+            &[("pixel_id", p), ("outcome", "delivered")]
+        ),
         None
     );
 }
@@ -274,8 +303,11 @@ async fn metrics_token_is_required_when_set() {
 #[tokio::test]
 async fn every_metric_the_grafana_dashboard_queries_is_in_a_scrape() {
     let dashboard: Value = serde_json::from_str(
-        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/ops/grafana/capi-bridge.json"))
-            .expect("ops/grafana/capi-bridge.json"),
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/ops/grafana/capi-bridge.json"
+        ))
+        .expect("ops/grafana/capi-bridge.json"),
     )
     .expect("the dashboard is JSON");
     let mut queried = BTreeSet::new();
@@ -287,7 +319,10 @@ async fn every_metric_the_grafana_dashboard_queries_is_in_a_scrape() {
     let (text, scrape) = parsed(&app).await;
     let scraped = names(&scrape);
     let missing: Vec<&String> = queried.difference(&scraped).collect();
-    assert!(missing.is_empty(), "queried but not scraped: {missing:?}\n{text}");
+    assert!(
+        missing.is_empty(),
+        "queried but not scraped: {missing:?}\n{text}"
+    );
     // And every metric the service documents is on the dashboard.
     for name in capi_bridge::metrics::ALL {
         assert!(queried.contains(name), "{name} is not on the dashboard");

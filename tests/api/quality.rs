@@ -112,7 +112,15 @@ async fn send_events(app: &TestApp) -> Value {
         .iter()
         .filter_map(Value::as_str)
         .collect();
-    for field in ["fbc", "fbp", "ph", "fn", "ln", "external_id", "client_ip_address"] {
+    for field in [
+        "fbc",
+        "fbp",
+        "ph",
+        "fn",
+        "ln",
+        "external_id",
+        "client_ip_address",
+    ] {
         assert!(filled.contains(&field), "{field} not filled: {bought:#}");
     }
     receipt
@@ -132,13 +140,29 @@ async fn the_report_counts_match_keys_fills_and_drops_and_shows_meta_emq() {
     assert_eq!(lead["pixel_id"], PIXEL);
     assert_eq!(key(lead, "em"), (2, 1.0, 0));
     assert_eq!(key(lead, "ph"), (1, 0.5, 0));
-    for k in ["fn_ln", "external_id", "fbc", "fbp", "ip", "user_agent", "lead_id"] {
+    for k in [
+        "fn_ln",
+        "external_id",
+        "fbc",
+        "fbp",
+        "ip",
+        "user_agent",
+        "lead_id",
+    ] {
         assert_eq!(key(lead, k), (1, 0.5, 0), "{k}");
     }
     let purchase = event(&report, "Purchase");
     assert_eq!(purchase["events"], 1);
     assert_eq!(key(purchase, "em"), (1, 1.0, 0));
-    for k in ["ph", "fn_ln", "external_id", "fbc", "fbp", "ip", "user_agent"] {
+    for k in [
+        "ph",
+        "fn_ln",
+        "external_id",
+        "fbc",
+        "fbp",
+        "ip",
+        "user_agent",
+    ] {
         assert_eq!(key(purchase, k), (1, 1.0, 1), "{k}");
     }
     // A lead id finds the person but is never filled in (Meta would refuse it).

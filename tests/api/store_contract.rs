@@ -7,8 +7,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use capi_bridge::store::{
-    self, AttemptRecord, DropCount, EventUpdate, InsertOutcome, MatchKeyRow, NewEventRecord, QualityCount,
-    ReplayFilter, Retention, Settlement, SourceCount, SourcePayload, Store, DEDUP_WINDOW_MS,
+    self, AttemptRecord, DropCount, EventUpdate, InsertOutcome, MatchKeyRow, NewEventRecord,
+    QualityCount, ReplayFilter, Retention, Settlement, SourceCount, SourcePayload, Store,
+    DEDUP_WINDOW_MS,
 };
 use sqlx::{Connection, Executor, PgConnection};
 
@@ -805,7 +806,10 @@ async fn check_match_quality_counts_add_up_per_day_pixel_and_name(store: &dyn St
     let day = T0 / (24 * 3600 * 1000);
     store
         .count_match_quality(
-            &[quality(day - 1, "Lead", 5, 5, 0), quality(day, "Lead", 2, 1, 1)],
+            &[
+                quality(day - 1, "Lead", 5, 5, 0),
+                quality(day, "Lead", 2, 1, 1),
+            ],
             &[dropped(day, "ph", 1)],
         )
         .await
@@ -813,7 +817,10 @@ async fn check_match_quality_counts_add_up_per_day_pixel_and_name(store: &dyn St
     // Later increments add to the same rows; every column is its own counter.
     store
         .count_match_quality(
-            &[quality(day, "Lead", 3, 3, 2), quality(day, "Purchase", 1, 0, 0)],
+            &[
+                quality(day, "Lead", 3, 3, 2),
+                quality(day, "Purchase", 1, 0, 0),
+            ],
             &[dropped(day, "ph", 2), dropped(day, "em", 1)],
         )
         .await
@@ -826,7 +833,10 @@ async fn check_match_quality_counts_add_up_per_day_pixel_and_name(store: &dyn St
     let (counts, drops) = store.match_quality(day).await.expect("read");
     assert_eq!(
         counts,
-        [quality(day, "Lead", 5, 4, 3), quality(day, "Purchase", 1, 0, 0)]
+        [
+            quality(day, "Lead", 5, 4, 3),
+            quality(day, "Purchase", 1, 0, 0)
+        ]
     );
     assert_eq!(drops, [dropped(day, "em", 1), dropped(day, "ph", 3)]);
     let (counts, _) = store.match_quality(day - 1).await.expect("read");

@@ -469,66 +469,65 @@ async fn dataset_quality(
             .map(|(_, v)| v.as_str())
     };
     let expected = format!("Bearer {}", state.valid_token);
-    let response = if headers.get("authorization").and_then(|v| v.to_str().ok())
-        != Some(expected.as_str())
-    {
-        graph_error(400, 190, None, "", "Invalid OAuth access token.")
-    } else if state.dataset_quality_denied {
-        graph_error(
-            400,
-            10,
-            None,
-            "",
-            "(#10) Application does not have permission for this action",
-        )
-    } else if param("dataset_id") != Some(state.pixel_id.as_str())
-        || !param("fields").is_some_and(|f| f.contains("event_match_quality"))
-    {
-        graph_error(400, 100, None, "", "Invalid parameter")
-    } else {
-        let mut names: Vec<String> = state
-            .accepted
-            .iter()
-            .filter_map(|e| e["event_name"].as_str().map(str::to_owned))
-            .collect();
-        names.sort();
-        names.dedup();
-        let web: Vec<Value> = names
-            .iter()
-            .map(|name| {
-                let events: Vec<&Value> = state
-                    .accepted
-                    .iter()
-                    .filter(|e| e["event_name"] == name.as_str())
-                    .collect();
-                let feedback: Vec<(&str, f64)> = DATASET_QUALITY_KEYS
-                    .iter()
-                    .map(|(identifier, key)| {
-                        let with = events
-                            .iter()
-                            .filter(|e| !e["user_data"][*key].is_null())
-                            .count();
-                        (*identifier, 100.0 * with as f64 / events.len() as f64)
+    let response =
+        if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(expected.as_str()) {
+            graph_error(400, 190, None, "", "Invalid OAuth access token.")
+        } else if state.dataset_quality_denied {
+            graph_error(
+                400,
+                10,
+                None,
+                "",
+                "(#10) Application does not have permission for this action",
+            )
+        } else if param("dataset_id") != Some(state.pixel_id.as_str())
+            || !param("fields").is_some_and(|f| f.contains("event_match_quality"))
+        {
+            graph_error(400, 100, None, "", "Invalid parameter")
+        } else {
+            let mut names: Vec<String> = state
+                .accepted
+                .iter()
+                .filter_map(|e| e["event_name"].as_str().map(str::to_owned))
+                .collect();
+            names.sort();
+            names.dedup();
+            let web: Vec<Value> = names
+                .iter()
+                .map(|name| {
+                    let events: Vec<&Value> = state
+                        .accepted
+                        .iter()
+                        .filter(|e| e["event_name"] == name.as_str())
+                        .collect();
+                    let feedback: Vec<(&str, f64)> = DATASET_QUALITY_KEYS
+                        .iter()
+                        .map(|(identifier, key)| {
+                            let with = events
+                                .iter()
+                                .filter(|e| !e["user_data"][*key].is_null())
+                                .count();
+                            (*identifier, 100.0 * with as f64 / events.len() as f64)
+                        })
+                        .collect();
+                    let mean = feedback.iter().map(|(_, p)| p).sum::<f64>() / feedback.len() as f64;
+                    json!({
+                        "event_name": name,
+                        "event_match_quality": {
+                            "composite_score": mean.round() / 10.0,
+                            "match_key_feedback": feedback
+                                .iter()
+                                .map(|(identifier, percentage)| json!({
+                                    "identifier": identifier,
+                                    "coverage": {"percentage": percentage}
+                                }))
+                                .collect::<Vec<_>>(),
+                        }
                     })
-                    .collect();
-                let mean = feedback.iter().map(|(_, p)| p).sum::<f64>() / feedback.len() as f64;
-                json!({
-                    "event_name": name,
-                    "event_match_quality": {
-                        "composite_score": mean.round() / 10.0,
-                        "match_key_feedback": feedback
-                            .iter()
-                            .map(|(identifier, percentage)| json!({
-                                "identifier": identifier,
-                                "coverage": {"percentage": percentage}
-                            }))
-                            .collect::<Vec<_>>(),
-                    }
                 })
-            })
-            .collect();
-        Json(json!({ "web": web })).into_response()
-    };
+                .collect();
+            Json(json!({ "web": web })).into_response()
+        };
     let status = response.status().as_u16();
     state.dataset_quality_requests.push(Received {
         path: uri.path().to_owned(),
