@@ -185,15 +185,18 @@ fn count_event(pixel_id: &str, source: &str, event_name: &'static str, outcome: 
     counter!(EVENTS, "pixel_id" => pixel_id.to_owned(), "source" => source.to_owned(), "event_name" => event_name, "outcome" => outcome).increment(1);
 }
 
-/// Times ingest routes: records how long each request took to its 202 or 204.
+/// Times ingest: how long each POST took to its 202 or 204 (`/v1/events`, `/v1/collect`,
+/// `/v1/sources/…`), by route template. Layered on every route; others answer neither.
 pub async fn time_ingest(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     let started = Instant::now();
+    // POSTs only: a CORS preflight's 204 is no ingest.
     let route = request
         .extensions()
         .get::<axum::extract::MatchedPath>()
+        .filter(|_| request.method() == axum::http::Method::POST)
         .map(|p| p.as_str().to_owned());
     let response = next.run(request).await;
     let status = response.status().as_u16();
