@@ -176,15 +176,18 @@ pub(super) async fn collect(
                         .collect(),
                 )
             })?;
-    let labels = crate::metrics::event_labels(&event);
-    let result = app.ingestor.ingest(event, now_ms() / 1000).await;
-    crate::metrics::ingested(app.config.pixel_id(), "collect", &labels, &result);
-    result.map_err(|err| match err {
-        IngestError::BadRequest(message) => ApiError::BadRequest(message),
-        IngestError::TooMany(message) => ApiError::PayloadTooLarge(message),
-        IngestError::Invalid(problems) => ApiError::Invalid(problems),
-        IngestError::Store(err) => ApiError::from(err),
-    })?;
+    let (pixel_id, labels) = (app.config.pixel_id(), crate::metrics::event_labels(&event));
+    app.ingestor
+        .ingest(event, now_ms() / 1000)
+        .await
+        .inspect(|report| crate::metrics::stored(pixel_id, "collect", &report.events))
+        .inspect_err(|err| crate::metrics::refused(pixel_id, "collect", &labels, err))
+        .map_err(|err| match err {
+            IngestError::BadRequest(message) => ApiError::BadRequest(message),
+            IngestError::TooMany(message) => ApiError::PayloadTooLarge(message),
+            IngestError::Invalid(problems) => ApiError::Invalid(problems),
+            IngestError::Store(err) => ApiError::from(err),
+        })?;
     let mut response = StatusCode::NO_CONTENT.into_response();
     cors(response.headers_mut(), origin, site);
     Ok(response)

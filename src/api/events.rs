@@ -41,15 +41,22 @@ pub(super) async fn ingest(
         None => value,
     };
     let now_secs = now_ms() / 1000;
-    let labels = crate::metrics::event_labels(&value);
-    let result = state.ingestor.ingest(value, now_secs).await;
-    crate::metrics::ingested(state.config.pixel_id(), "api", &labels, &result);
-    let report = result.map_err(|err| match err {
-        IngestError::BadRequest(message) => ApiError::BadRequest(message),
-        IngestError::TooMany(message) => ApiError::PayloadTooLarge(message),
-        IngestError::Invalid(problems) => ApiError::Invalid(problems),
-        IngestError::Store(err) => ApiError::from(err),
-    })?;
+    let (pixel_id, labels) = (
+        state.config.pixel_id(),
+        crate::metrics::event_labels(&value),
+    );
+    let report = state
+        .ingestor
+        .ingest(value, now_secs)
+        .await
+        .inspect(|report| crate::metrics::stored(pixel_id, "api", &report.events))
+        .inspect_err(|err| crate::metrics::refused(pixel_id, "api", &labels, err))
+        .map_err(|err| match err {
+            IngestError::BadRequest(message) => ApiError::BadRequest(message),
+            IngestError::TooMany(message) => ApiError::PayloadTooLarge(message),
+            IngestError::Invalid(problems) => ApiError::Invalid(problems),
+            IngestError::Store(err) => ApiError::from(err),
+        })?;
     // Per-request logging is debug: at thousands of requests a second it would cost more than
     // the work itself.
     tracing::debug!(
