@@ -197,7 +197,8 @@ pub async fn time_ingest(
         .extensions()
         .get::<axum::extract::MatchedPath>()
         .filter(|_| request.method() == axum::http::Method::POST)
-        .map(|p| p.as_str().to_owned());
+        // `/v1/sources/:name`: braces in label values trip up simple exposition parsers.
+        .map(|p| p.as_str().replace('{', ":").replace('}', ""));
     let response = next.run(request).await;
     let status = response.status().as_u16();
     if let (Some(route), 202 | 204) = (route, status) {

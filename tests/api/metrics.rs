@@ -357,3 +357,86 @@ fn collect_queried_metrics(value: &Value, out: &mut BTreeSet<String>) {
         _ => {}
     }
 }
+
+#[tokio::test]
+async fn events_from_a_webhook_source_are_counted_under_its_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(
+        &rules,
+        r#"
+[[rules]]
+name = "lead-created"
+source = "supabase"
+when = 'type == "INSERT" && table == "leads"'
+event = "Lead"
+[rules.fields]
+event_id = '"lead-" + string(record.id)'
+email = "record.email"
+"#,
+    )
+    .expect("write rules");
+    let pixel = unique_pixel();
+    let app = spawn_app_for_pixel(&pixel, &[("RULES_FILE", rules.to_str().expect("path"))]).await;
+    let insert = |id: i64, email: &str| {
+        json!({"type": "INSERT", "table": "leads", "schema": "public",
+               "record": {"id": id, "email": email}, "old_record": null})
+    };
+    // Two leads, the first again (a duplicate event), and one whose only customer
+    // information is no email address (Meta's rules refuse it: rejected, parked).
+    for payload in [
+        insert(1, "one@example.com"),
+        insert(2, "two@example.com"),
+        insert(1, "one@example.com"),
+        insert(3, "not an email"),
+    ] {
+        let response = app
+            .http
+            .post(format!("{}/v1/sources/supabase", app.address))
+            .bearer_auth(SECRET)
+            .json(&payload)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status(), 202);
+    }
+    let p = pixel.as_str();
+    let count = |scrape: &Scrape, outcome: &str| {
+        value(
+            scrape,
+            "capi_bridge_events_total",
+            &[
+                ("pixel_id", p),
+                ("source", "supabase"),
+                ("event_name", "Lead"),
+                ("outcome", outcome),
+            ],
+        )
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let scrape = loop {
+        let (_, scrape) = parsed(&app).await;
+        let seen: f64 = ["accepted", "duplicate", "rejected"]
+            .iter()
+            .filter_map(|o| count(&scrape, o))
+            .sum();
+        if seen >= 4.0 {
+            break scrape;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {seen} counted"
+        );
+        // The inbox worker maps payloads after the 202: poll for the condition.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(count(&scrape, "accepted"), Some(2.0));
+    assert_eq!(count(&scrape, "duplicate"), Some(1.0));
+    assert_eq!(count(&scrape, "rejected"), Some(1.0));
+    let route = value(
+        &scrape,
+        "capi_bridge_ingest_duration_seconds_count",
+        &[("route", "/v1/sources/:name")],
+    );
+    assert!(route.is_some_and(|n| n >= 4.0), "{route:?}");
+}
