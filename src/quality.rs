@@ -5,7 +5,8 @@
 //! reads them back for `GET /v1/quality` and the dashboard, with Meta's own Event Match
 //! Quality beside ours when the token may read it ([`MetaQuality`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::hash_map::Entry;
+use std::collections::{btree_map, BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::error::EventProblem;
 use crate::delivery::{GraphClient, MetaEventQuality};
-use crate::domain::quality::{self, MatchKey};
+use crate::domain::quality::{self, MatchKey, MatchKeys};
 use crate::domain::{NormalizedEvent, Warning};
 use crate::store::{DropCount, InsertOutcome, QualityCount, Store, StoreError};
 
@@ -75,24 +76,44 @@ impl QualityCounters {
                 .get(i)
                 .is_some_and(|o| *o != InsertOutcome::Duplicate)
         };
+        // Worked out before taking the lock that concurrent requests share.
+        let keys: Vec<(&str, MatchKeys, MatchKeys)> = events
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| stored(*i))
+            .map(|(i, event)| {
+                let carries = quality::carried(&event.payload);
+                let fields = filled.get(i).map(Vec::as_slice).unwrap_or_default();
+                (
+                    event.event_name.as_str(),
+                    carries,
+                    quality::filled(fields, carries),
+                )
+            })
+            .collect();
+        let dropped: Vec<(&str, quality::Dropped)> = warnings
+            .iter()
+            .filter(|w| stored(w.event_index))
+            .filter_map(|w| {
+                let event = events.get(w.event_index)?;
+                let warning = Warning {
+                    field: w.field.clone(),
+                    reason: w.reason.clone(),
+                };
+                Some((event.event_name.as_str(), quality::dropped(&warning)))
+            })
+            .collect();
         let mut pending = self.lock();
-        for (i, event) in events.iter().enumerate().filter(|(i, _)| stored(*i)) {
-            let carries = quality::carried(&event.payload);
-            let from_memory = quality::filled(
-                filled.get(i).map(Vec::as_slice).unwrap_or_default(),
-                carries,
-            );
-            let key = (day, pixel_id.to_owned(), event.event_name.clone());
-            let count =
-                pending
-                    .counts
-                    .entry(key)
-                    .or_insert_with_key(|(day, pixel_id, event_name)| QualityCount {
-                        day: *day,
-                        pixel_id: pixel_id.clone(),
-                        event_name: event_name.clone(),
-                        ..QualityCount::default()
-                    });
+        for (event_name, carries, from_memory) in keys {
+            let count = pending
+                .counts
+                .entry((day, pixel_id.to_owned(), event_name.to_owned()))
+                .or_insert_with(|| QualityCount {
+                    day,
+                    pixel_id: pixel_id.to_owned(),
+                    event_name: event_name.to_owned(),
+                    ..QualityCount::default()
+                });
             count.events += 1;
             for key in carries.iter() {
                 count.carried[key.index()] += 1;
@@ -101,18 +122,11 @@ impl QualityCounters {
                 count.filled[key.index()] += 1;
             }
         }
-        for warning in warnings.iter().filter(|w| stored(w.event_index)) {
-            let Some(event) = events.get(warning.event_index) else {
-                continue;
-            };
-            let dropped = quality::dropped(&Warning {
-                field: warning.field.clone(),
-                reason: warning.reason.clone(),
-            });
+        for (event_name, dropped) in dropped {
             let key = (
                 day,
                 pixel_id.to_owned(),
-                event.event_name.clone(),
+                event_name.to_owned(),
                 dropped.field,
                 dropped.reason,
             );
@@ -145,7 +159,12 @@ impl QualityCounters {
             tracing::warn!(error = %err, "could not write match-quality counters; retrying");
             let mut pending = self.lock();
             for (key, count) in taken.counts {
-                add(pending.counts.entry(key).or_default(), &count);
+                match pending.counts.entry(key) {
+                    Entry::Occupied(mut kept) => add(kept.get_mut(), &count),
+                    Entry::Vacant(slot) => {
+                        slot.insert(count);
+                    }
+                }
             }
             for (key, n) in taken.drops {
                 *pending.drops.entry(key).or_default() += n;
@@ -166,13 +185,8 @@ impl QualityCounters {
     }
 }
 
-/// Adds `more`'s counts to `total` (whose key fields are set when it is new).
+/// Adds `more`'s counts to `total`.
 fn add(total: &mut QualityCount, more: &QualityCount) {
-    if total.events == 0 && total.event_name.is_empty() {
-        total.day = more.day;
-        total.pixel_id.clone_from(&more.pixel_id);
-        total.event_name.clone_from(&more.event_name);
-    }
     total.events += more.events;
     for i in 0..total.carried.len() {
         total.carried[i] += more.carried[i];
@@ -330,10 +344,12 @@ pub async fn report(
     let (counts, drops) = store.match_quality(since_day).await?;
     let mut totals: BTreeMap<(String, String), QualityCount> = BTreeMap::new();
     for count in counts {
-        let total = totals
-            .entry((count.pixel_id.clone(), count.event_name.clone()))
-            .or_default();
-        add(total, &count);
+        match totals.entry((count.pixel_id.clone(), count.event_name.clone())) {
+            btree_map::Entry::Occupied(mut total) => add(total.get_mut(), &count),
+            btree_map::Entry::Vacant(slot) => {
+                slot.insert(count);
+            }
+        }
     }
     let mut events: Vec<EventQuality> = totals
         .into_iter()
