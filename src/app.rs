@@ -34,6 +34,7 @@ pub struct App {
     memory: Option<MatchKeyMemory>,
     /// Native HTTPS when a certificate is configured.
     tls: Option<crate::tls::Tls>,
+    quality: crate::quality::QualityCounters,
     /// The store, for tests and tools.
     pub store: Arc<dyn Store>,
 }
@@ -62,6 +63,7 @@ impl App {
         let listener = TcpListener::bind(config.listen_addr)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen_addr))?;
+        crate::metrics::install();
         // One delivery per pixel, each with its own workers, wake-up and handoff: a paused
         // pixel never holds up the others.
         let mut delivery = Vec::new();
@@ -84,13 +86,15 @@ impl App {
             .collect();
         let commit = GroupCommit::start(store.clone(), now_ms, handoffs);
         let memory = MatchKeyMemory::start(store.clone(), config.match_key_memory_days);
+        let quality = crate::quality::QualityCounters::new(store.clone());
         let ingestor = Ingestor::new(
             config.ingest.clone(),
             config.pixels.clone(),
             commit,
             wakes.clone(),
         )
-        .with_memory(memory.clone());
+        .with_memory(memory.clone())
+        .with_quality(Some(quality.clone()));
         let workers_alive = Arc::new(AtomicBool::new(false));
         let lookups =
             crate::sources::lookups_from(&config).context("cannot build the Supabase client")?;
@@ -112,6 +116,7 @@ impl App {
             counters: counters.clone(),
             collect_limits,
             inbox_wake: inbox_wake.clone(),
+            meta_quality: crate::quality::MetaQuality::new(),
         };
         Ok(Self {
             listener,
@@ -127,6 +132,7 @@ impl App {
             poll_interval,
             memory,
             tls,
+            quality,
             store,
         })
     }
@@ -172,6 +178,11 @@ impl App {
             let (counters, shutdown) = (self.counters.clone(), shutdown.clone());
             tokio::spawn(async move { counters.run(shutdown).await })
         };
+        let quality_counting = {
+            let (quality, shutdown) = (self.quality.clone(), shutdown.clone());
+            tokio::spawn(async move { quality.run(shutdown).await })
+        };
+        let metrics_upkeep = tokio::spawn(crate::metrics::run_upkeep(shutdown.clone()));
         let inbox = tokio::spawn(crate::inbox::run(
             self.store.clone(),
             self.ingestor,
@@ -214,6 +225,10 @@ impl App {
         let _ = maintenance.await;
         let _ = inbox.await;
         let _ = counting.await;
+        let _ = quality_counting.await;
+        // What requests drained after the counting task stopped counted.
+        self.quality.flush().await;
+        let _ = metrics_upkeep.await;
         let _ = notices.await;
         if let (Some(memory), Some(writer)) = (self.memory, memory_writer) {
             let _ = writer.await;

@@ -49,6 +49,8 @@ pub struct Config {
     pub match_key_memory_days: u64,
     /// Certificate and key files for native HTTPS; `None` serves plain HTTP.
     pub tls: Option<crate::tls::TlsFiles>,
+    /// Bearer token `GET /metrics` requires (`METRICS_TOKEN`); `None` leaves it open.
+    pub metrics_token: Option<String>,
 }
 
 /// Credentials for one pixel (dataset).
@@ -131,6 +133,7 @@ impl std::fmt::Debug for Config {
             .field("api_version", &self.api_version)
             .field("graph_url", &self.graph_url)
             .field("webhook_secrets", &self.webhook_secrets.len())
+            .field("metrics_token", &self.metrics_token.is_some())
             .field("supabase", &self.supabase)
             .field("delivery", &self.delivery)
             .field("tls", &self.tls)
@@ -652,6 +655,7 @@ pub fn load(env: &Env, config_path: Option<&Path>) -> Result<Config, Vec<String>
         sites,
         match_key_memory_days,
         tls,
+        metrics_token: env.get("METRICS_TOKEN"),
     })
 }
 

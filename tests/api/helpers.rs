@@ -70,6 +70,22 @@ pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
     start(graph, dir, env).await
 }
 
+/// Like [`spawn_app_with`] for another pixel, with a stand-in that knows only that one: for
+/// tests that read process-wide metrics by their own pixel's labels.
+pub async fn spawn_app_for_pixel(pixel: &str, overrides: &[(&str, &str)]) -> TestApp {
+    let graph = GraphStandIn::start(TOKEN, pixel).await;
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    let mut env = test_env(&graph, &dir);
+    let pixel = [("META_PIXEL_ID", pixel)];
+    for (key, value) in pixel.iter().chain(overrides) {
+        env.retain(|(k, _)| k != key);
+        if !value.is_empty() {
+            env.push(((*key).to_owned(), (*value).to_owned()));
+        }
+    }
+    start(graph, dir, env).await
+}
+
 /// The service on the local Postgres, in a schema of its own that is dropped afterwards.
 pub async fn spawn_app_on_postgres() -> TestApp {
     spawn_app_in_schema(&new_postgres_schema(), &[]).await
