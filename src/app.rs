@@ -32,6 +32,9 @@ pub struct App {
     delivery_wakes: Wakes,
     poll_interval: std::time::Duration,
     memory: Option<MatchKeyMemory>,
+    /// Native HTTPS when a certificate is configured.
+    tls: Option<crate::tls::Tls>,
+    quality: crate::quality::QualityCounters,
     /// The store, for tests and tools.
     pub store: Arc<dyn Store>,
 }
@@ -42,6 +45,13 @@ impl App {
     /// # Errors
     /// Storage that cannot be opened, an address that cannot be bound, a TLS setup failure.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
+        // Before anything is opened: a certificate that cannot be served is a start failure.
+        let tls = config
+            .tls
+            .clone()
+            .map(crate::tls::Tls::load)
+            .transpose()
+            .context("cannot serve HTTPS")?;
         let store = store::open(&config.database_url, &config.database_schema)
             .await
             .with_context(|| {
@@ -53,6 +63,7 @@ impl App {
         let listener = TcpListener::bind(config.listen_addr)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen_addr))?;
+        crate::metrics::install();
         // One delivery per pixel, each with its own workers, wake-up and handoff: a paused
         // pixel never holds up the others.
         let mut delivery = Vec::new();
@@ -75,13 +86,15 @@ impl App {
             .collect();
         let commit = GroupCommit::start(store.clone(), now_ms, handoffs);
         let memory = MatchKeyMemory::start(store.clone(), config.match_key_memory_days);
+        let quality = crate::quality::QualityCounters::new(store.clone());
         let ingestor = Ingestor::new(
             config.ingest.clone(),
             config.pixels.clone(),
             commit,
             wakes.clone(),
         )
-        .with_memory(memory.clone());
+        .with_memory(memory.clone())
+        .with_quality(Some(quality.clone()));
         let workers_alive = Arc::new(AtomicBool::new(false));
         let lookups =
             crate::sources::lookups_from(&config).context("cannot build the Supabase client")?;
@@ -103,6 +116,7 @@ impl App {
             counters: counters.clone(),
             collect_limits,
             inbox_wake: inbox_wake.clone(),
+            meta_quality: crate::quality::MetaQuality::new(),
         };
         Ok(Self {
             listener,
@@ -117,6 +131,8 @@ impl App {
             delivery_wakes,
             poll_interval,
             memory,
+            tls,
+            quality,
             store,
         })
     }
@@ -162,6 +178,11 @@ impl App {
             let (counters, shutdown) = (self.counters.clone(), shutdown.clone());
             tokio::spawn(async move { counters.run(shutdown).await })
         };
+        let quality_counting = {
+            let (quality, shutdown) = (self.quality.clone(), shutdown.clone());
+            tokio::spawn(async move { quality.run(shutdown).await })
+        };
+        let metrics_upkeep = tokio::spawn(crate::metrics::run_upkeep(shutdown.clone()));
         let inbox = tokio::spawn(crate::inbox::run(
             self.store.clone(),
             self.ingestor,
@@ -177,14 +198,23 @@ impl App {
             self.poll_interval,
             shutdown.clone(),
         ));
-        let server_shutdown = shutdown.clone();
-        let server = axum::serve(
-            self.listener,
-            self.router
-                .into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move { server_shutdown.cancelled().await });
-        let served = server.await.context("the HTTP server failed");
+        let served = match self.tls {
+            Some(tls) => tls
+                .serve(self.listener, self.router, shutdown.clone())
+                .await
+                .context("the HTTPS server failed"),
+            None => {
+                let server_shutdown = shutdown.clone();
+                axum::serve(
+                    self.listener,
+                    self.router
+                        .into_make_service_with_connect_info::<SocketAddr>(),
+                )
+                .with_graceful_shutdown(async move { server_shutdown.cancelled().await })
+                .await
+                .context("the HTTP server failed")
+            }
+        };
         // Whatever stopped the server also stops delivery; in-flight batches finish first.
         shutdown.cancel();
         if let Some(workers) = workers {
@@ -195,6 +225,10 @@ impl App {
         let _ = maintenance.await;
         let _ = inbox.await;
         let _ = counting.await;
+        let _ = quality_counting.await;
+        // What requests drained after the counting task stopped counted.
+        self.quality.flush().await;
+        let _ = metrics_upkeep.await;
         let _ = notices.await;
         if let (Some(memory), Some(writer)) = (self.memory, memory_writer) {
             let _ = writer.await;

@@ -287,6 +287,12 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     if config.has_weak_secret() {
         tracing::warn!("a WEBHOOK_SECRET is shorter than 16 characters; use a long random one (e.g. openssl rand -hex 24)");
     }
+    if crate::tls::needs_proxy_in_front(config.listen_addr, config.tls.as_ref()) {
+        tracing::warn!(
+            listen_addr = %config.listen_addr,
+            "listening beyond loopback without TLS: HTTPS must then be terminated by a proxy in front (or set TLS_CERT_FILE and TLS_KEY_FILE)"
+        );
+    }
     let app = App::build(config.clone()).await?;
     let pixels: Vec<String> = config
         .pixels
@@ -295,6 +301,7 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         .collect();
     tracing::info!(
         listen_addr = %app.local_addr()?,
+        https = config.tls.is_some(),
         pixels = %pixels.join(", "),
         default_pixel = config.pixels.default_pixel().map(|p| p.name.as_str()),
         "capi-bridge listening"
@@ -348,6 +355,23 @@ async fn check(config: Config) -> anyhow::Result<ExitCode> {
     }
     if config.supabase.is_some() {
         println!("  supabase lookups: configured");
+    }
+    match &config.tls {
+        Some(files) => match crate::tls::Tls::load(files.clone()) {
+            Ok(_) => println!(
+                "  https: {} with {} (reloaded on SIGHUP and when the files change)",
+                files.cert.display(),
+                files.key.display()
+            ),
+            Err(err) => {
+                println!("https: FAILED: {err}");
+                return Ok(ExitCode::FAILURE);
+            }
+        },
+        None if crate::tls::needs_proxy_in_front(config.listen_addr, None) => {
+            println!("  https: not here; a proxy in front must terminate TLS");
+        }
+        None => {}
     }
     match store::open(&config.database_url, &config.database_schema).await {
         Ok(_) => println!("storage: ok"),

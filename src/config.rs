@@ -49,6 +49,10 @@ pub struct Config {
     pub match_key_memory_days: u64,
     /// The operator dashboard at `/admin`; `None` when no admin password is set.
     pub admin: Option<crate::admin::AdminSettings>,
+    /// Certificate and key files for native HTTPS; `None` serves plain HTTP.
+    pub tls: Option<crate::tls::TlsFiles>,
+    /// Bearer token `GET /metrics` requires (`METRICS_TOKEN`); `None` leaves it open.
+    pub metrics_token: Option<String>,
 }
 
 /// Credentials for one pixel (dataset).
@@ -131,8 +135,10 @@ impl std::fmt::Debug for Config {
             .field("api_version", &self.api_version)
             .field("graph_url", &self.graph_url)
             .field("webhook_secrets", &self.webhook_secrets.len())
+            .field("metrics_token", &self.metrics_token.is_some())
             .field("supabase", &self.supabase)
             .field("delivery", &self.delivery)
+            .field("tls", &self.tls)
             .finish_non_exhaustive()
     }
 }
@@ -171,6 +177,8 @@ struct FileConfig {
     retention_delivered_days: Option<u64>,
     retention_dead_days: Option<u64>,
     match_key_memory_days: Option<u64>,
+    tls_cert_file: Option<String>,
+    tls_key_file: Option<String>,
     #[serde(default)]
     meta: FileMeta,
     /// Several pixels by name.
@@ -585,6 +593,14 @@ pub fn load(env: &Env, config_path: Option<&Path>) -> Result<Config, Vec<String>
         .unwrap_or(90);
 
     let admin = crate::admin::settings::load(env, &mut problems);
+    let tls = crate::tls::TlsFiles::from_settings(
+        env.get("TLS_CERT_FILE").or(file.tls_cert_file),
+        env.get("TLS_KEY_FILE").or(file.tls_key_file),
+    )
+    .unwrap_or_else(|problem| {
+        problems.push(problem);
+        None
+    });
 
     if webhook_secrets.is_empty() && !listen_addr.ip().is_loopback() {
         problems.push(format!(
@@ -642,6 +658,8 @@ pub fn load(env: &Env, config_path: Option<&Path>) -> Result<Config, Vec<String>
         sites,
         match_key_memory_days,
         admin,
+        tls,
+        metrics_token: env.get("METRICS_TOKEN"),
     })
 }
 
@@ -691,19 +709,24 @@ fn check_graph_url(raw: &str) -> Result<(), String> {
     match url.scheme() {
         "https" => Ok(()),
         "http" => {
-            let loopback = match url.host() {
-                Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-                Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-                Some(url::Host::Domain(d)) => d == "localhost",
-                None => false,
-            };
-            if loopback {
+            if is_loopback_url(&url) {
                 Ok(())
             } else {
                 Err("META_GRAPH_URL must use https (plain http is allowed only for a loopback test stand-in)".to_owned())
             }
         }
         other => Err(format!("META_GRAPH_URL must use https, got {other}")),
+    }
+}
+
+/// True when `url` names this machine (127.0.0.0/8, ::1 or localhost): the only place plain
+/// http may go, because nothing then travels over a network.
+pub fn is_loopback_url(url: &url::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(domain)) => domain.eq_ignore_ascii_case("localhost"),
+        None => false,
     }
 }
 
@@ -961,6 +984,70 @@ mod tests {
         );
         std::fs::write(&path, "supabase_service_key = \"sb_secret_0123456789\"\n").expect("write");
         assert!(load(&Env::default(), Some(&path)).is_err());
+    }
+
+    #[test]
+    fn plain_http_to_the_graph_api_is_only_for_a_loopback_stand_in() {
+        for url in [
+            "https://graph.facebook.com",
+            "http://127.0.0.1:9000",
+            "http://127.1.2.3:9000",
+            "http://localhost:9000",
+            "http://LOCALHOST:9000",
+            "http://[::1]:9000",
+        ] {
+            let config = load_pairs(&[("META_GRAPH_URL", url)]);
+            assert!(config.is_ok(), "{url}: {:?}", config.err());
+        }
+        for url in [
+            "http://graph.facebook.com",
+            "http://10.0.0.5:8080",
+            "http://localhost.example.com",
+            "http://127.0.0.1.example.com",
+            "ftp://graph.facebook.com",
+        ] {
+            let problems = load_pairs(&[("META_GRAPH_URL", url)]).expect_err(url);
+            assert!(
+                problems[0].starts_with("META_GRAPH_URL must use https"),
+                "{url}: {problems:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn https_needs_both_files_from_the_environment_or_the_toml_file() {
+        assert!(load_pairs(&[]).expect("valid").tls.is_none());
+        let config =
+            load_pairs(&[("TLS_CERT_FILE", "c.pem"), ("TLS_KEY_FILE", "k.pem")]).expect("valid");
+        let files = config.tls.expect("https");
+        assert_eq!(
+            (files.cert.to_str(), files.key.to_str()),
+            (Some("c.pem"), Some("k.pem"))
+        );
+        let problems = load_pairs(&[("TLS_KEY_FILE", "k.pem")]).expect_err("one of two");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].contains("TLS_CERT_FILE") && problems[0].contains("TLS_KEY_FILE"),
+            "{problems:?}"
+        );
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("capi-bridge.toml");
+        std::fs::write(
+            &path,
+            "tls_cert_file = \"/le/fullchain.pem\"\ntls_key_file = \"/le/privkey.pem\"\n",
+        )
+        .expect("write");
+        let files = load(&Env::default(), Some(&path))
+            .expect("valid")
+            .tls
+            .expect("https");
+        assert_eq!(files.cert.to_str(), Some("/le/fullchain.pem"));
+        // The environment wins, file by file.
+        let env = Env::from_pairs([("TLS_KEY_FILE", "/other/privkey.pem")]);
+        let files = load(&env, Some(&path)).expect("valid").tls.expect("https");
+        assert_eq!(files.key.to_str(), Some("/other/privkey.pem"));
+        assert_eq!(files.cert.to_str(), Some("/le/fullchain.pem"));
     }
 
     #[test]

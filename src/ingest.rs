@@ -97,6 +97,7 @@ pub struct Ingestor {
     commit: GroupCommit,
     wakes: Wakes,
     memory: Option<MatchKeyMemory>,
+    quality: Option<crate::quality::QualityCounters>,
 }
 
 impl Ingestor {
@@ -108,6 +109,7 @@ impl Ingestor {
             commit,
             wakes,
             memory: None,
+            quality: None,
         }
     }
 
@@ -126,6 +128,12 @@ impl Ingestor {
         self.wakes.wake_all();
     }
 
+    /// Counts what the stored events carry (match quality); `None` leaves it off.
+    pub fn with_quality(mut self, quality: Option<crate::quality::QualityCounters>) -> Self {
+        self.quality = quality;
+        self
+    }
+
     /// Validates and normalizes the events of one request body without storing them: what
     /// [`Ingestor::store`] then stores (the inbox checks many payloads one by one this way,
     /// then stores the good ones together).
@@ -133,6 +141,19 @@ impl Ingestor {
     /// # Errors
     /// [`IngestError`] naming every problem.
     pub fn prepare(
+        &self,
+        body: Value,
+        now_secs: i64,
+        route: &Route,
+    ) -> Result<Prepared, IngestError> {
+        let labels = crate::metrics::event_labels(&body);
+        self.prepare_for(body, now_secs, route).inspect_err(|err| {
+            let pixel_id = self.pixels.resolve(route.pixel.as_deref()).unwrap_or("");
+            crate::metrics::refused(pixel_id, &route.source, &labels, err);
+        })
+    }
+
+    fn prepare_for(
         &self,
         body: Value,
         now_secs: i64,
@@ -207,20 +228,19 @@ impl Ingestor {
             }
             None => Recall::default(),
         };
-        let mut filled = recall.filled.into_iter();
 
         let records: Vec<NewEventRecord> = normalized
             .iter()
-            .zip(pixel_ids.into_iter().zip(sources))
+            .zip(pixel_ids.iter().zip(&sources))
             .map(|(event, (pixel_id, source))| NewEventRecord {
-                pixel_id,
+                pixel_id: pixel_id.clone(),
                 event_id: event.event_id.clone(),
                 event_name: event.event_name.clone(),
                 payload: event.payload.to_string(),
                 test_event_code: test_event_code.clone(),
                 deadline_at: event.deadline.saturating_mul(1000),
                 dry_run,
-                source: Some(source),
+                source: Some(source.clone()),
                 lease_until: None,
             })
             .collect();
@@ -232,6 +252,25 @@ impl Ingestor {
             }
         }
         let outcomes = self.commit.insert(records).await?;
+        for (i, outcome) in outcomes.iter().enumerate() {
+            if let (Some(event), Some(pixel_id), Some(source)) =
+                (normalized.get(i), pixel_ids.get(i), sources.get(i))
+            {
+                crate::metrics::stored(pixel_id, source, &event.event_name, *outcome);
+            }
+        }
+        if let Some(quality) = &self.quality {
+            let now_ms = now_secs.saturating_mul(1000);
+            quality.record(
+                &pixel_ids,
+                now_ms,
+                &normalized,
+                &recall.filled,
+                &warnings,
+                &outcomes,
+            );
+        }
+        let mut filled = recall.filled.into_iter();
         if let Some(memory) = &self.memory {
             memory.remember(recall.remember);
         }

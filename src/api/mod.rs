@@ -6,6 +6,8 @@ mod collect;
 pub mod error;
 mod events;
 mod health;
+mod metrics;
+mod quality;
 pub mod signature;
 pub mod sources;
 
@@ -52,6 +54,8 @@ pub struct AppState {
     pub inbox_commit: crate::store::InboxCommit,
     /// Wakes the inbox worker when a source payload is queued.
     pub inbox_wake: Arc<tokio::sync::Notify>,
+    /// Meta's Event Match Quality answers, cached for a few minutes.
+    pub meta_quality: crate::quality::MetaQuality,
 }
 
 /// Shared by every request: one `Arc` clone per request, nothing else copied.
@@ -94,6 +98,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/rules/test", post(sources::test_rules))
         .route("/v1/inbox/parked", get(sources::parked))
         .route("/v1/inbox/replay", post(sources::replay_parked))
+        .route("/v1/quality", get(quality::report))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     // Sources authenticate themselves: a URL token or a sender's signature besides the secret.
     let sources = Router::new()
@@ -121,6 +126,8 @@ pub fn router(state: AppState) -> Router {
         .merge(admin)
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
+        .route("/metrics", get(metrics::scrape))
+        .layer(middleware::from_fn(crate::metrics::time_ingest))
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(

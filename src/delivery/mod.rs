@@ -23,7 +23,7 @@ use crate::store::{
     AttemptRecord, ClaimedEvent, EventUpdate, Handoff, Settlement, Store, StoreError,
 };
 use classify::{backoff_ms, GraphError, Verdict};
-pub use client::GraphClient;
+pub use client::{GraphClient, KeyCoverage, MetaEventQuality};
 
 /// Unix milliseconds now.
 pub fn now_ms() -> i64 {
@@ -370,6 +370,7 @@ impl Delivery {
             self.deliver_group(events, test_code.as_deref(), &mut updates)
                 .await;
         }
+        crate::metrics::settled(self.client.pixel_id(), &updates);
         self.store.settle(&updates, now_ms()).await?;
         Ok(Progress::Worked(n_events))
     }
@@ -407,6 +408,12 @@ impl Delivery {
                     test_code,
                 )
                 .await;
+            crate::metrics::graph_request(
+                self.client.pixel_id(),
+                chunk.len(),
+                started.elapsed(),
+                &verdict,
+            );
             let now = now_ms();
             let pixel_id = self.client.pixel_id();
             match verdict {

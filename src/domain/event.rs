@@ -575,6 +575,14 @@ fn is_known_top_level(key: &str) -> bool {
     KNOWN.contains(&key) || key == "currency" || FLAT_USER_FIELDS.iter().any(|(f, _)| *f == key)
 }
 
+/// Meta's standard event name that `name` is (case-insensitively), if any.
+pub fn standard_event_name(name: &str) -> Option<&'static str> {
+    STANDARD_EVENTS
+        .iter()
+        .find(|s| s.eq_ignore_ascii_case(name.trim()))
+        .copied()
+}
+
 fn canonical_event_name(name: &str, rules: &IngestRules) -> String {
     let lower = name.to_lowercase();
     if let Some(alias) = rules.event_aliases.get(&lower) {

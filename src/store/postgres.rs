@@ -35,6 +35,7 @@ use super::{
     RecentError, ReplayFilter, Retention, Settlement, SourceCount, SourcePayload, SourceStat,
     Store, StoreError, DEDUP_WINDOW_MS,
 };
+use super::{DropCount, QualityCount};
 
 /// Connections per instance. Several instances (and the user's own tools) share the server's
 /// `max_connections`, so the pool is bounded; group commit keeps ingest to one writer anyway.
@@ -64,6 +65,8 @@ struct Tables {
     inbox: String,
     source_delivery: String,
     source_count: String,
+    match_quality: String,
+    match_quality_drop: String,
     /// `NOTIFY` channel of `enqueue()` for this schema.
     inbox_channel: String,
     /// `NOTIFY` channel for events any instance may claim.
@@ -82,6 +85,8 @@ impl Tables {
             inbox: name("inbox"),
             source_delivery: name("source_delivery"),
             source_count: name("source_count"),
+            match_quality: name("match_quality"),
+            match_quality_drop: name("match_quality_drop"),
             inbox_channel: format!("capi_bridge_inbox_{schema}"),
             queue_channel: format!("capi_bridge_queue_{schema}"),
         }
@@ -1258,6 +1263,83 @@ impl Store for PostgresStore {
             .await?;
         conn.finish().await?;
         Ok(())
+    }
+
+    async fn count_match_quality(
+        &self,
+        counts: &[QualityCount],
+        drops: &[DropCount],
+    ) -> Result<(), StoreError> {
+        if counts.is_empty() && drops.is_empty() {
+            return Ok(());
+        }
+        let upsert = super::quality_upsert_sql(&self.tables.match_quality, '$');
+        let upsert_drop = super::quality_drop_upsert_sql(&self.tables.match_quality_drop, '$');
+        // A few rows a second at most (one per day, pixel and event name): a statement each.
+        let mut tx = self.begin().await?;
+        for count in counts {
+            let mut query = self
+                .query(&upsert)
+                .bind(count.day)
+                .bind(&count.pixel_id)
+                .bind(&count.event_name)
+                .bind(count.events);
+            for n in count.carried.iter().chain(&count.filled) {
+                query = query.bind(*n);
+            }
+            query.execute(&mut *tx).await?;
+        }
+        for drop in drops {
+            self.query(&upsert_drop)
+                .bind(drop.day)
+                .bind(&drop.pixel_id)
+                .bind(&drop.event_name)
+                .bind(&drop.field)
+                .bind(&drop.reason)
+                .bind(drop.count)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn match_quality(
+        &self,
+        since_day: i64,
+    ) -> Result<(Vec<QualityCount>, Vec<DropCount>), StoreError> {
+        let counts_sql = format!(
+            "select day, pixel_id, event_name, events, {} from {} where day >= $1
+             order by day, pixel_id, event_name",
+            super::quality_columns().join(", "),
+            self.tables.match_quality
+        );
+        let drops_sql = format!(
+            "select day, pixel_id, event_name, field, reason, count from {}
+             where day >= $1 order by day, pixel_id, event_name, field, reason",
+            self.tables.match_quality_drop
+        );
+        let mut conn = self.conn().await?;
+        let count_rows = self
+            .query(&counts_sql)
+            .bind(since_day)
+            .fetch_all(&mut *conn)
+            .await?;
+        let drop_rows = self
+            .query(&drops_sql)
+            .bind(since_day)
+            .fetch_all(&mut *conn)
+            .await?;
+        conn.finish().await?;
+        let counts = count_rows
+            .iter()
+            .map(super::quality_count_from_row)
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        let drops = drop_rows
+            .iter()
+            .map(super::drop_count_from_row)
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        Ok((counts, drops))
     }
 
     async fn parked_payloads(&self, limit: usize) -> Result<Vec<ParkedPayload>, StoreError> {

@@ -16,6 +16,7 @@ use super::{
     ReplayFilter, Retention, Settlement, SourceCount, SourcePayload, SourceStat, Store, StoreError,
     DEDUP_WINDOW_MS,
 };
+use super::{DropCount, QualityCount};
 
 /// Rows per multi-row statement (9 parameters each stays far below SQLite's limit).
 const ROWS_PER_STATEMENT: usize = 100;
@@ -667,6 +668,74 @@ impl Store for SqliteStore {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn count_match_quality(
+        &self,
+        counts: &[QualityCount],
+        drops: &[DropCount],
+    ) -> Result<(), StoreError> {
+        if counts.is_empty() && drops.is_empty() {
+            return Ok(());
+        }
+        let upsert = super::quality_upsert_sql("match_quality", '?');
+        let upsert_drop = super::quality_drop_upsert_sql("match_quality_drop", '?');
+        let mut tx = self.writer.begin().await?;
+        for count in counts {
+            let mut query = sqlx::query(&upsert)
+                .bind(count.day)
+                .bind(&count.pixel_id)
+                .bind(&count.event_name)
+                .bind(count.events);
+            for n in count.carried.iter().chain(&count.filled) {
+                query = query.bind(*n);
+            }
+            query.execute(&mut *tx).await?;
+        }
+        for drop in drops {
+            sqlx::query(&upsert_drop)
+                .bind(drop.day)
+                .bind(&drop.pixel_id)
+                .bind(&drop.event_name)
+                .bind(&drop.field)
+                .bind(&drop.reason)
+                .bind(drop.count)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn match_quality(
+        &self,
+        since_day: i64,
+    ) -> Result<(Vec<QualityCount>, Vec<DropCount>), StoreError> {
+        let sql = format!(
+            "select day, pixel_id, event_name, events, {} from match_quality where day >= ?1
+             order by day, pixel_id, event_name",
+            super::quality_columns().join(", ")
+        );
+        let rows = sqlx::query(&sql)
+            .bind(since_day)
+            .fetch_all(&self.reader)
+            .await?;
+        let counts = rows
+            .iter()
+            .map(super::quality_count_from_row)
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        let rows = sqlx::query(
+            "select day, pixel_id, event_name, field, reason, count from match_quality_drop
+             where day >= ?1 order by day, pixel_id, event_name, field, reason",
+        )
+        .bind(since_day)
+        .fetch_all(&self.reader)
+        .await?;
+        let drops = rows
+            .iter()
+            .map(super::drop_count_from_row)
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        Ok((counts, drops))
     }
 
     async fn parked_payloads(&self, limit: usize) -> Result<Vec<ParkedPayload>, StoreError> {
