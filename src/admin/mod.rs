@@ -151,10 +151,11 @@ impl IntoResponse for AdminError {
 }
 
 /// Whether this request reached us over HTTPS, so the cookie may be marked `Secure`: always
-/// when `ADMIN_COOKIE_SECURE` says so, else when a proxy the configuration declares
-/// (`CLIENT_IP_SOURCE` other than `socket`) says `X-Forwarded-Proto: https`.
+/// when the service serves TLS itself (`TLS_CERT_FILE`) or `ADMIN_COOKIE_SECURE` says so, else
+/// when a proxy the configuration declares (`CLIENT_IP_SOURCE` other than `socket`) says
+/// `X-Forwarded-Proto: https`.
 fn over_https(admin: &Admin, headers: &HeaderMap) -> bool {
-    if admin.settings.cookie_secure {
+    if admin.settings.cookie_secure || admin.app.config.tls.is_some() {
         return true;
     }
     let behind_proxy = admin.app.config.sites.client_ip != ClientIpSource::Socket;

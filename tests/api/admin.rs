@@ -615,3 +615,36 @@ async fn a_failed_event_waiting_for_its_retry_is_sent_at_once_from_its_page() {
     assert!(page.contains("Queued again"), "{page}");
     assert!(page.contains("503"), "the failed attempt is listed: {page}");
 }
+
+#[tokio::test]
+async fn served_over_native_https_the_cookie_is_secure() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .expect("params")
+        .self_signed(&key)
+        .expect("self-sign");
+    let (cert_file, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_file, cert.pem()).expect("write");
+    std::fs::write(&key_file, key.serialize_pem()).expect("write");
+    let app = admin_app(&[
+        ("TLS_CERT_FILE", cert_file.to_str().expect("path")),
+        ("TLS_KEY_FILE", key_file.to_str().expect("path")),
+    ])
+    .await;
+    assert!(app.address.starts_with("https://"), "{}", app.address);
+    let https = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .add_root_certificate(reqwest::Certificate::from_pem(cert.pem().as_bytes()).expect("pem"))
+        .build()
+        .expect("client");
+    let response = https
+        .post(format!("{}/admin/login", app.address))
+        .form(&[("password", PASSWORD)])
+        .send()
+        .await
+        .expect("login over https");
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    let cookie = response.headers()[SET_COOKIE].to_str().expect("ascii");
+    assert!(cookie.ends_with("; Secure"), "{cookie}");
+}
