@@ -81,6 +81,7 @@ pub fn router<S: Clone + Send + Sync + 'static>(app: &AppState) -> Router<S> {
         .route("/admin/dead", get(dead_letters))
         .route("/admin/dead/replay", post(replay_dead))
         .route("/admin/parked/replay", post(replay_parked))
+        .route("/admin/quality", get(quality))
         .route("/admin/test", get(test_form).post(send_test))
         .route("/admin/logout", post(logout))
         .route_layer(middleware::from_fn_with_state(
@@ -563,6 +564,37 @@ async fn replay_parked(
         tracing::info!(requeued = n, "dashboard: parked payloads replayed");
     }
     Ok(Redirect::to(&format!("/admin/dead?replayed={n}")).into_response())
+}
+
+#[derive(Deserialize)]
+struct QualityQuery {
+    days: Option<u32>,
+}
+
+async fn quality(
+    State(admin): State<Shared>,
+    Extension(session): Extension<Session>,
+    Query(query): Query<QualityQuery>,
+) -> Result<Markup, AdminError> {
+    const DAY_MS: i64 = 24 * 60 * 60 * 1000;
+    let days = query
+        .days
+        .filter(|d| pages::QUALITY_PERIODS.iter().any(|(n, _)| n == d))
+        .unwrap_or(7);
+    let clients: Vec<crate::delivery::GraphClient> = admin
+        .app
+        .delivery
+        .iter()
+        .map(|d| d.client().clone())
+        .collect();
+    let report = crate::quality::report(
+        admin.app.store.as_ref(),
+        now_ms() - i64::from(days - 1) * DAY_MS,
+        &admin.app.meta_quality,
+        &clients,
+    )
+    .await?;
+    Ok(pages::quality(&report, days, &session.csrf))
 }
 
 /// The delivering pixels: `(name, id)`.

@@ -11,6 +11,8 @@ use sha2::{Digest, Sha256};
 
 use super::chart;
 use crate::delivery::PixelStatus;
+use crate::domain::quality::MatchKey;
+use crate::quality::QualityReport;
 use crate::store::{
     ActivityBucket, AttemptView, EventDetail, EventSummary, QueueStats, ReasonCount, RecentError,
     EVENT_STATES,
@@ -35,13 +37,15 @@ pub enum Nav {
     Overview,
     Events,
     Dead,
+    Quality,
     Test,
 }
 
-const NAV: [(Nav, &str, &str); 4] = [
+const NAV: [(Nav, &str, &str); 5] = [
     (Nav::Overview, "/admin", "Overview"),
     (Nav::Events, "/admin/events", "Events"),
     (Nav::Dead, "/admin/dead", "Dead letters"),
+    (Nav::Quality, "/admin/quality", "Match quality"),
     (Nav::Test, "/admin/test", "Test event"),
 ];
 
@@ -628,6 +632,121 @@ pub fn dead_letters(data: &DeadLetters, message: Option<&str>, csrf: &str) -> Ma
                     (csrf_field(csrf))
                     input type="hidden" name="group" value="all";
                     button type="submit" class="secondary" { "Replay all parked payloads" }
+                }
+            }
+        },
+    )
+}
+
+/// The periods the match-quality page offers, in days.
+pub const QUALITY_PERIODS: [(u32, &str); 3] = [(1, "Today"), (7, "7 days"), (30, "30 days")];
+
+fn percent(share: f64) -> String {
+    format!("{:.0}%", share * 100.0)
+}
+
+/// `/admin/quality`: per event name the share of events carrying each match key (and how many
+/// the match-key memory filled), the values the normalizer dropped, and Meta's own EMQ.
+pub fn quality(report: &QualityReport, days: u32, csrf: &str) -> Markup {
+    page(
+        "Match quality",
+        Some((Nav::Quality, csrf)),
+        html! {
+            h1 { "Match quality" }
+            nav class="pager" aria-label="Period" {
+                @for (n, label) in QUALITY_PERIODS {
+                    @if n == days {
+                        a href=(format!("/admin/quality?days={n}")) aria-current="page" { strong { (label) } }
+                    } @else {
+                        a href=(format!("/admin/quality?days={n}")) { (label) }
+                    }
+                }
+            }
+            p { "Since " (time(report.since_ms)) ". The share of stored events that carried each match key; in brackets, how many of those the match-key memory filled in." }
+            @if report.events.is_empty() {
+                p { "No events in this period." }
+            } @else {
+                div class="scroll" {
+                    table class="responsive" {
+                        thead { tr {
+                            th scope="col" { "Event" } th scope="col" class="num" { "Events" }
+                            @for key in MatchKey::ALL { th scope="col" class="num" { (key.as_str()) } }
+                        } }
+                        tbody {
+                            @for event in &report.events {
+                                tr {
+                                    th scope="row" data-label="Event" {
+                                        (event.event_name)
+                                        @if report.meta.len() > 1 { " " span class="mono" { (event.pixel_id) } }
+                                    }
+                                    td class="num" data-label="Events" { (event.events) }
+                                    @for share in &event.keys {
+                                        td class="num" data-label=(share.key.as_str())
+                                            data-metric=(format!("quality-{}-{}", event.event_name, share.key.as_str())) {
+                                            (percent(share.share))
+                                            @if share.filled_from_memory > 0 { " (" (share.filled_from_memory) ")" }
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            h2 { "Values dropped by the normalizer" }
+            p { "Invalid values are left out of what Meta gets; they are counted here by field and reason, never shown." }
+            @if report.dropped.is_empty() {
+                p { "None." }
+            } @else {
+                div class="scroll" {
+                    table class="responsive" {
+                        thead { tr { th scope="col" { "Event" } th scope="col" { "Field" } th scope="col" { "Reason" } th scope="col" class="num" { "Values" } } }
+                        tbody {
+                            @for dropped in &report.dropped {
+                                tr {
+                                    td data-label="Event" { (dropped.event_name) }
+                                    td class="mono" data-label="Field" { (dropped.field) }
+                                    td data-label="Reason" { (dropped.reason) }
+                                    td class="num" data-label="Values" { (dropped.count) }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            h2 { "Meta's Event Match Quality" }
+            @if report.meta.is_empty() {
+                p { "No pixel is configured (dry run)." }
+            }
+            @for pixel in &report.meta {
+                h3 { "Pixel " span class="mono" { (pixel.pixel_id) } }
+                @if let Some(reason) = &pixel.not_available {
+                    p { (reason) }
+                }
+                @if let Some(events) = &pixel.events {
+                    @if events.is_empty() {
+                        p { "Meta has no score for this pixel yet." }
+                    } @else {
+                        div class="scroll" {
+                            table class="responsive" {
+                                thead { tr { th scope="col" { "Event" } th scope="col" class="num" { "EMQ (0–10)" } th scope="col" { "Coverage as Meta saw it" } } }
+                                tbody {
+                                    @for event in events {
+                                        tr {
+                                            td data-label="Event" { (event.event_name) }
+                                            td class="num" data-label="EMQ" { (event.composite_score.map(|s| format!("{s:.1}")).unwrap_or_default()) }
+                                            td data-label="Coverage" {
+                                                @for (i, key) in event.match_key_coverage.iter().enumerate() {
+                                                    @if i > 0 { ", " }
+                                                    (key.identifier) " " (format!("{:.0}%", key.percentage))
+                                                }
+                                            }
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
                 }
             }
         },

@@ -648,3 +648,55 @@ async fn served_over_native_https_the_cookie_is_secure() {
     let cookie = response.headers()[SET_COOKIE].to_str().expect("ascii");
     assert!(cookie.ends_with("; Secure"), "{cookie}");
 }
+
+#[tokio::test]
+async fn match_quality_shows_the_share_of_each_key_and_the_dropped_values() {
+    let app = admin_app(&[]).await;
+    for id in ["quality-1", "quality-2"] {
+        assert_eq!(
+            app.post_events(&lead(id)).await.status(),
+            StatusCode::ACCEPTED
+        );
+    }
+    let mut with_bad_phone = lead("quality-3");
+    with_bad_phone["phone"] = json!("12");
+    assert_eq!(
+        app.post_events(&with_bad_phone).await.status(),
+        StatusCode::ACCEPTED
+    );
+    let login = log_in(&app).await;
+    // The counters are written once a second: wait for them.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let page = loop {
+        let page = get(&app, "/admin/quality?days=1", Some(&login.cookie))
+            .await
+            .text()
+            .await
+            .expect("html");
+        if page.contains("data-metric=\"quality-Lead-em\">100%") {
+            break page;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never counted: {page}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert!(
+        page.contains("aria-current=\"page\">Match quality"),
+        "in the navigation"
+    );
+    assert!(
+        page.contains("data-metric=\"quality-Lead-ph\">0%"),
+        "{page}"
+    );
+    assert!(
+        page.contains("<td class=\"mono\" data-label=\"Field\">ph</td>"),
+        "the dropped phone: {page}"
+    );
+    assert!(
+        !page.contains(">12<"),
+        "the dropped value itself is never shown"
+    );
+    assert!(page.contains("Meta's Event Match Quality"));
+}

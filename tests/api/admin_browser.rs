@@ -78,6 +78,7 @@ async fn an_operator_replays_a_dead_event_from_the_dashboard_in_chromium() {
     );
     assert_eq!(seen["finalState"], "delivered", "{seen}");
     assert_eq!(seen["testOutcome"], "received", "{seen}");
+    assert_eq!(seen["qualityLeadEm"], "100%", "every lead carried an email: {seen}");
     assert_eq!(seen["strangerLandedOn"], "/admin/login", "{seen}");
     assert_eq!(seen["strangerPostStatus"], 401, "{seen}");
 
@@ -95,6 +96,7 @@ async fn an_operator_replays_a_dead_event_from_the_dashboard_in_chromium() {
         "detail",
         "dead",
         "test",
+        "quality",
     ] {
         let path = format!("{shots}/admin-{page}.png");
         let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);

@@ -3,7 +3,8 @@
 // Logs in, reads the overview's numbers, lists and opens the dead event, tries a forged CSRF
 // token, replays the event and waits for the page to show it delivered; checks that a browser
 // without a session is sent to the login page and its POSTs are refused. Prints what it saw as
-// JSON and leaves screenshots (login, overview, overview-phone, events, detail, dead, test).
+// JSON and leaves screenshots (login, overview, overview-phone, events, detail, dead, test,
+// quality).
 import { chromium } from 'playwright-core';
 
 const [base, password, deadId, shots] = process.argv.slice(2);
@@ -99,6 +100,19 @@ try {
   await Promise.all([page.waitForResponse((r) => r.url().endsWith('/admin/test')), page.getByRole('button', { name: 'Send test event' }).click()]);
   result.testOutcome = await page.locator('[data-outcome]').first().getAttribute('data-outcome');
   await page.screenshot({ path: `${shots}/admin-test.png`, fullPage: true });
+
+  // Match quality: the share of events carrying each key (counted once a second).
+  await page.getByRole('link', { name: 'Match quality' }).click();
+  await page.waitForURL(`${base}/admin/quality`);
+  const qualityDeadline = Date.now() + 10000;
+  for (;;) {
+    const cell = page.locator('[data-metric="quality-Lead-em"]');
+    if ((await cell.count()) > 0 || Date.now() > qualityDeadline) break;
+    await page.waitForTimeout(200);
+    await page.reload();
+  }
+  result.qualityLeadEm = await text(page, '[data-metric="quality-Lead-em"]');
+  await page.screenshot({ path: `${shots}/admin-quality.png`, fullPage: true });
 
   // Another browser without a session: pages lead to the login, POSTs are refused.
   const stranger = await browser.newContext();
