@@ -78,7 +78,10 @@ async fn an_operator_replays_a_dead_event_from_the_dashboard_in_chromium() {
     );
     assert_eq!(seen["finalState"], "delivered", "{seen}");
     assert_eq!(seen["testOutcome"], "received", "{seen}");
-    assert_eq!(seen["qualityLeadEm"], "100%", "every lead carried an email: {seen}");
+    assert_eq!(
+        seen["qualityLeadEm"], "100%",
+        "every lead carried an email: {seen}"
+    );
     assert_eq!(seen["strangerLandedOn"], "/admin/login", "{seen}");
     assert_eq!(seen["strangerPostStatus"], 401, "{seen}");
 
