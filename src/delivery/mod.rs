@@ -43,7 +43,7 @@ pub enum Progress {
 }
 
 /// A pixel's delivery state as shown by `/readyz`.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
 pub struct PixelStatus {
     /// Pixel id.
     pub pixel_id: String,
