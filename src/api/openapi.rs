@@ -160,7 +160,7 @@ impl Served {
 
 /// This document.
 #[utoipa::path(get, path = "/openapi.json", tag = "operations",
-    responses((status = 200, description = "The OpenAPI 3.1 document of this API", content_type = "application/json")))]
+    responses((status = 200, description = "The OpenAPI 3.1 document of this API", body = Object, content_type = "application/json")))]
 pub(super) async fn serve(Extension(served): Extension<Served>) -> Response {
     ([(header::CONTENT_TYPE, "application/json")], served.0).into_response()
 }

@@ -16,6 +16,7 @@ mod helpers;
 mod ingest;
 mod match_keys;
 mod n8n_example;
+mod openapi;
 mod postgres;
 mod process;
 mod sources;
