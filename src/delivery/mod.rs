@@ -441,8 +441,10 @@ impl Delivery {
                     }
                 }
                 Verdict::Rejected { error } if chunk.len() == 1 => {
+                    // The event id lets an operator find the dead event (never its payload).
                     tracing::warn!(
                         pixel_id,
+                        event_id = chunk.first().map(|e| e.event_id.as_str()),
                         code = error.code,
                         subcode = error.subcode,
                         fbtrace_id = error.fbtrace_id.as_deref(),

@@ -14,6 +14,7 @@ mod crash;
 mod delivery;
 mod helpers;
 mod ingest;
+mod logs;
 mod match_keys;
 mod n8n_example;
 mod openapi;
