@@ -143,7 +143,25 @@ pub fn router(state: AppState) -> Router {
             }),
         )
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(middleware::from_fn(plain_request_id))
         .with_state(state)
+}
+
+/// Keeps a caller's `x-request-id` only when it looks like an id (at most 64 letters, digits,
+/// `-`, `_`, `.`, `:`); anything else (an email, a long string) is replaced by a new UUID,
+/// because the id is logged with every line of the request.
+async fn plain_request_id(mut request: Request, next: Next) -> Response {
+    let plain = request.headers().get("x-request-id").is_none_or(|id| {
+        id.len() <= 64
+            && id
+                .as_bytes()
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b))
+    });
+    if !plain {
+        request.headers_mut().remove("x-request-id");
+    }
+    next.run(request).await
 }
 
 /// Accepts `Authorization: Bearer <secret>`, `X-Webhook-Secret` or `X-API-Key`, compared in

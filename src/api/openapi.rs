@@ -68,11 +68,17 @@ impl Modify for SecuritySchemes {
         );
         components.add_security_scheme(
             "webhook_secret",
-            header("X-Webhook-Secret", "A `WEBHOOK_SECRET` (several may be configured, for rotation)"),
+            header(
+                "X-Webhook-Secret",
+                "A `WEBHOOK_SECRET` (several may be configured, for rotation)",
+            ),
         );
         components.add_security_scheme(
             "api_key",
-            header("X-API-Key", "A `WEBHOOK_SECRET`, for tools that call it an API key"),
+            header(
+                "X-API-Key",
+                "A `WEBHOOK_SECRET`, for tools that call it an API key",
+            ),
         );
         components.add_security_scheme(
             "body_signature",

@@ -76,7 +76,9 @@ async fn the_contract_is_a_valid_openapi_3_1_document() {
     let doc = served_contract(&app).await;
 
     assert!(
-        doc["openapi"].as_str().is_some_and(|v| v.starts_with("3.1")),
+        doc["openapi"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("3.1")),
         "{}",
         doc["openapi"]
     );
@@ -112,8 +114,8 @@ async fn the_contract_is_a_valid_openapi_3_1_document() {
         let responses = operation["responses"].as_object().expect("responses");
         assert!(!responses.is_empty(), "{method} {path} has no responses");
         for status in responses.keys() {
-            let valid = status == "default"
-                || status.parse::<u16>().is_ok_and(|s| (100..600).contains(&s));
+            let valid =
+                status == "default" || status.parse::<u16>().is_ok_and(|s| (100..600).contains(&s));
             assert!(valid, "{method} {path}: response {status}");
         }
         let id = operation["operationId"].as_str().expect("operationId");
@@ -156,8 +158,11 @@ async fn the_contract_is_a_valid_openapi_3_1_document() {
         );
     }
     // The guarded routes say how to authenticate; the public ones need nothing.
-    for (path, method) in [("/v1/events", "post"), ("/v1/me", "get"), ("/v1/inbox/replay", "post")]
-    {
+    for (path, method) in [
+        ("/v1/events", "post"),
+        ("/v1/me", "get"),
+        ("/v1/inbox/replay", "post"),
+    ] {
         let security = doc["paths"][path][method]["security"]
             .as_array()
             .expect("security");
@@ -166,7 +171,11 @@ async fn the_contract_is_a_valid_openapi_3_1_document() {
             "{method} {path}"
         );
     }
-    for (path, method) in [("/v1/collect", "post"), ("/healthz", "get"), ("/openapi.json", "get")] {
+    for (path, method) in [
+        ("/v1/collect", "post"),
+        ("/healthz", "get"),
+        ("/openapi.json", "get"),
+    ] {
         assert!(
             doc["paths"][path][method].get("security").is_none(),
             "{method} {path} is public"
@@ -420,7 +429,10 @@ async fn every_documented_operation_is_served_and_answers_as_documented() {
             }
         }
     }
-    assert!(checked_bodies >= 20, "only {checked_bodies} JSON answers checked");
+    assert!(
+        checked_bodies >= 20,
+        "only {checked_bodies} JSON answers checked"
+    );
 }
 
 /// A small JSON Schema check, enough for what utoipa generates: `$ref`, `allOf`, `oneOf`,
