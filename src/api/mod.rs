@@ -112,7 +112,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(collect::script))
         .routes(routes!(collect::versioned_script))
         .layer(axum::extract::DefaultBodyLimit::max(collect::BODY_LIMIT));
-    let (router, contract) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+    let (router, mut contract) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .merge(protected)
         .merge(sources)
         .merge(pages)
@@ -120,6 +120,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(health::readyz))
         .routes(routes!(openapi::serve))
         .split_for_parts();
+    openapi::add_common_headers(&mut contract);
     router
         .layer(Extension(openapi::Served::new(&contract)))
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))

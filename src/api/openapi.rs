@@ -120,18 +120,7 @@ pub(super) fn requires_secret(doc: &mut Document) {
         )
         .build();
     for item in doc.paths.paths.values_mut() {
-        for operation in [
-            &mut item.get,
-            &mut item.post,
-            &mut item.put,
-            &mut item.delete,
-            &mut item.patch,
-            &mut item.options,
-            &mut item.head,
-        ]
-        .into_iter()
-        .flatten()
-        {
+        for operation in operations_mut(item) {
             operation.security = Some(
                 SECRET_SCHEMES
                     .iter()
@@ -145,6 +134,52 @@ pub(super) fn requires_secret(doc: &mut Document) {
                 .or_insert_with(|| RefOr::T(unauthorized.clone()));
         }
     }
+}
+
+/// Headers every answer has, added to every documented response: `x-request-id` always,
+/// `Retry-After` with 429 and 503 (set by `ApiError` and the rate limiter).
+pub(super) fn add_common_headers(doc: &mut Document) {
+    let header = |description: &str| {
+        let mut header = utoipa::openapi::header::Header::default();
+        header.description = Some(description.to_owned());
+        header
+    };
+    for item in doc.paths.paths.values_mut() {
+        for operation in operations_mut(item) {
+            for (status, response) in &mut operation.responses.responses {
+                let RefOr::T(response) = response else {
+                    continue;
+                };
+                response.headers.insert(
+                    "x-request-id".to_owned(),
+                    header("The caller's request id (letters, digits, `-_.:`, at most 64) or a new UUID; the logs of this request carry it"),
+                );
+                if status == "429" || status == "503" {
+                    response.headers.insert(
+                        "retry-after".to_owned(),
+                        header("Seconds to wait before retrying"),
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn operations_mut(
+    item: &mut utoipa::openapi::PathItem,
+) -> impl Iterator<Item = &mut utoipa::openapi::path::Operation> {
+    [
+        &mut item.get,
+        &mut item.post,
+        &mut item.put,
+        &mut item.delete,
+        &mut item.patch,
+        &mut item.options,
+        &mut item.head,
+        &mut item.trace,
+    ]
+    .into_iter()
+    .flatten()
 }
 
 /// The served document, serialized once when the router is built.

@@ -146,6 +146,21 @@ async fn the_contract_is_a_valid_openapi_3_1_document() {
             }
         }
     }
+    // Every answer documents the request id; throttled and unavailable ones Retry-After.
+    for (path, method, operation) in operations(&doc) {
+        for (status, response) in operation["responses"].as_object().expect("responses") {
+            assert!(
+                response["headers"]["x-request-id"].is_object(),
+                "{method} {path} {status}: x-request-id"
+            );
+            if status == "429" || status == "503" {
+                assert!(
+                    response["headers"]["retry-after"].is_object(),
+                    "{method} {path} {status}: retry-after"
+                );
+            }
+        }
+    }
     // The error shape of src/api/error.rs is the one documented for errors.
     let error = &doc["components"]["schemas"]["ErrorBody"];
     assert_eq!(error["required"], json!(["error"]));
@@ -288,6 +303,23 @@ fn method_calls(arguments: &str) -> BTreeSet<String> {
 }
 
 #[test]
+fn the_schema_check_refuses_what_does_not_match() {
+    // The checker on samples, so the conformance test cannot pass by accepting everything.
+    let doc = json!({"components": {"schemas": {"A": {"type": "object", "required": ["a"],
+        "properties": {"a": {"type": "integer"}, "b": {"type": ["string", "null"]},
+                       "c": {"type": "array", "items": {"$ref": "#/components/schemas/B"}}}},
+        "B": {"oneOf": [{"type": "string"}, {"type": "boolean"}]}}}});
+    let schema = json!({"$ref": "#/components/schemas/A"});
+    let check = |value: Value| conforms(&doc, &schema, &value, "$");
+    assert!(check(json!({"a": 1, "b": null, "c": ["x", true]})).is_ok());
+    assert!(check(json!({"b": "x"})).is_err(), "required");
+    assert!(check(json!({"a": "1"})).is_err(), "type");
+    assert!(check(json!({"a": 1, "b": 2})).is_err(), "nullable type");
+    assert!(check(json!({"a": 1, "c": [1]})).is_err(), "items and oneOf");
+    assert!(check(json!([])).is_err(), "object");
+}
+
+#[test]
 fn the_source_scan_finds_routes_and_their_methods() {
     // The scanner on a sample, so the coverage test below cannot pass by finding nothing.
     let sample = r#"("/metrics", get(metrics::render).post(x)), more"#;
@@ -365,18 +397,62 @@ async fn every_route_in_the_code_is_in_the_contract() {
     assert!(undocumented.is_empty(), "{undocumented:#?}");
 }
 
-/// A value for each path parameter that reaches the handler.
-fn fill(path: &str) -> String {
+/// One call of an operation: a valid request where the test knows one, else an empty object.
+struct Call {
+    secret: bool,
+    valid: bool,
+}
+
+/// Path parameters: a source that exists, a wrong token, an event that exists (valid) or not.
+fn fill(path: &str, valid: bool) -> String {
+    let event_id = if valid { "contract-1" } else { "no-such-event" };
     path.replace("{name}", "supabase")
         .replace("{token}", "not-the-token")
-        .replace("{event_id}", "no-such-event")
+        .replace("{event_id}", event_id)
 }
+
+fn valid_body(path: &str) -> Value {
+    match path {
+        "/v1/events" => json!({"event_name": "Lead", "event_id": "contract-2",
+            "email": "contract@example.com", "event_time": chrono::Utc::now().timestamp()}),
+        "/v1/collect" => json!({"site_key": SITE_KEY, "event_name": "Lead",
+            "event_id": "contract-3", "event_source_url": format!("{ORIGIN}/lp")}),
+        _ => json!({}),
+    }
+}
+
+const SITE_KEY: &str = "pk_contract_test";
+const ORIGIN: &str = "https://contract.example.com";
 
 #[tokio::test]
 async fn every_documented_operation_is_served_and_answers_as_documented() {
-    let app = spawn_app().await;
+    let config = tempfile::tempdir().expect("tempdir");
+    let config_path = config.path().join("capi-bridge.toml");
+    std::fs::write(
+        &config_path,
+        format!("[sites.{SITE_KEY}]\norigins = [\"{ORIGIN}\"]\nevents = [\"Lead\"]\n"),
+    )
+    .expect("config");
+    let app = crate::helpers::spawn_app_with(&[(
+        "CAPI_BRIDGE_CONFIG",
+        config_path.to_str().expect("path"),
+    )])
+    .await;
+    // An event to show, delivered.
+    let response = app
+        .http
+        .post(format!("{}/v1/events", app.address))
+        .bearer_auth(SECRET)
+        .json(&crate::helpers::lead("contract-1"))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(response.status(), 202);
+    app.graph.wait_for_accepted(1, crate::helpers::WAIT).await;
+
     let doc = served_contract(&app).await;
     let mut checked_bodies = 0;
+    let mut statuses = BTreeSet::new();
     for (path, method, operation) in operations(&doc) {
         let query: Vec<(String, String)> = operation["parameters"]
             .as_array()
@@ -386,18 +462,41 @@ async fn every_documented_operation_is_served_and_answers_as_documented() {
             .filter_map(|p| p["name"].as_str())
             .map(|name| (name.to_owned(), "supabase".to_owned()))
             .collect();
-        for with_secret in [false, true] {
-            let url = format!("{}{}", app.address, fill(&path));
+        for call in [
+            Call {
+                secret: false,
+                valid: false,
+            },
+            Call {
+                secret: true,
+                valid: false,
+            },
+            Call {
+                secret: true,
+                valid: true,
+            },
+        ] {
+            let url = format!("{}{}", app.address, fill(&path, call.valid));
             let mut request = app
                 .http
                 .request(method.to_uppercase().parse().expect("method"), &url)
-                .query(&query);
+                .query(&query)
+                .header("origin", ORIGIN)
+                .header(
+                    "user-agent",
+                    "Mozilla/5.0 (X11; Linux x86_64) contract-test",
+                );
             if method == "post" {
+                let body = if call.valid {
+                    valid_body(&path)
+                } else {
+                    json!({})
+                };
                 request = request
                     .header("content-type", "application/json")
-                    .body("{}");
+                    .body(body.to_string());
             }
-            if with_secret {
+            if call.secret {
                 request = request.bearer_auth(SECRET);
             }
             let response = request.send().await.expect("request");
@@ -409,7 +508,10 @@ async fn every_documented_operation_is_served_and_answers_as_documented() {
                 .unwrap_or("")
                 .to_owned();
             let body = response.bytes().await.expect("body");
-            let what = format!("{method} {path} (secret: {with_secret}) answered {status}");
+            let what = format!(
+                "{method} {path} (secret: {}, valid: {}) answered {status}",
+                call.secret, call.valid
+            );
             // 405, or axum's bare 404 for an unknown path: the route is not really there.
             assert_ne!(status, 405, "{what}");
             if status == 404 {
@@ -418,6 +520,7 @@ async fn every_documented_operation_is_served_and_answers_as_documented() {
             }
             let documented = &operation["responses"][status.to_string()];
             assert!(documented.is_object(), "{what}: status not documented");
+            statuses.insert(format!("{method} {path} {status}"));
             if content_type.starts_with("application/json") {
                 let schema = &documented["content"]["application/json"]["schema"];
                 assert!(schema.is_object(), "{what}: JSON body not documented");
@@ -430,9 +533,27 @@ async fn every_documented_operation_is_served_and_answers_as_documented() {
         }
     }
     assert!(
-        checked_bodies >= 20,
+        checked_bodies >= 30,
         "only {checked_bodies} JSON answers checked"
     );
+    // The success answers were among them, not only errors.
+    for expected in [
+        "post /v1/events 202",
+        "post /v1/events 422",
+        "get /v1/events/{event_id} 200",
+        "get /v1/events/{event_id} 404",
+        "post /v1/collect 204",
+        "post /v1/collect 403",
+        "options /v1/collect 204",
+        "post /v1/sources/{name} 200",
+        "post /v1/rules/test 200",
+        "get /v1/me 401",
+    ] {
+        assert!(
+            statuses.contains(expected),
+            "{expected} not seen: {statuses:#?}"
+        );
+    }
 }
 
 /// A small JSON Schema check, enough for what utoipa generates: `$ref`, `allOf`, `oneOf`,
