@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState};
 use crate::config::Config;
-use crate::delivery::{now_ms, Delivery, GraphClient};
+use crate::delivery::{now_ms, Delivery, GraphClient, Wakes};
 use crate::ingest::Ingestor;
 use crate::memory::MatchKeyMemory;
 use crate::store::{self, GroupCommit, Pruned, Retention, Store};
@@ -22,16 +22,19 @@ use crate::store::{self, GroupCommit, Pruned, Retention, Store};
 pub struct App {
     listener: TcpListener,
     router: axum::Router,
-    delivery: Option<Delivery>,
+    delivery: Vec<Delivery>,
     workers_alive: Arc<AtomicBool>,
     retention: Retention,
     ingestor: Ingestor,
     mapper: crate::sources::Mapper,
     counters: crate::sources::SourceCounters,
     inbox_wake: Arc<Notify>,
-    delivery_wake: Arc<Notify>,
+    delivery_wakes: Wakes,
     poll_interval: std::time::Duration,
     memory: Option<MatchKeyMemory>,
+    /// Native HTTPS when a certificate is configured.
+    tls: Option<crate::tls::Tls>,
+    quality: crate::quality::QualityCounters,
     /// The store, for tests and tools.
     pub store: Arc<dyn Store>,
 }
@@ -42,6 +45,13 @@ impl App {
     /// # Errors
     /// Storage that cannot be opened, an address that cannot be bound, a TLS setup failure.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
+        // Before anything is opened: a certificate that cannot be served is a start failure.
+        let tls = config
+            .tls
+            .clone()
+            .map(crate::tls::Tls::load)
+            .transpose()
+            .context("cannot serve HTTPS")?;
         let store = store::open(&config.database_url, &config.database_schema)
             .await
             .with_context(|| {
@@ -53,34 +63,38 @@ impl App {
         let listener = TcpListener::bind(config.listen_addr)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen_addr))?;
-        let wake = Arc::new(Notify::new());
-        let delivery = match &config.meta {
-            Some(meta) => {
-                let client =
-                    GraphClient::new(&config, meta).context("cannot build the HTTP client")?;
-                Some(Delivery::new(
-                    store.clone(),
-                    client,
-                    config.delivery.clone(),
-                    wake.clone(),
-                ))
-            }
-            None => None,
-        };
-        let commit = GroupCommit::start(
-            store.clone(),
-            now_ms,
-            delivery.as_ref().map(Delivery::handoff),
-        );
+        crate::metrics::install();
+        // One delivery per pixel, each with its own workers, wake-up and handoff: a paused
+        // pixel never holds up the others.
+        let mut delivery = Vec::new();
+        let mut wakes = Vec::new();
+        for meta in config.pixels.iter() {
+            let wake = Arc::new(Notify::new());
+            let client = GraphClient::new(&config, meta).context("cannot build the HTTP client")?;
+            delivery.push(Delivery::new(
+                store.clone(),
+                client,
+                config.delivery.clone(),
+                wake.clone(),
+            ));
+            wakes.push((meta.pixel_id.clone(), wake));
+        }
+        let wakes = Wakes::new(wakes);
+        let handoffs = delivery
+            .iter()
+            .map(|d| (d.client().pixel_id().to_owned(), d.handoff()))
+            .collect();
+        let commit = GroupCommit::start(store.clone(), now_ms, handoffs);
         let memory = MatchKeyMemory::start(store.clone(), config.match_key_memory_days);
+        let quality = crate::quality::QualityCounters::new(store.clone());
         let ingestor = Ingestor::new(
             config.ingest.clone(),
-            config.pixel_id().to_owned(),
-            config.dry_run(),
+            config.pixels.clone(),
             commit,
-            wake.clone(),
+            wakes.clone(),
         )
-        .with_memory(memory.clone());
+        .with_memory(memory.clone())
+        .with_quality(Some(quality.clone()));
         let workers_alive = Arc::new(AtomicBool::new(false));
         let lookups =
             crate::sources::lookups_from(&config).context("cannot build the Supabase client")?;
@@ -90,7 +104,7 @@ impl App {
         let collect_limits = Arc::new(api::CollectLimits::new(&config.sites));
         let retention = config.retention;
         let poll_interval = config.delivery.poll_interval;
-        let delivery_wake = wake;
+        let delivery_wakes = wakes;
         let state = AppState {
             config: Arc::new(config),
             store: store.clone(),
@@ -102,6 +116,7 @@ impl App {
             counters: counters.clone(),
             collect_limits,
             inbox_wake: inbox_wake.clone(),
+            meta_quality: crate::quality::MetaQuality::new(),
         };
         Ok(Self {
             listener,
@@ -113,9 +128,11 @@ impl App {
             mapper,
             counters,
             inbox_wake,
-            delivery_wake,
+            delivery_wakes,
             poll_interval,
             memory,
+            tls,
+            quality,
             store,
         })
     }
@@ -133,12 +150,17 @@ impl App {
     /// # Errors
     /// When the server fails.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let workers = self.delivery.map(|delivery| {
+        let workers = (!self.delivery.is_empty()).then(|| {
             let alive = self.workers_alive.clone();
             let shutdown = shutdown.clone();
             alive.store(true, Ordering::Relaxed);
+            let pixels = self.delivery;
             tokio::spawn(async move {
-                delivery.run(shutdown).await;
+                let mut running = tokio::task::JoinSet::new();
+                for delivery in pixels {
+                    running.spawn(delivery.run(shutdown.clone()));
+                }
+                while running.join_next().await.is_some() {}
                 alive.store(false, Ordering::Relaxed);
             })
         });
@@ -156,6 +178,11 @@ impl App {
             let (counters, shutdown) = (self.counters.clone(), shutdown.clone());
             tokio::spawn(async move { counters.run(shutdown).await })
         };
+        let quality_counting = {
+            let (quality, shutdown) = (self.quality.clone(), shutdown.clone());
+            tokio::spawn(async move { quality.run(shutdown).await })
+        };
+        let metrics_upkeep = tokio::spawn(crate::metrics::run_upkeep(shutdown.clone()));
         let inbox = tokio::spawn(crate::inbox::run(
             self.store.clone(),
             self.ingestor,
@@ -167,18 +194,27 @@ impl App {
         let notices = tokio::spawn(crate::inbox::relay_notices(
             self.store.clone(),
             inbox_wake,
-            self.delivery_wake.clone(),
+            self.delivery_wakes.clone(),
             self.poll_interval,
             shutdown.clone(),
         ));
-        let server_shutdown = shutdown.clone();
-        let server = axum::serve(
-            self.listener,
-            self.router
-                .into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move { server_shutdown.cancelled().await });
-        let served = server.await.context("the HTTP server failed");
+        let served = match self.tls {
+            Some(tls) => tls
+                .serve(self.listener, self.router, shutdown.clone())
+                .await
+                .context("the HTTPS server failed"),
+            None => {
+                let server_shutdown = shutdown.clone();
+                axum::serve(
+                    self.listener,
+                    self.router
+                        .into_make_service_with_connect_info::<SocketAddr>(),
+                )
+                .with_graceful_shutdown(async move { server_shutdown.cancelled().await })
+                .await
+                .context("the HTTP server failed")
+            }
+        };
         // Whatever stopped the server also stops delivery; in-flight batches finish first.
         shutdown.cancel();
         if let Some(workers) = workers {
@@ -189,6 +225,10 @@ impl App {
         let _ = maintenance.await;
         let _ = inbox.await;
         let _ = counting.await;
+        let _ = quality_counting.await;
+        // What requests drained after the counting task stopped counted.
+        self.quality.flush().await;
+        let _ = metrics_upkeep.await;
         let _ = notices.await;
         if let (Some(memory), Some(writer)) = (self.memory, memory_writer) {
             let _ = writer.await;

@@ -14,9 +14,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::{shutdown_signal, App};
 use crate::config::{self, Config, Env};
-use crate::delivery::{now_ms, Delivery, GraphClient};
+use crate::delivery::{now_ms, Delivery, GraphClient, Wakes};
 use crate::domain::normalize::{self, Context, HashedKey};
-use crate::ingest::{IngestError, Ingestor};
+use crate::ingest::{IngestError, Ingestor, Route};
 use crate::memory::MatchKeyMemory;
 use crate::store::{self, GroupCommit, ReplayFilter};
 
@@ -118,6 +118,9 @@ pub struct SendArgs {
     /// Test event code for Events Manager's Test Events tab.
     #[arg(long)]
     pub test_event_code: Option<String>,
+    /// The pixel (name or id) to send to; the default pixel otherwise.
+    #[arg(long)]
+    pub pixel: Option<String>,
     /// Queue only; do not wait for delivery.
     #[arg(long)]
     pub no_wait: bool,
@@ -241,11 +244,23 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     if config.has_weak_secret() {
         tracing::warn!("a WEBHOOK_SECRET is shorter than 16 characters; use a long random one (e.g. openssl rand -hex 24)");
     }
+    if crate::tls::needs_proxy_in_front(config.listen_addr, config.tls.as_ref()) {
+        tracing::warn!(
+            listen_addr = %config.listen_addr,
+            "listening beyond loopback without TLS: HTTPS must then be terminated by a proxy in front (or set TLS_CERT_FILE and TLS_KEY_FILE)"
+        );
+    }
     let app = App::build(config.clone()).await?;
+    let pixels: Vec<String> = config
+        .pixels
+        .iter()
+        .map(|p| format!("{} ({}, {})", p.name, p.pixel_id, p.api_version))
+        .collect();
     tracing::info!(
         listen_addr = %app.local_addr()?,
-        pixel_id = config.pixel_id(),
-        api_version = %config.api_version,
+        https = config.tls.is_some(),
+        pixels = %pixels.join(", "),
+        default_pixel = config.pixels.default_pixel().map(|p| p.name.as_str()),
         "capi-bridge listening"
     );
     let shutdown = CancellationToken::new();
@@ -298,6 +313,23 @@ async fn check(config: Config) -> anyhow::Result<ExitCode> {
     if config.supabase.is_some() {
         println!("  supabase lookups: configured");
     }
+    match &config.tls {
+        Some(files) => match crate::tls::Tls::load(files.clone()) {
+            Ok(_) => println!(
+                "  https: {} with {} (reloaded on SIGHUP and when the files change)",
+                files.cert.display(),
+                files.key.display()
+            ),
+            Err(err) => {
+                println!("https: FAILED: {err}");
+                return Ok(ExitCode::FAILURE);
+            }
+        },
+        None if crate::tls::needs_proxy_in_front(config.listen_addr, None) => {
+            println!("  https: not here; a proxy in front must terminate TLS");
+        }
+        None => {}
+    }
     match store::open(&config.database_url, &config.database_schema).await {
         Ok(_) => println!("storage: ok"),
         Err(err) => {
@@ -305,26 +337,36 @@ async fn check(config: Config) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     }
-    let Some(meta) = &config.meta else {
+    if config.pixels.is_empty() {
         println!(
-            "meta: dry-run (META_ACCESS_TOKEN and META_PIXEL_ID not set); nothing will be sent"
+            "meta: dry-run (META_ACCESS_TOKEN and META_PIXEL_ID not set, no [pixels]); nothing will be sent"
         );
         return Ok(ExitCode::SUCCESS);
-    };
-    let client = GraphClient::new(&config, meta)?;
-    match client.check_pixel().await {
-        Ok(name) => {
-            println!(
-                "meta: ok: the token can reach pixel {} ({name}) on {}",
-                meta.pixel_id, config.api_version
-            );
-            Ok(ExitCode::SUCCESS)
-        }
-        Err(err) => {
-            println!("meta: FAILED: {}", err.summary());
-            Ok(ExitCode::FAILURE)
+    }
+    let mut all_ok = true;
+    for meta in config.pixels.iter() {
+        let client = GraphClient::new(&config, meta)?;
+        match client.check_pixel().await {
+            Ok(name) => println!(
+                "meta: ok: pixel {} ({}): the token can reach {name} on {}",
+                meta.name, meta.pixel_id, meta.api_version
+            ),
+            Err(err) => {
+                all_ok = false;
+                println!(
+                    "meta: FAILED: pixel {} ({}): {}",
+                    meta.name,
+                    meta.pixel_id,
+                    err.summary()
+                );
+            }
         }
     }
+    Ok(if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn hash(field: &str, value: &str, country: Option<String>) -> ExitCode {
@@ -408,17 +450,16 @@ async fn send(config: Config, args: SendArgs) -> anyhow::Result<ExitCode> {
         body = json!({ "data": [body], "test_event_code": code });
     }
     let store = store::open(&config.database_url, &config.database_schema).await?;
-    let wake = Arc::new(Notify::new());
     let memory = MatchKeyMemory::start(store.clone(), config.match_key_memory_days);
     let ingestor = Ingestor::new(
         config.ingest.clone(),
-        config.pixel_id().to_owned(),
-        config.dry_run(),
-        GroupCommit::start(store.clone(), now_ms, None),
-        wake.clone(),
+        config.pixels.clone(),
+        GroupCommit::start(store.clone(), now_ms, Vec::new()),
+        Wakes::default(),
     )
     .with_memory(memory.clone());
-    let report = match ingestor.ingest(body, now_ms() / 1000).await {
+    let route = Route::from("cli").to_pixel(args.pixel.as_deref());
+    let report = match ingestor.ingest(body, now_ms() / 1000, &route).await {
         Ok(report) => {
             if let Some(memory) = &memory {
                 // The event is stored; the memory is an enhancement.
@@ -441,12 +482,22 @@ async fn send(config: Config, args: SendArgs) -> anyhow::Result<ExitCode> {
     let Some(receipt) = report.events.first() else {
         return Ok(ExitCode::SUCCESS);
     };
-    let (Some(meta), false) = (&config.meta, args.no_wait) else {
+    if args.no_wait {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let stored = store.find_event(&receipt.event_id, now_ms()).await?;
+    let Some(meta) = stored.and_then(|e| config.pixels.find(&e.pixel_id).cloned()) else {
+        // Dry-run: stored, never sent.
         return Ok(ExitCode::SUCCESS);
     };
     // Deliver now through the same delivery code the server uses.
-    let client = GraphClient::new(&config, meta)?;
-    let delivery = Delivery::new(store.clone(), client, config.delivery.clone(), wake);
+    let client = GraphClient::new(&config, &meta)?;
+    let delivery = Delivery::new(
+        store.clone(),
+        client,
+        config.delivery.clone(),
+        Arc::new(Notify::new()),
+    );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         delivery.run_once().await?;

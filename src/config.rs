@@ -21,9 +21,9 @@ pub struct Config {
     pub database_url: String,
     /// Postgres schema holding capi-bridge's tables (ignored by SQLite).
     pub database_schema: String,
-    /// Meta credentials; `None` means dry-run.
-    pub meta: Option<MetaConfig>,
-    /// Graph API version, e.g. `v25.0`.
+    /// The pixels events go to, with their credentials; none means dry-run.
+    pub pixels: crate::pixels::Pixels,
+    /// Graph API version, e.g. `v25.0` (a pixel may set its own).
     pub api_version: String,
     /// Base URL of the Graph API (tests point it at a local stand-in).
     pub graph_url: String,
@@ -47,11 +47,17 @@ pub struct Config {
     pub retention: Retention,
     /// Days the match-key memory keeps a person's match keys (0: off).
     pub match_key_memory_days: u64,
+    /// Certificate and key files for native HTTPS; `None` serves plain HTTP.
+    pub tls: Option<crate::tls::TlsFiles>,
+    /// Bearer token `GET /metrics` requires (`METRICS_TOKEN`); `None` leaves it open.
+    pub metrics_token: Option<String>,
 }
 
 /// Credentials for one pixel (dataset).
 #[derive(Clone)]
 pub struct MetaConfig {
+    /// The name requests choose it by (`default` for `META_PIXEL_ID`).
+    pub name: String,
     /// Pixel or dataset id.
     pub pixel_id: String,
     /// System-user access token. Never logged, never put in a URL.
@@ -60,6 +66,8 @@ pub struct MetaConfig {
     pub app_secret: Option<String>,
     /// Routes every event to Events Manager's Test Events tab.
     pub test_event_code: Option<String>,
+    /// Graph API version, e.g. `v25.0`.
+    pub api_version: String,
 }
 
 /// Supabase's REST API (PostgREST) with a service key, for row lookups.
@@ -121,12 +129,14 @@ impl std::fmt::Debug for Config {
         f.debug_struct("Config")
             .field("listen_addr", &self.listen_addr)
             .field("database_url", &redact_url(&self.database_url))
-            .field("pixel_id", &self.meta.as_ref().map(|m| m.pixel_id.as_str()))
+            .field("pixels", &self.pixels)
             .field("api_version", &self.api_version)
             .field("graph_url", &self.graph_url)
             .field("webhook_secrets", &self.webhook_secrets.len())
+            .field("metrics_token", &self.metrics_token.is_some())
             .field("supabase", &self.supabase)
             .field("delivery", &self.delivery)
+            .field("tls", &self.tls)
             .finish_non_exhaustive()
     }
 }
@@ -134,12 +144,7 @@ impl std::fmt::Debug for Config {
 impl Config {
     /// True when no Meta credentials are configured: events are stored, never sent.
     pub fn dry_run(&self) -> bool {
-        self.meta.is_none()
-    }
-
-    /// The pixel events are stored under (empty in dry-run).
-    pub fn pixel_id(&self) -> &str {
-        self.meta.as_ref().map_or("", |m| m.pixel_id.as_str())
+        self.pixels.is_empty()
     }
 
     /// True when a configured secret is short enough to guess. Short secrets from the original
@@ -170,8 +175,15 @@ struct FileConfig {
     retention_delivered_days: Option<u64>,
     retention_dead_days: Option<u64>,
     match_key_memory_days: Option<u64>,
+    tls_cert_file: Option<String>,
+    tls_key_file: Option<String>,
     #[serde(default)]
     meta: FileMeta,
+    /// Several pixels by name.
+    #[serde(default)]
+    pixels: BTreeMap<String, crate::pixels::FilePixel>,
+    /// The pixel of requests that choose none.
+    default_pixel: Option<String>,
     #[serde(default)]
     delivery: FileDelivery,
     /// Incoming event name (case-insensitive) → name sent to Meta.
@@ -360,39 +372,6 @@ pub fn load(env: &Env, config_path: Option<&Path>) -> Result<Config, Vec<String>
         ));
     }
 
-    let token = env.get("META_ACCESS_TOKEN");
-    let pixel_id = env.get("META_PIXEL_ID").or(file.meta.pixel_id);
-    let meta = match (token, pixel_id) {
-        (Some(access_token), Some(pixel_id)) => {
-            if !pixel_id.chars().all(|c| c.is_ascii_digit()) {
-                problems.push("META_PIXEL_ID must be the numeric pixel (dataset) id".to_owned());
-            }
-            Some(MetaConfig {
-                pixel_id,
-                access_token,
-                app_secret: env.get("META_APP_SECRET"),
-                test_event_code: env
-                    .get("META_TEST_EVENT_CODE")
-                    .or(file.meta.test_event_code),
-            })
-        }
-        (Some(_), None) => {
-            problems.push(
-                "META_ACCESS_TOKEN is set but META_PIXEL_ID is not: set both, or neither for dry-run"
-                    .to_owned(),
-            );
-            None
-        }
-        (None, Some(_)) => {
-            problems.push(
-                "META_PIXEL_ID is set but META_ACCESS_TOKEN is not: set both, or neither for dry-run"
-                    .to_owned(),
-            );
-            None
-        }
-        (None, None) => None,
-    };
-
     let api_version = env
         .get("META_API_VERSION")
         .or(file.meta.api_version)
@@ -402,6 +381,18 @@ pub fn load(env: &Env, config_path: Option<&Path>) -> Result<Config, Vec<String>
             "META_API_VERSION must look like v25.0, got {api_version:?}"
         ));
     }
+
+    let pixels = crate::pixels::load(
+        env,
+        crate::pixels::Inputs {
+            file_pixel_id: file.meta.pixel_id,
+            file_test_event_code: file.meta.test_event_code,
+            file_pixels: file.pixels,
+            file_default: file.default_pixel,
+            api_version: &api_version,
+        },
+        &mut problems,
+    );
 
     let graph_url = env
         .get("META_GRAPH_URL")
@@ -599,11 +590,43 @@ pub fn load(env: &Env, config_path: Option<&Path>) -> Result<Config, Vec<String>
         .or(file.match_key_memory_days)
         .unwrap_or(90);
 
+    let tls = crate::tls::TlsFiles::from_settings(
+        env.get("TLS_CERT_FILE").or(file.tls_cert_file),
+        env.get("TLS_KEY_FILE").or(file.tls_key_file),
+    )
+    .unwrap_or_else(|problem| {
+        problems.push(problem);
+        None
+    });
+
     if webhook_secrets.is_empty() && !listen_addr.ip().is_loopback() {
         problems.push(format!(
             "refusing to listen on {listen_addr} without authentication: set WEBHOOK_SECRET (a long random string; several may be separated by commas), or LISTEN_ADDR=127.0.0.1:{} for local use",
             listen_addr.port()
         ));
+    }
+
+    // Every pixel a site, a source or a rule names must exist.
+    let named = sites
+        .sites
+        .iter()
+        .filter_map(|s| Some((format!("sites.{}.pixel", s.key), s.pixel.as_deref()?)))
+        .chain(
+            sources
+                .sources
+                .iter()
+                .filter_map(|s| Some((format!("sources.{}.pixel", s.name), s.pixel.as_deref()?))),
+        )
+        .chain(
+            sources
+                .rules
+                .pixels()
+                .map(|(rule, pixel)| (format!("rule {rule}: pixel"), pixel)),
+        );
+    for (place, pixel) in named {
+        if let Err(err) = pixels.check_name(pixel) {
+            problems.push(format!("{place}: {err}"));
+        }
     }
 
     if !problems.is_empty() {
@@ -613,7 +636,7 @@ pub fn load(env: &Env, config_path: Option<&Path>) -> Result<Config, Vec<String>
         listen_addr,
         database_url,
         database_schema,
-        meta,
+        pixels,
         api_version,
         graph_url,
         webhook_secrets,
@@ -631,6 +654,8 @@ pub fn load(env: &Env, config_path: Option<&Path>) -> Result<Config, Vec<String>
         sources,
         sites,
         match_key_memory_days,
+        tls,
+        metrics_token: env.get("METRICS_TOKEN"),
     })
 }
 
@@ -658,7 +683,7 @@ fn number(env: &Env, name: &str, problems: &mut Vec<String>) -> Option<u64> {
     }
 }
 
-fn is_api_version(raw: &str) -> bool {
+pub(crate) fn is_api_version(raw: &str) -> bool {
     let Some(rest) = raw.strip_prefix('v') else {
         return false;
     };
@@ -680,19 +705,24 @@ fn check_graph_url(raw: &str) -> Result<(), String> {
     match url.scheme() {
         "https" => Ok(()),
         "http" => {
-            let loopback = match url.host() {
-                Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-                Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-                Some(url::Host::Domain(d)) => d == "localhost",
-                None => false,
-            };
-            if loopback {
+            if is_loopback_url(&url) {
                 Ok(())
             } else {
                 Err("META_GRAPH_URL must use https (plain http is allowed only for a loopback test stand-in)".to_owned())
             }
         }
         other => Err(format!("META_GRAPH_URL must use https, got {other}")),
+    }
+}
+
+/// True when `url` names this machine (127.0.0.0/8, ::1 or localhost): the only place plain
+/// http may go, because nothing then travels over a network.
+pub fn is_loopback_url(url: &url::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(domain)) => domain.eq_ignore_ascii_case("localhost"),
+        None => false,
     }
 }
 
@@ -950,6 +980,70 @@ mod tests {
         );
         std::fs::write(&path, "supabase_service_key = \"sb_secret_0123456789\"\n").expect("write");
         assert!(load(&Env::default(), Some(&path)).is_err());
+    }
+
+    #[test]
+    fn plain_http_to_the_graph_api_is_only_for_a_loopback_stand_in() {
+        for url in [
+            "https://graph.facebook.com",
+            "http://127.0.0.1:9000",
+            "http://127.1.2.3:9000",
+            "http://localhost:9000",
+            "http://LOCALHOST:9000",
+            "http://[::1]:9000",
+        ] {
+            let config = load_pairs(&[("META_GRAPH_URL", url)]);
+            assert!(config.is_ok(), "{url}: {:?}", config.err());
+        }
+        for url in [
+            "http://graph.facebook.com",
+            "http://10.0.0.5:8080",
+            "http://localhost.example.com",
+            "http://127.0.0.1.example.com",
+            "ftp://graph.facebook.com",
+        ] {
+            let problems = load_pairs(&[("META_GRAPH_URL", url)]).expect_err(url);
+            assert!(
+                problems[0].starts_with("META_GRAPH_URL must use https"),
+                "{url}: {problems:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn https_needs_both_files_from_the_environment_or_the_toml_file() {
+        assert!(load_pairs(&[]).expect("valid").tls.is_none());
+        let config =
+            load_pairs(&[("TLS_CERT_FILE", "c.pem"), ("TLS_KEY_FILE", "k.pem")]).expect("valid");
+        let files = config.tls.expect("https");
+        assert_eq!(
+            (files.cert.to_str(), files.key.to_str()),
+            (Some("c.pem"), Some("k.pem"))
+        );
+        let problems = load_pairs(&[("TLS_KEY_FILE", "k.pem")]).expect_err("one of two");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].contains("TLS_CERT_FILE") && problems[0].contains("TLS_KEY_FILE"),
+            "{problems:?}"
+        );
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("capi-bridge.toml");
+        std::fs::write(
+            &path,
+            "tls_cert_file = \"/le/fullchain.pem\"\ntls_key_file = \"/le/privkey.pem\"\n",
+        )
+        .expect("write");
+        let files = load(&Env::default(), Some(&path))
+            .expect("valid")
+            .tls
+            .expect("https");
+        assert_eq!(files.cert.to_str(), Some("/le/fullchain.pem"));
+        // The environment wins, file by file.
+        let env = Env::from_pairs([("TLS_KEY_FILE", "/other/privkey.pem")]);
+        let files = load(&env, Some(&path)).expect("valid").tls.expect("https");
+        assert_eq!(files.key.to_str(), Some("/other/privkey.pem"));
+        assert_eq!(files.cert.to_str(), Some("/le/fullchain.pem"));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::delivery::now_ms;
-use crate::ingest::{with_stable_event_ids, IngestError, Ingestor, Prepared};
+use crate::ingest::{with_stable_event_ids, IngestError, Ingestor, Prepared, Route};
 use crate::sources::{Mapped, Mapper};
 use crate::store::{InboxItem, Notice, SourceCount, Store, StoreError};
 
@@ -65,7 +65,7 @@ pub async fn run(
 pub async fn relay_notices(
     store: Arc<dyn Store>,
     inbox_wake: Arc<Notify>,
-    delivery_wake: Arc<Notify>,
+    delivery_wakes: crate::delivery::Wakes,
     poll_interval: Duration,
     shutdown: CancellationToken,
 ) {
@@ -76,7 +76,7 @@ pub async fn relay_notices(
         };
         match notice {
             Some(Notice::Inbox) => inbox_wake.notify_one(),
-            Some(Notice::Queued) => delivery_wake.notify_one(),
+            Some(Notice::Queued) => delivery_wakes.wake_all(),
             None => {}
         }
     }
@@ -187,7 +187,8 @@ async fn ingest_events(ingestor: &Ingestor, items: Vec<InboxItem>, done: &mut Fi
         let ingestor = ingestor.clone();
         tasks.spawn(async move {
             let body = with_stable_event_ids(item.payload, &format!("inbox-{}", item.id));
-            let result = ingestor.ingest(body, now_ms() / 1000).await;
+            let route = Route::from(item.source.as_str());
+            let result = ingestor.ingest(body, now_ms() / 1000, &route).await;
             (item.id, result.map(|_| ()))
         });
     }
@@ -229,7 +230,11 @@ async fn map_source_payloads(
                 continue;
             }
             Mapped::Events { events, .. } => {
-                match ingestor.prepare(serde_json::Value::Array(events), received_at) {
+                let pixel = mapper
+                    .source(&item.source)
+                    .and_then(|source| source.pixel.as_deref());
+                let route = Route::from(item.source.as_str()).to_pixel(pixel);
+                match ingestor.prepare(serde_json::Value::Array(events), received_at, &route) {
                     Ok(prepared) => prepared,
                     Err(err) => {
                         done.count(&item.source, "parked");

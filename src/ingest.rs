@@ -7,11 +7,12 @@ use std::sync::Arc;
 
 use serde::Serialize;
 use serde_json::Value;
-use tokio::sync::Notify;
 
 use crate::api::error::EventProblem;
+use crate::delivery::Wakes;
 use crate::domain::{self, IngestRules, NormalizedEvent, Problem};
 use crate::memory::{MatchKeyMemory, Recall};
+use crate::pixels::Pixels;
 use crate::store::{GroupCommit, InsertOutcome, NewEventRecord, StoreError};
 
 /// The result of an accepted request.
@@ -61,39 +62,70 @@ pub enum IngestError {
     Store(#[from] StoreError),
 }
 
+/// Where a request's events come from, and the pixel they go to unless an event or the
+/// request envelope names another (a `pixel` field).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// `api`, `cli`, `sql`, a source's name or `site:<key>`; stored with each event.
+    pub source: String,
+    /// A pixel name or id (the `X-Capi-Pixel` header, a source's or a site's `pixel`).
+    pub pixel: Option<String>,
+}
+
+impl Route {
+    /// Events from `source` for the default pixel.
+    pub fn from(source: impl Into<String>) -> Self {
+        Self {
+            source: source.into(),
+            pixel: None,
+        }
+    }
+
+    /// The same, for `pixel` (none keeps the default).
+    #[must_use]
+    pub fn to_pixel(mut self, pixel: Option<&str>) -> Self {
+        self.pixel = pixel.map(str::to_owned);
+        self
+    }
+}
+
 /// Shared by every entry point.
 #[derive(Clone)]
 pub struct Ingestor {
     rules: Arc<IngestRules>,
-    pixel_id: String,
-    dry_run: bool,
+    pixels: Arc<Pixels>,
     commit: GroupCommit,
-    wake: Arc<Notify>,
+    wakes: Wakes,
     memory: Option<MatchKeyMemory>,
+    quality: Option<crate::quality::QualityCounters>,
 }
 
 impl Ingestor {
-    /// An ingestor storing through `commit` for `pixel_id`.
-    pub fn new(
-        rules: IngestRules,
-        pixel_id: String,
-        dry_run: bool,
-        commit: GroupCommit,
-        wake: Arc<Notify>,
-    ) -> Self {
+    /// An ingestor storing through `commit` for `pixels` (none: dry-run).
+    pub fn new(rules: IngestRules, pixels: Pixels, commit: GroupCommit, wakes: Wakes) -> Self {
         Self {
             rules: Arc::new(rules),
-            pixel_id,
-            dry_run,
+            pixels: Arc::new(pixels),
             commit,
-            wake,
+            wakes,
             memory: None,
+            quality: None,
         }
+    }
+
+    fn dry_run(&self) -> bool {
+        self.pixels.is_empty()
     }
 
     /// Fills events from (and remembers them in) the match-key memory; `None` leaves it off.
     pub fn with_memory(mut self, memory: Option<MatchKeyMemory>) -> Self {
         self.memory = memory;
+        self
+    }
+
+    /// Counts what the stored events carry (match quality); `None` leaves it off.
+    pub fn with_quality(mut self, quality: Option<crate::quality::QualityCounters>) -> Self {
+        self.quality = quality;
         self
     }
 
@@ -103,16 +135,66 @@ impl Ingestor {
     ///
     /// # Errors
     /// [`IngestError`] naming every problem.
-    pub fn prepare(&self, body: Value, now_secs: i64) -> Result<Prepared, IngestError> {
-        prepare(&self.rules, body, now_secs)
+    pub fn prepare(
+        &self,
+        body: Value,
+        now_secs: i64,
+        route: &Route,
+    ) -> Result<Prepared, IngestError> {
+        let labels = crate::metrics::event_labels(&body);
+        self.prepare_for(body, now_secs, route).inspect_err(|err| {
+            let pixel_id = self.pixels.resolve(route.pixel.as_deref()).unwrap_or("");
+            crate::metrics::refused(pixel_id, &route.source, &labels, err);
+        })
+    }
+
+    fn prepare_for(
+        &self,
+        body: Value,
+        now_secs: i64,
+        route: &Route,
+    ) -> Result<Prepared, IngestError> {
+        let (mut prepared, request_pixel) = prepare(&self.rules, body, now_secs)?;
+        // An event's own `pixel` wins over the envelope's, which wins over the route's.
+        let fallback = request_pixel.as_deref().or(route.pixel.as_deref());
+        let mut problems = Vec::new();
+        prepared.pixel_ids = prepared
+            .normalized
+            .iter()
+            .enumerate()
+            .map(|(event_index, event)| {
+                match self.pixels.resolve(event.pixel.as_deref().or(fallback)) {
+                    Ok(pixel_id) => pixel_id.to_owned(),
+                    Err(err) => {
+                        problems.push(EventProblem {
+                            event_index,
+                            event_id: Some(event.event_id.clone()),
+                            field: "pixel".to_owned(),
+                            reason: err.to_string(),
+                        });
+                        String::new()
+                    }
+                }
+            })
+            .collect();
+        if !problems.is_empty() {
+            return Err(IngestError::Invalid(problems));
+        }
+        prepared.sources = vec![route.source.clone(); prepared.normalized.len()];
+        Ok(prepared)
     }
 
     /// Validates, normalizes and durably stores the events of one request body.
     ///
     /// # Errors
     /// [`IngestError`] naming every problem; nothing is stored then.
-    pub async fn ingest(&self, body: Value, now_secs: i64) -> Result<IngestReport, IngestError> {
-        let prepared = self.prepare(body, now_secs)?;
+    pub async fn ingest(
+        &self,
+        body: Value,
+        now_secs: i64,
+        route: &Route,
+    ) -> Result<IngestReport, IngestError> {
+        let prepared = self.prepare(body, now_secs, route)?;
         self.store(prepared, now_secs).await
     }
 
@@ -129,7 +211,10 @@ impl Ingestor {
             mut normalized,
             warnings,
             test_event_code,
+            pixel_ids,
+            sources,
         } = prepared;
+        let dry_run = self.dry_run();
         let recall = match &self.memory {
             Some(memory) => {
                 memory
@@ -138,27 +223,56 @@ impl Ingestor {
             }
             None => Recall::default(),
         };
-        let mut filled = recall.filled.into_iter();
 
         let records: Vec<NewEventRecord> = normalized
             .iter()
-            .map(|event| NewEventRecord {
-                pixel_id: self.pixel_id.clone(),
+            .zip(pixel_ids.iter().zip(&sources))
+            .map(|(event, (pixel_id, source))| NewEventRecord {
+                pixel_id: pixel_id.clone(),
                 event_id: event.event_id.clone(),
                 event_name: event.event_name.clone(),
                 payload: event.payload.to_string(),
                 test_event_code: test_event_code.clone(),
                 deadline_at: event.deadline.saturating_mul(1000),
-                dry_run: self.dry_run,
+                dry_run,
+                source: Some(source.clone()),
+                lease_until: None,
             })
             .collect();
+        // The pixels to wake once stored: usually one.
+        let mut pixels_to_wake: Vec<String> = Vec::new();
+        for record in &records {
+            if !pixels_to_wake.contains(&record.pixel_id) {
+                pixels_to_wake.push(record.pixel_id.clone());
+            }
+        }
         let outcomes = self.commit.insert(records).await?;
+        for (i, outcome) in outcomes.iter().enumerate() {
+            if let (Some(event), Some(pixel_id), Some(source)) =
+                (normalized.get(i), pixel_ids.get(i), sources.get(i))
+            {
+                crate::metrics::stored(pixel_id, source, &event.event_name, *outcome);
+            }
+        }
+        if let Some(quality) = &self.quality {
+            let now_ms = now_secs.saturating_mul(1000);
+            quality.record(
+                &pixel_ids,
+                now_ms,
+                &normalized,
+                &recall.filled,
+                &warnings,
+                &outcomes,
+            );
+        }
+        let mut filled = recall.filled.into_iter();
         if let Some(memory) = &self.memory {
             memory.remember(recall.remember);
         }
         if outcomes.contains(&InsertOutcome::Queued) {
-            // One idle worker is enough; it takes up to a full batch.
-            self.wake.notify_one();
+            for pixel in &pixels_to_wake {
+                self.wakes.wake(pixel);
+            }
         }
         let accepted = outcomes
             .iter()
@@ -167,7 +281,7 @@ impl Ingestor {
         Ok(IngestReport {
             accepted,
             duplicates: outcomes.len() - accepted,
-            dry_run: self.dry_run,
+            dry_run,
             events: normalized
                 .into_iter()
                 .zip(outcomes)
@@ -189,6 +303,10 @@ pub struct Prepared {
     normalized: Vec<NormalizedEvent>,
     warnings: Vec<EventProblem>,
     test_event_code: Option<String>,
+    /// Each event's pixel, resolved ("" in dry-run).
+    pixel_ids: Vec<String>,
+    /// Each event's source.
+    sources: Vec<String>,
 }
 
 impl Prepared {
@@ -212,6 +330,8 @@ impl Prepared {
                 warning
             }));
         self.normalized.extend(other.normalized);
+        self.pixel_ids.extend(other.pixel_ids);
+        self.sources.extend(other.sources);
     }
 }
 
@@ -225,12 +345,16 @@ pub fn preview(
     body: Value,
     now_secs: i64,
 ) -> Result<(Vec<NormalizedEvent>, Vec<EventProblem>), IngestError> {
-    let prepared = prepare(rules, body, now_secs)?;
+    let (prepared, _) = prepare(rules, body, now_secs)?;
     Ok((prepared.normalized, prepared.warnings))
 }
 
-/// Splits, validates and normalizes; all events or none.
-fn prepare(rules: &IngestRules, body: Value, now_secs: i64) -> Result<Prepared, IngestError> {
+/// Splits, validates and normalizes; all events or none. Also returns the envelope's pixel.
+fn prepare(
+    rules: &IngestRules,
+    body: Value,
+    now_secs: i64,
+) -> Result<(Prepared, Option<String>), IngestError> {
     {
         let request = domain::split_request(body).map_err(|p| {
             let message = if p.field.is_empty() {
@@ -281,11 +405,16 @@ fn prepare(rules: &IngestRules, body: Value, now_secs: i64) -> Result<Prepared, 
         if !problems.is_empty() {
             return Err(IngestError::Invalid(problems));
         }
-        Ok(Prepared {
-            normalized,
-            warnings,
-            test_event_code: request.test_event_code,
-        })
+        Ok((
+            Prepared {
+                normalized,
+                warnings,
+                test_event_code: request.test_event_code,
+                pixel_ids: Vec::new(),
+                sources: Vec::new(),
+            },
+            request.pixel,
+        ))
     }
 }
 

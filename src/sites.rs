@@ -23,6 +23,8 @@ pub struct SiteConfig {
     pub per_site_per_minute: u32,
     /// Fields every event of the site gets unless it has them (`currency`, `custom_data`…).
     pub defaults: serde_json::Map<String, serde_json::Value>,
+    /// The pixel (name or id) the site's events go to; the default pixel otherwise.
+    pub pixel: Option<String>,
 }
 
 /// Sites and the IP trust mode.
@@ -63,6 +65,9 @@ pub(crate) struct FileSite {
     per_site_per_minute: Option<u32>,
     #[serde(default)]
     defaults: BTreeMap<String, toml::Value>,
+    /// The pixel (name or id) of this site's events.
+    #[serde(default)]
+    pixel: Option<String>,
 }
 
 /// Reads the sites and the IP trust mode; problems are appended to `problems`.
@@ -149,6 +154,7 @@ pub(crate) fn load(
             events,
             per_ip_per_minute: file.per_ip_per_minute.unwrap_or(60).max(1),
             per_site_per_minute: file.per_site_per_minute.unwrap_or(6000).max(1),
+            pixel: file.pixel,
             defaults: file
                 .defaults
                 .into_iter()

@@ -19,7 +19,7 @@ use serde_json::Value;
 use super::{ApiError, SharedState};
 use crate::delivery::now_ms;
 use crate::domain::browser::{self, IpHeaders, SitePolicy};
-use crate::ingest::IngestError;
+use crate::ingest::{IngestError, Route};
 use crate::sites::{SiteConfig, SitesConfig};
 
 /// Requests between two clean-ups of the per-visitor limiters.
@@ -189,8 +189,9 @@ pub(super) async fn collect(
                         .collect(),
                 )
             })?;
+    let route = Route::from(format!("site:{}", site.key)).to_pixel(site.pixel.as_deref());
     app.ingestor
-        .ingest(event, now_ms() / 1000)
+        .ingest(event, now_ms() / 1000, &route)
         .await
         .map_err(|err| match err {
             IngestError::BadRequest(message) => ApiError::BadRequest(message),

@@ -3,17 +3,21 @@
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::{Extension, Json};
 
 use super::{ApiError, DeliveryId, SharedState};
 use crate::delivery::now_ms;
-use crate::ingest::{with_stable_event_ids, IngestError};
+use crate::ingest::{with_stable_event_ids, IngestError, Route};
+
+/// Chooses the pixel (name or id) of a request's events that do not name one themselves.
+pub(super) const PIXEL_HEADER: &str = "x-capi-pixel";
 use crate::store::EventDetail;
 
 /// Validates, normalizes and durably queues events; answers 202 after the commit.
 #[utoipa::path(post, path = "/v1/events", tag = "events",
+    params(("x-capi-pixel" = Option<String>, Header, description = "The pixel (name or id) of events that name none with a `pixel` field; the default pixel otherwise")),
     request_body(content = super::openapi::IncomingEvents, description = "Raw or hashed; at most 1000 events and BODY_LIMIT_BYTES"),
     responses(
         (status = 202, description = "Stored durably (or acknowledged as duplicates); delivery follows", body = crate::ingest::IngestReport),
@@ -25,6 +29,7 @@ use crate::store::EventDetail;
 pub(super) async fn ingest(
     State(state): State<SharedState>,
     delivery: Option<Extension<DeliveryId>>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let state = &state.0;
@@ -50,9 +55,18 @@ pub(super) async fn ingest(
         None => value,
     };
     let now_secs = now_ms() / 1000;
+    let pixel = headers
+        .get(PIXEL_HEADER)
+        .map(|v| {
+            v.to_str().map_err(|_| {
+                ApiError::BadRequest(format!("the {PIXEL_HEADER} header must be text"))
+            })
+        })
+        .transpose()?;
+    let route = Route::from("api").to_pixel(pixel);
     let report = state
         .ingestor
-        .ingest(value, now_secs)
+        .ingest(value, now_secs, &route)
         .await
         .map_err(|err| match err {
             IngestError::BadRequest(message) => ApiError::BadRequest(message),

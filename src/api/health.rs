@@ -58,7 +58,14 @@ pub(super) async fn me(State(state): State<SharedState>) -> impl IntoResponse {
         "ok": true,
         "service": "capi-bridge",
         "version": env!("CARGO_PKG_VERSION"),
-        "pixel_id": state.config.meta.as_ref().map(|m| m.pixel_id.as_str()),
+        // The default pixel, as before several pixels existed.
+        "pixel_id": state.config.pixels.default_pixel().map(|m| m.pixel_id.as_str()),
+        "pixels": state.config.pixels.iter().map(|m| json!({
+            "name": m.name,
+            "pixel_id": m.pixel_id,
+            "api_version": m.api_version,
+            "default": state.config.pixels.default_pixel().is_some_and(|d| d.name == m.name),
+        })).collect::<Vec<_>>(),
         "dry_run": state.config.dry_run(),
         "api_version": state.config.api_version,
     }))

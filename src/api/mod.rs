@@ -6,7 +6,9 @@ mod collect;
 pub mod error;
 mod events;
 mod health;
+mod metrics;
 mod openapi;
+mod quality;
 pub mod signature;
 pub mod sources;
 
@@ -41,8 +43,8 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     /// The ingest pipeline.
     pub ingestor: Ingestor,
-    /// Delivery (absent in dry-run), for pixel status.
-    pub delivery: Option<Delivery>,
+    /// Delivery of each pixel (none in dry-run), for pixel status.
+    pub delivery: Vec<Delivery>,
     /// Set while the delivery workers run.
     pub workers_alive: Arc<std::sync::atomic::AtomicBool>,
     /// Maps source payloads to events.
@@ -55,6 +57,8 @@ pub struct AppState {
     pub inbox_commit: crate::store::InboxCommit,
     /// Wakes the inbox worker when a source payload is queued.
     pub inbox_wake: Arc<tokio::sync::Notify>,
+    /// Meta's Event Match Quality answers, cached for a few minutes.
+    pub meta_quality: crate::quality::MetaQuality,
 }
 
 /// Shared by every request: one `Arc` clone per request, nothing else copied.
@@ -98,7 +102,8 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(sources::list))
         .routes(routes!(sources::test_rules))
         .routes(routes!(sources::parked))
-        .routes(routes!(sources::replay_parked));
+        .routes(routes!(sources::replay_parked))
+        .routes(routes!(quality::report));
     openapi::requires_secret(protected.get_openapi_mut());
     let protected =
         protected.route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
@@ -118,11 +123,13 @@ pub fn router(state: AppState) -> Router {
         .merge(pages)
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
+        .routes(routes!(metrics::scrape))
         .routes(routes!(openapi::serve))
         .split_for_parts();
     openapi::add_common_headers(&mut contract);
     router
         .layer(Extension(openapi::Served::new(&contract)))
+        .layer(middleware::from_fn(crate::metrics::time_ingest))
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(

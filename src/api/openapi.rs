@@ -95,6 +95,15 @@ impl Modify for SecuritySchemes {
             ),
         );
         components.add_security_scheme(
+            "metrics_token",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("`GET /metrics` only, when `METRICS_TOKEN` is set: `Authorization: Bearer <METRICS_TOKEN>`"))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
             "chatwoot_signature",
             header(
                 "X-Chatwoot-Signature",
@@ -227,6 +236,9 @@ mod shapes {
         event_time: Option<serde_json::Value>,
         /// The deduplication id shared with the Pixel's `eventID`; generated when absent.
         event_id: Option<String>,
+        /// The pixel (name or id) this event goes to; never sent to Meta. Else the request's
+        /// `X-Capi-Pixel`, else the default pixel.
+        pixel: Option<String>,
         /// `website`, `email`, `app`, `phone_call`, `chat`, `physical_store`,
         /// `system_generated`, `business_messaging` or `other`.
         action_source: Option<String>,
@@ -265,6 +277,8 @@ mod shapes {
         data: Vec<IncomingEvent>,
         /// Sends these events to Events Manager's Test Events tab.
         test_event_code: Option<String>,
+        /// The pixel (name or id) of events that name none.
+        pixel: Option<String>,
     }
 
     /// The body of `POST /v1/events`: one event, an array of them (all valid, or none is
@@ -350,12 +364,27 @@ mod shapes {
         service: String,
         /// The service's version.
         version: String,
-        /// The configured pixel (absent in dry-run).
+        /// The default pixel (absent in dry-run).
         pixel_id: Option<String>,
+        /// Every configured pixel.
+        pixels: Vec<MePixel>,
         /// No Meta credentials: events are stored, not sent.
         dry_run: bool,
         /// Graph API version used.
         api_version: String,
+    }
+
+    /// One configured pixel.
+    #[derive(ToSchema)]
+    pub struct MePixel {
+        /// The name requests choose it by (`pixel` field, `X-Capi-Pixel`).
+        name: String,
+        /// Meta's pixel (dataset) id.
+        pixel_id: String,
+        /// Graph API version used for it.
+        api_version: String,
+        /// Whether events naming no pixel go to it.
+        default: bool,
     }
 
     /// `GET /v1/sources`.

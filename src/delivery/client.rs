@@ -15,6 +15,7 @@ pub struct GraphClient {
     http: reqwest::Client,
     events_url: String,
     pixel_url: String,
+    dataset_quality_url: String,
     meta: MetaConfig,
     appsecret_proof: Option<String>,
 }
@@ -41,11 +42,15 @@ impl GraphClient {
             .build()?;
         let pixel_url = format!(
             "{}/{}/{}",
-            config.graph_url, config.api_version, meta.pixel_id
+            config.graph_url, meta.api_version, meta.pixel_id
         );
         Ok(Self {
             http,
             events_url: format!("{pixel_url}/events"),
+            dataset_quality_url: format!(
+                "{}/{}/dataset_quality",
+                config.graph_url, config.api_version
+            ),
             pixel_url,
             appsecret_proof: meta
                 .app_secret
@@ -58,6 +63,11 @@ impl GraphClient {
     /// The pixel this client sends to.
     pub fn pixel_id(&self) -> &str {
         &self.meta.pixel_id
+    }
+
+    /// The pixel's configured name.
+    pub fn pixel_name(&self) -> &str {
+        &self.meta.name
     }
 
     /// Sends one request of events and classifies Meta's answer.
@@ -100,11 +110,47 @@ impl GraphClient {
     /// # Errors
     /// Meta's error, or a transport failure described in [`GraphError::message`].
     pub async fn check_pixel(&self) -> Result<String, GraphError> {
+        let value = self
+            .get_json(&self.pixel_url, &[("fields", "id,name")])
+            .await?;
+        Ok(value
+            .get("name")
+            .and_then(|n| n.as_str())
+            .unwrap_or("(no name)")
+            .to_owned())
+    }
+
+    /// Meta's own Event Match Quality of this pixel's web events, from the Dataset Quality API
+    /// (`GET /{version}/dataset_quality`, `meta-capi.md` §9). Needs `ads_read` and
+    /// (`ads_management` or `business_management`); without them Meta answers code 10 or 200.
+    ///
+    /// # Errors
+    /// Meta's error, or a transport failure described in [`GraphError::message`].
+    pub async fn dataset_quality(&self) -> Result<Vec<MetaEventQuality>, GraphError> {
+        let value = self
+            .get_json(
+                &self.dataset_quality_url,
+                &[
+                    ("dataset_id", self.meta.pixel_id.as_str()),
+                    ("agent_name", super::batch::PARTNER_AGENT),
+                    ("fields", "web{event_match_quality,event_name}"),
+                ],
+            )
+            .await?;
+        Ok(MetaEventQuality::from_answer(&value))
+    }
+
+    /// A GET with the token in the `Authorization` header (never the URL); the JSON answer.
+    async fn get_json(
+        &self,
+        url: &str,
+        query: &[(&str, &str)],
+    ) -> Result<serde_json::Value, GraphError> {
         let mut request = self
             .http
-            .get(&self.pixel_url)
+            .get(url)
             .bearer_auth(&self.meta.access_token)
-            .query(&[("fields", "id,name")]);
+            .query(query);
         if let Some(proof) = &self.appsecret_proof {
             request = request.query(&[("appsecret_proof", proof)]);
         }
@@ -119,12 +165,7 @@ impl GraphClient {
             ..GraphError::default()
         })?;
         if (200..300).contains(&status) {
-            let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-            return Ok(value
-                .get("name")
-                .and_then(|n| n.as_str())
-                .unwrap_or("(no name)")
-                .to_owned());
+            return Ok(serde_json::from_slice(&bytes).unwrap_or_default());
         }
         match classify(&answer(status, &bytes, &headers), 0) {
             Verdict::Retry { error, .. }
@@ -136,6 +177,69 @@ impl GraphClient {
                 ..GraphError::default()
             }),
         }
+    }
+}
+
+/// Meta's Event Match Quality of one event name (Dataset Quality API).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
+pub struct MetaEventQuality {
+    /// Event name.
+    pub event_name: String,
+    /// EMQ, 0 to 10.
+    pub composite_score: Option<f64>,
+    /// Per identifier, the share of events carrying it as Meta saw them.
+    pub match_key_coverage: Vec<KeyCoverage>,
+}
+
+/// How many events carried one identifier, as Meta saw them.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
+pub struct KeyCoverage {
+    /// `email`, `phone`, `external_id`, `ip_address`, `user_agent`, `fbc`, …
+    pub identifier: String,
+    /// Percent of events, 0 to 100.
+    pub percentage: f64,
+}
+
+impl MetaEventQuality {
+    /// Reads `{"web": [{"event_name", "event_match_quality": {"composite_score",
+    /// "match_key_feedback": [{"identifier", "coverage": {"percentage"}}]}}]}`; entries without
+    /// an event name are skipped.
+    fn from_answer(value: &serde_json::Value) -> Vec<Self> {
+        let entries = value
+            .get("web")
+            .and_then(|w| w.as_array())
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        entries
+            .iter()
+            .filter_map(|entry| {
+                let event_name = entry.get("event_name")?.as_str()?.to_owned();
+                let emq = entry.get("event_match_quality");
+                let composite_score = emq
+                    .and_then(|e| e.get("composite_score"))
+                    .and_then(serde_json::Value::as_f64);
+                let match_key_coverage = emq
+                    .and_then(|e| e.get("match_key_feedback"))
+                    .and_then(|f| f.as_array())
+                    .map(Vec::as_slice)
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|key| {
+                        let identifier = key.get("identifier")?.as_str()?.to_owned();
+                        let percentage = key.get("coverage")?.get("percentage")?.as_f64()?;
+                        Some(KeyCoverage {
+                            identifier,
+                            percentage,
+                        })
+                    })
+                    .collect();
+                Some(Self {
+                    event_name,
+                    composite_score,
+                    match_key_coverage,
+                })
+            })
+            .collect()
     }
 }
 

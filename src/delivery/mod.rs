@@ -23,11 +23,37 @@ use crate::store::{
     AttemptRecord, ClaimedEvent, EventUpdate, Handoff, Settlement, Store, StoreError,
 };
 use classify::{backoff_ms, GraphError, Verdict};
-pub use client::GraphClient;
+pub use client::{GraphClient, KeyCoverage, MetaEventQuality};
 
 /// Unix milliseconds now.
 pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
+}
+
+/// Each pixel's wake-up for its idle delivery workers, by pixel id. Waking only the pixel
+/// whose events were queued keeps the other pixels' workers asleep.
+#[derive(Clone, Default)]
+pub struct Wakes(Arc<Vec<(String, Arc<Notify>)>>);
+
+impl Wakes {
+    /// Wake-ups for these pixels.
+    pub fn new(wakes: Vec<(String, Arc<Notify>)>) -> Self {
+        Self(Arc::new(wakes))
+    }
+
+    /// Wakes one idle worker of `pixel_id`; one is enough, it takes up to a full batch.
+    pub fn wake(&self, pixel_id: &str) {
+        if let Some((_, notify)) = self.0.iter().find(|(id, _)| id == pixel_id) {
+            notify.notify_one();
+        }
+    }
+
+    /// Wakes one idle worker of every pixel (a notice that does not say which pixel).
+    pub fn wake_all(&self) {
+        for (_, notify) in self.0.iter() {
+            notify.notify_one();
+        }
+    }
 }
 
 /// What one pass of a worker did.
@@ -45,6 +71,8 @@ pub enum Progress {
 /// A pixel's delivery state as shown by `/readyz`.
 #[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
 pub struct PixelStatus {
+    /// The configured name.
+    pub name: String,
     /// Pixel id.
     pub pixel_id: String,
     /// `running`, `paused` or `throttled`.
@@ -129,6 +157,11 @@ impl Delivery {
         }
     }
 
+    /// The Graph client of this pixel (for tools such as the dashboard's test event).
+    pub fn client(&self) -> &GraphClient {
+        &self.client
+    }
+
     /// The pixel's current state.
     pub fn status(&self) -> PixelStatus {
         let now = now_ms();
@@ -143,6 +176,7 @@ impl Delivery {
             None => ("running", None, None),
         };
         PixelStatus {
+            name: self.client.pixel_name().to_owned(),
             pixel_id: self.client.pixel_id().to_owned(),
             state: state_name.to_owned(),
             reason,
@@ -336,6 +370,7 @@ impl Delivery {
             self.deliver_group(events, test_code.as_deref(), &mut updates)
                 .await;
         }
+        crate::metrics::settled(self.client.pixel_id(), &updates);
         self.store.settle(&updates, now_ms()).await?;
         Ok(Progress::Worked(n_events))
     }
@@ -373,6 +408,12 @@ impl Delivery {
                     test_code,
                 )
                 .await;
+            crate::metrics::graph_request(
+                self.client.pixel_id(),
+                chunk.len(),
+                started.elapsed(),
+                &verdict,
+            );
             let now = now_ms();
             let pixel_id = self.client.pixel_id();
             match verdict {

@@ -139,7 +139,8 @@ pub fn browser_event(
         }]);
     }
     let mut event = body.clone();
-    for key in ["site_key", "fbclid_seen_at", "consent"] {
+    // The site decides the pixel, not the page.
+    for key in ["site_key", "fbclid_seen_at", "consent", "pixel"] {
         event.remove(key);
     }
     for (key, default) in &site.defaults {

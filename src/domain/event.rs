@@ -152,6 +152,8 @@ pub struct NormalizedEvent {
     pub deadline: i64,
     /// The `user_data` keys that carry a value (for match-quality reporting).
     pub match_keys: Vec<String>,
+    /// The pixel (name or id) the event asked for with a `pixel` field; never sent to Meta.
+    pub pixel: Option<String>,
     /// The event as sent; hashed values only.
     pub payload: Value,
 }
@@ -163,6 +165,8 @@ pub struct RequestEvents {
     pub events: Vec<Value>,
     /// `test_event_code` from Meta's envelope, if any.
     pub test_event_code: Option<String>,
+    /// `pixel` from the envelope: the pixel (name or id) of events that name none.
+    pub pixel: Option<String>,
 }
 
 /// Accepts one event object, an array of events, or Meta's `{"data": [...]}` envelope.
@@ -170,21 +174,17 @@ pub struct RequestEvents {
 /// # Errors
 /// When the body has none of those shapes or carries too many events.
 pub fn split_request(body: Value) -> Result<RequestEvents, Problem> {
-    let (events, test_event_code) = match body {
-        Value::Array(events) => (events, None),
+    let (events, test_event_code, pixel) = match body {
+        Value::Array(events) => (events, None, None),
         Value::Object(mut map) if map.contains_key("data") && !map.contains_key("event_name") => {
-            let test_event_code = match map.remove("test_event_code") {
-                None | Some(Value::Null) => None,
-                Some(Value::String(code)) if code.trim().is_empty() => None,
-                Some(Value::String(code)) => Some(code.trim().to_owned()),
-                Some(_) => return Err(problem("test_event_code", "must be a string")),
-            };
+            let test_event_code = optional_text(map.remove("test_event_code"), "test_event_code")?;
+            let pixel = optional_text(map.remove("pixel"), "pixel")?;
             match map.remove("data") {
-                Some(Value::Array(events)) => (events, test_event_code),
+                Some(Value::Array(events)) => (events, test_event_code, pixel),
                 _ => return Err(problem("data", "must be an array of events")),
             }
         }
-        Value::Object(map) => (vec![Value::Object(map)], None),
+        Value::Object(map) => (vec![Value::Object(map)], None, None),
         _ => {
             return Err(problem(
                 "",
@@ -207,7 +207,18 @@ pub fn split_request(body: Value) -> Result<RequestEvents, Problem> {
     Ok(RequestEvents {
         events,
         test_event_code,
+        pixel,
     })
+}
+
+/// A trimmed string, none when blank or absent.
+fn optional_text(value: Option<Value>, field: &str) -> Result<Option<String>, Problem> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) if text.trim().is_empty() => Ok(None),
+        Some(Value::String(text)) => Ok(Some(text.trim().to_owned())),
+        Some(_) => Err(problem(field, "must be a string")),
+    }
 }
 
 const STANDARD_EVENTS: [&str; 18] = [
@@ -472,6 +483,13 @@ pub fn normalize_event(
         }
     }
 
+    let pixel = optional_text(input.get("pixel").cloned(), "pixel").unwrap_or_else(|p| {
+        problems.push(Problem {
+            reason: "must be a string: the name or id of a configured pixel".to_owned(),
+            ..p
+        });
+        None
+    });
     let user_data = normalize_user_data(input, rules, event_time, &mut problems, &mut warnings);
     let custom_data = normalize_custom_data(input, &event_name, &mut problems, &mut warnings);
 
@@ -526,6 +544,7 @@ pub fn normalize_event(
             action_source,
             deadline: event_time + max_age,
             match_keys,
+            pixel,
             payload: Value::Object(out),
         },
         warnings,
@@ -533,8 +552,9 @@ pub fn normalize_event(
 }
 
 fn is_known_top_level(key: &str) -> bool {
-    const KNOWN: [&str; 17] = [
+    const KNOWN: [&str; 18] = [
         "event_name",
+        "pixel",
         "event_time",
         "event_id",
         "action_source",
@@ -553,6 +573,14 @@ fn is_known_top_level(key: &str) -> bool {
         "value",
     ];
     KNOWN.contains(&key) || key == "currency" || FLAT_USER_FIELDS.iter().any(|(f, _)| *f == key)
+}
+
+/// Meta's standard event name that `name` is (case-insensitively), if any.
+pub fn standard_event_name(name: &str) -> Option<&'static str> {
+    STANDARD_EVENTS
+        .iter()
+        .find(|s| s.eq_ignore_ascii_case(name.trim()))
+        .copied()
 }
 
 fn canonical_event_name(name: &str, rules: &IngestRules) -> String {

@@ -9,6 +9,7 @@ pub mod chatwoot;
 pub mod event;
 pub mod match_keys;
 pub mod normalize;
+pub mod quality;
 pub mod rules;
 
 pub use event::{

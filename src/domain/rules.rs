@@ -42,6 +42,10 @@ pub struct RuleSpec {
     /// Rows to fetch before `fields` are evaluated; each becomes a variable of its name.
     #[serde(default)]
     pub lookups: Vec<LookupSpec>,
+    /// The pixel (name or id) its events go to; the source's or the default otherwise.
+    /// (`fields.pixel` may compute one instead.)
+    #[serde(default)]
+    pub pixel: Option<String>,
 }
 
 /// A row to fetch over the Supabase REST API: `table` where `column` equals `value`.
@@ -179,6 +183,7 @@ struct CompiledRule {
     event: Option<String>,
     fields: Vec<(Vec<String>, FieldValue)>,
     lookups: Vec<(LookupSpec, Program)>,
+    pixel: Option<String>,
 }
 
 enum FieldValue {
@@ -306,6 +311,7 @@ impl RuleSet {
                 event,
                 fields,
                 lookups,
+                pixel: spec.pixel.clone(),
             });
         }
         if problems.is_empty() {
@@ -318,6 +324,13 @@ impl RuleSet {
     /// How many rules there are for `source`.
     pub fn count_for(&self, source: &str) -> usize {
         self.rules.iter().filter(|r| r.source == source).count()
+    }
+
+    /// `(rule name, pixel)` of every rule that names a pixel, for checking the names.
+    pub fn pixels(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.rules
+            .iter()
+            .filter_map(|r| Some((r.name.as_str(), r.pixel.as_deref()?)))
     }
 
     /// The names of all rules, in order.
@@ -435,6 +448,9 @@ impl RuleSet {
         let mut event = Map::new();
         if let Some(name) = &compiled.event {
             event.insert("event_name".to_owned(), Value::String(name.clone()));
+        }
+        if let Some(pixel) = &compiled.pixel {
+            event.insert("pixel".to_owned(), Value::String(pixel.clone()));
         }
         for (path, value) in &compiled.fields {
             let failure = |reason: String| RuleFailure {

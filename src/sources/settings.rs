@@ -26,6 +26,8 @@ pub struct SourceConfig {
     pub url_token: Option<String>,
     /// Chatwoot's per-webhook secret: `X-Chatwoot-Signature` is verified with it.
     pub signing_secret: Option<String>,
+    /// The pixel (name or id) its events go to unless a rule names another.
+    pub pixel: Option<String>,
 }
 
 impl std::fmt::Debug for SourceConfig {
@@ -38,6 +40,7 @@ impl std::fmt::Debug for SourceConfig {
                 "signing_secret",
                 &self.signing_secret.as_ref().map(|_| "<set>"),
             )
+            .field("pixel", &self.pixel)
             .finish()
     }
 }
@@ -81,6 +84,8 @@ pub(crate) struct FileSource {
     whatsapp_business_account_id: Option<String>,
     /// Chatwoot: `false` turns the shipped rules off.
     default_rules: Option<bool>,
+    /// The pixel (name or id) of this source's events.
+    pixel: Option<String>,
 }
 
 /// The rules file: `[[rules]]` entries only.
@@ -170,6 +175,7 @@ pub(crate) fn load(
             kind,
             url_token,
             signing_secret,
+            pixel: file.pixel.clone(),
         });
     }
 

@@ -524,21 +524,12 @@ pub fn check_base_url(raw: &str) -> Result<Url, LookupError> {
     }
     match url.scheme() {
         "https" => Ok(url),
-        "http" if is_loopback(&url) => Ok(url),
+        "http" if crate::config::is_loopback_url(&url) => Ok(url),
         "http" => Err(invalid(
             "must use https (plain http is allowed only for 127.0.0.1, localhost or ::1: \
              the key would travel in clear)",
         )),
         _ => Err(invalid("must use https")),
-    }
-}
-
-fn is_loopback(url: &Url) -> bool {
-    match url.host() {
-        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-        Some(url::Host::Domain(domain)) => domain.eq_ignore_ascii_case("localhost"),
-        None => false,
     }
 }
 

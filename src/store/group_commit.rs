@@ -33,6 +33,9 @@ pub struct Handoff {
     pub lease: Duration,
 }
 
+/// Each pixel's [`Handoff`] by pixel id (none in dry-run or for tools that do not deliver).
+pub type Handoffs = Vec<(String, Handoff)>;
+
 /// A handle that submits events to the single committing task.
 #[derive(Clone)]
 pub struct GroupCommit {
@@ -42,9 +45,9 @@ pub struct GroupCommit {
 impl GroupCommit {
     /// Starts the committing task. It stops when every handle is dropped, after committing
     /// what it has.
-    pub fn start(store: Arc<dyn Store>, clock: fn() -> i64, handoff: Option<Handoff>) -> Self {
+    pub fn start(store: Arc<dyn Store>, clock: fn() -> i64, handoffs: Handoffs) -> Self {
         let (sender, receiver) = mpsc::channel(1024);
-        tokio::spawn(run(store, receiver, clock, handoff));
+        tokio::spawn(run(store, receiver, clock, handoffs));
         Self { sender }
     }
 
@@ -72,7 +75,7 @@ async fn run(
     store: Arc<dyn Store>,
     mut receiver: mpsc::Receiver<(Vec<NewEventRecord>, Reply)>,
     clock: fn() -> i64,
-    handoff: Option<Handoff>,
+    handoffs: Handoffs,
 ) {
     while let Some(first) = receiver.recv().await {
         let mut pending = vec![first];
@@ -94,49 +97,64 @@ async fn run(
             all.extend(events);
         }
 
-        // Reserve room in the inbox before committing, so that every event stored as leased
-        // is certain to reach a worker.
-        let n_queueable = all.iter().filter(|e| !e.dry_run).count();
-        let reserved = handoff.as_ref().and_then(|h| {
-            if n_queueable == 0 || !h.accepting.load(Ordering::Relaxed) {
-                return None;
-            }
-            let n = u32::try_from(n_queueable).ok()?;
-            h.room
-                .clone()
-                .try_acquire_many_owned(n)
-                .ok()
-                .map(|slots| (h, slots))
-        });
+        // Reserve room in each pixel's inbox before committing, so that every event stored
+        // as leased is certain to reach a worker. A pixel that is paused or full gets its
+        // events stored unleased; the others are not held up by it.
         let now = clock();
-        let lease_until = reserved.as_ref().map(|(h, _)| {
-            now.saturating_add(i64::try_from(h.lease.as_millis()).unwrap_or(i64::MAX))
-        });
+        let mut reserved: Vec<(&Handoff, Vec<usize>)> = Vec::new();
+        for (pixel_id, handoff) in &handoffs {
+            let mine: Vec<usize> = all
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| !e.dry_run && e.pixel_id == *pixel_id)
+                .map(|(i, _)| i)
+                .collect();
+            if mine.is_empty() || !handoff.accepting.load(Ordering::Relaxed) {
+                continue;
+            }
+            let Ok(n) = u32::try_from(mine.len()) else {
+                continue;
+            };
+            if let Ok(slots) = handoff.room.clone().try_acquire_many_owned(n) {
+                // The slots now belong to these events; duplicates give theirs back below.
+                slots.forget();
+                let lease_until = now
+                    .saturating_add(i64::try_from(handoff.lease.as_millis()).unwrap_or(i64::MAX));
+                for &i in &mine {
+                    all[i].lease_until = Some(lease_until);
+                }
+                reserved.push((handoff, mine));
+            }
+        }
 
-        match store.insert_events(&all, now, lease_until).await {
+        match store.insert_events(&all, now).await {
             Ok(results) => {
                 // Hand off before answering, so that by the time ingest wakes a worker the
                 // events are already in its inbox.
-                if let Some((h, slots)) = reserved {
-                    let handed: Vec<ClaimedEvent> = all
-                        .into_iter()
-                        .zip(&results)
-                        .filter_map(|(event, result)| match (result.outcome, result.row_id) {
-                            (InsertOutcome::Queued, Some(row_id)) => Some(ClaimedEvent {
-                                row_id,
-                                event_id: event.event_id,
-                                payload: event.payload,
-                                test_event_code: event.test_event_code,
-                                attempts: 1,
-                                deadline_at: event.deadline_at,
-                            }),
-                            _ => None,
+                let mut stored: Vec<Option<NewEventRecord>> = all.into_iter().map(Some).collect();
+                for (handoff, mine) in reserved {
+                    let handed: Vec<ClaimedEvent> = mine
+                        .iter()
+                        .filter_map(|&i| {
+                            let result = results.get(i)?;
+                            match (result.outcome, result.row_id) {
+                                (InsertOutcome::Queued, Some(row_id)) => {
+                                    let event = stored.get_mut(i)?.take()?;
+                                    Some(ClaimedEvent {
+                                        row_id,
+                                        event_id: event.event_id,
+                                        payload: event.payload,
+                                        test_event_code: event.test_event_code,
+                                        attempts: 1,
+                                        deadline_at: event.deadline_at,
+                                    })
+                                }
+                                _ => None,
+                            }
                         })
                         .collect();
-                    // The slots now belong to the handed events; duplicates give theirs back.
-                    slots.forget();
-                    h.room.add_permits(n_queueable - handed.len());
-                    if !handed.is_empty() && h.inbox.send(handed).is_err() {
+                    handoff.room.add_permits(mine.len() - handed.len());
+                    if !handed.is_empty() && handoff.inbox.send(handed).is_err() {
                         // Delivery has stopped (shutdown): the events stay leased in storage
                         // and are sent when the lease expires.
                         tracing::debug!(

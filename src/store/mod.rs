@@ -44,6 +44,11 @@ pub struct NewEventRecord {
     pub deadline_at: i64,
     /// Stored as `dry_run` instead of `queued`: shown, never sent.
     pub dry_run: bool,
+    /// Where it came from: `api`, `cli`, `sql`, a source's name or `site:<key>`.
+    pub source: Option<String>,
+    /// Stored already leased to this process until then (one attempt counted), because the
+    /// group commit hands it straight to its pixel's delivery workers; `None`: stored due now.
+    pub lease_until: Option<i64>,
 }
 
 /// One remembered match key: the newest value of one `user_data` field for one person identity
@@ -207,6 +212,8 @@ pub struct EventDetail {
     pub delivered_at: Option<i64>,
     /// Test code the event is sent with.
     pub test_event_code: Option<String>,
+    /// Where it came from (see [`NewEventRecord::source`]).
+    pub source: Option<String>,
     /// The exact `data[i]` sent (hashed).
     pub payload: serde_json::Value,
     /// Every attempt with Meta's answer, oldest first.
@@ -227,6 +234,7 @@ pub(crate) struct EventRow {
     pub(crate) delivered_at: Option<i64>,
     pub(crate) delivered_fbtrace_id: Option<String>,
     pub(crate) test_event_code: Option<String>,
+    pub(crate) source: Option<String>,
     pub(crate) payload: Option<String>,
 }
 
@@ -266,6 +274,7 @@ impl EventRow {
             next_attempt_at: queued.then_some(self.next_attempt_at),
             delivered_at: self.delivered_at,
             test_event_code: self.test_event_code,
+            source: self.source,
             payload,
             attempts_log,
         }
@@ -375,6 +384,123 @@ pub struct InboxItem {
     pub payload: serde_json::Value,
 }
 
+/// Match-quality counts of one UTC day, pixel and event name: an increment to add, or what is
+/// stored. Counts only, no values.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct QualityCount {
+    /// Days since 1970-01-01 (UTC).
+    pub day: i64,
+    /// Pixel.
+    pub pixel_id: String,
+    /// Canonical event name.
+    pub event_name: String,
+    /// Events stored.
+    pub events: i64,
+    /// Per key of [`crate::domain::quality::MatchKey::ALL`]: events carrying it.
+    pub carried: [i64; 9],
+    /// Per key of [`crate::domain::quality::MatchKey::ALL`]: events the match-key memory
+    /// filled it into.
+    pub filled: [i64; 9],
+}
+
+/// Values the normalizer dropped, by field and reason, on one UTC day (never the values).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct DropCount {
+    /// Days since 1970-01-01 (UTC).
+    pub day: i64,
+    /// Pixel.
+    pub pixel_id: String,
+    /// Canonical event name.
+    pub event_name: String,
+    /// Meta's key (`ph`, `em`, …) or `unknown`.
+    pub field: String,
+    /// The normalizer's reason, e.g. `not a valid phone number`.
+    pub reason: String,
+    /// How many.
+    pub count: i64,
+}
+
+/// The count columns of `match_quality`, in [`QualityCount`] order: the carried keys, then
+/// `filled_<key>`.
+pub(crate) fn quality_columns() -> Vec<String> {
+    let keys = crate::domain::quality::MatchKey::ALL.map(|k| k.as_str());
+    keys.iter()
+        .map(|k| (*k).to_owned())
+        .chain(keys.iter().map(|k| format!("filled_{k}")))
+        .collect()
+}
+
+/// The upsert that adds one [`QualityCount`] to `table` (`match_quality`, schema-qualified as
+/// the backend needs), with parameters `{mark}1`…: day, pixel, name, events, the counts.
+pub(crate) fn quality_upsert_sql(table: &str, mark: char) -> String {
+    let columns = quality_columns();
+    let params: Vec<String> = (1..=columns.len() + 4)
+        .map(|i| format!("{mark}{i}"))
+        .collect();
+    let sums: Vec<String> = std::iter::once("events".to_owned())
+        .chain(columns.iter().cloned())
+        .map(|c| format!("{c} = t.{c} + excluded.{c}"))
+        .collect();
+    format!(
+        "insert into {table} as t (day, pixel_id, event_name, events, {}) values ({})
+         on conflict (day, pixel_id, event_name) do update set {}",
+        columns.join(", "),
+        params.join(", "),
+        sums.join(", ")
+    )
+}
+
+/// The upsert that adds one [`DropCount`] to `table` (`match_quality_drop`).
+pub(crate) fn quality_drop_upsert_sql(table: &str, mark: char) -> String {
+    format!(
+        "insert into {table} as t (day, pixel_id, event_name, field, reason, count)
+         values ({mark}1, {mark}2, {mark}3, {mark}4, {mark}5, {mark}6)
+         on conflict (day, pixel_id, event_name, field, reason) do update
+         set count = t.count + excluded.count"
+    )
+}
+
+/// A `match_quality` row read by either backend: day, pixel, name, events, the counts.
+pub(crate) fn quality_count_from_row<R>(row: &R) -> Result<QualityCount, sqlx::Error>
+where
+    R: sqlx::Row,
+    usize: sqlx::ColumnIndex<R>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let mut count = QualityCount {
+        day: row.try_get(0)?,
+        pixel_id: row.try_get(1)?,
+        event_name: row.try_get(2)?,
+        events: row.try_get(3)?,
+        ..QualityCount::default()
+    };
+    let n = count.carried.len();
+    for i in 0..n {
+        count.carried[i] = row.try_get(4 + i)?;
+        count.filled[i] = row.try_get(4 + n + i)?;
+    }
+    Ok(count)
+}
+
+/// A `match_quality_drop` row read by either backend.
+pub(crate) fn drop_count_from_row<R>(row: &R) -> Result<DropCount, sqlx::Error>
+where
+    R: sqlx::Row,
+    usize: sqlx::ColumnIndex<R>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok(DropCount {
+        day: row.try_get(0)?,
+        pixel_id: row.try_get(1)?,
+        event_name: row.try_get(2)?,
+        field: row.try_get(3)?,
+        reason: row.try_get(4)?,
+        count: row.try_get(5)?,
+    })
+}
+
 /// Counts by state, for readiness and metrics.
 #[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
 pub struct QueueStats {
@@ -396,14 +522,13 @@ pub trait Store: Send + Sync + 'static {
     /// Stores new events in one transaction, skipping keys seen in the last 48 hours.
     /// Results are in input order.
     ///
-    /// With `lease_until`, queued events are stored already leased (one attempt counted) to
+    /// Queued events with a `lease_until` are stored already leased (one attempt counted) to
     /// this process, which hands them straight to its delivery workers: no claim needed. If the
     /// process dies, the lease expires and any worker claims them as usual.
     async fn insert_events(
         &self,
         events: &[NewEventRecord],
         now: i64,
-        lease_until: Option<i64>,
     ) -> Result<Vec<Inserted>, StoreError>;
 
     /// Remembers match keys, in one transaction: per identity and field the row with the newest
@@ -525,6 +650,21 @@ pub trait Store: Send + Sync + 'static {
     /// The newest `limit` parked (invalid) inbox payloads, with their problems; not the
     /// payloads themselves, which may hold personal data.
     async fn parked_payloads(&self, limit: usize) -> Result<Vec<ParkedPayload>, StoreError>;
+
+    /// Adds to the match-quality counters (`match_quality`, `match_quality_drop`), in one
+    /// transaction.
+    async fn count_match_quality(
+        &self,
+        counts: &[QualityCount],
+        drops: &[DropCount],
+    ) -> Result<(), StoreError>;
+
+    /// The match-quality counters of `since_day` (days since 1970-01-01, UTC) and later, one
+    /// row per day.
+    async fn match_quality(
+        &self,
+        since_day: i64,
+    ) -> Result<(Vec<QualityCount>, Vec<DropCount>), StoreError>;
 
     /// Waits for a sign that work is waiting, or `timeout` (then `None`). Backends that other
     /// processes can signal (Postgres `LISTEN/NOTIFY`) wake at once; the default just waits.

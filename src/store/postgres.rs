@@ -33,6 +33,7 @@ use super::{
     ParkedPayload, Pruned, QueueStats, ReplayFilter, Retention, Settlement, SourceCount,
     SourcePayload, SourceStat, Store, StoreError, DEDUP_WINDOW_MS,
 };
+use super::{DropCount, QualityCount};
 
 /// Connections per instance. Several instances (and the user's own tools) share the server's
 /// `max_connections`, so the pool is bounded; group commit keeps ingest to one writer anyway.
@@ -62,6 +63,8 @@ struct Tables {
     inbox: String,
     source_delivery: String,
     source_count: String,
+    match_quality: String,
+    match_quality_drop: String,
     /// `NOTIFY` channel of `enqueue()` for this schema.
     inbox_channel: String,
     /// `NOTIFY` channel for events any instance may claim.
@@ -80,6 +83,8 @@ impl Tables {
             inbox: name("inbox"),
             source_delivery: name("source_delivery"),
             source_count: name("source_count"),
+            match_quality: name("match_quality"),
+            match_quality_drop: name("match_quality_drop"),
             inbox_channel: format!("capi_bridge_inbox_{schema}"),
             queue_channel: format!("capi_bridge_queue_{schema}"),
         }
@@ -385,7 +390,6 @@ impl Store for PostgresStore {
         &self,
         events: &[NewEventRecord],
         now: i64,
-        lease_until: Option<i64>,
     ) -> Result<Vec<Inserted>, StoreError> {
         if events.is_empty() {
             return Ok(Vec::new());
@@ -411,18 +415,12 @@ impl Store for PostgresStore {
                 ))
             })
             .collect();
-        let (attempts, next_attempt_at) = match lease_until {
-            Some(until) => (1_i32, until),
-            None => (0, now),
-        };
         let rows: Vec<_> = candidates
             .iter()
-            .map(|(_, e)| {
-                if e.dry_run {
-                    ("dry_run", 0, now, None)
-                } else {
-                    ("queued", attempts, next_attempt_at, lease_until)
-                }
+            .map(|(_, e)| match e.lease_until {
+                _ if e.dry_run => ("dry_run", 0_i32, now, None),
+                Some(until) => ("queued", 1, until, Some(until)),
+                None => ("queued", 0, now, None),
             })
             .collect();
         // Dedup keys, events and payloads in ONE statement, run on its own (no BEGIN/COMMIT
@@ -439,9 +437,10 @@ impl Store for PostgresStore {
         let sql = format!(
             "with input as (
                  select * from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                     $6::int4[], $7::int8[], $8::int8[], $9::int8[], $10::text[]) with ordinality
+                     $6::int4[], $7::int8[], $8::int8[], $9::int8[], $10::text[], $13::text[])
+                     with ordinality
                      as i(pixel_id, event_id, event_name, test_event_code, state, attempts,
-                         next_attempt_at, leased_until, deadline_at, payload, ord)
+                         next_attempt_at, leased_until, deadline_at, payload, source, ord)
              ),
              fresh as (
                  insert into {dedup} as d (pixel_id, event_name, event_id, first_seen_at)
@@ -454,9 +453,11 @@ impl Store for PostgresStore {
              ),
              stored as (
                  insert into {event} (pixel_id, event_id, event_name, test_event_code, state,
-                     attempts, next_attempt_at, leased_until, deadline_at, received_at, updated_at)
+                     attempts, next_attempt_at, leased_until, deadline_at, received_at, updated_at,
+                     source)
                  select i.pixel_id, i.event_id, i.event_name, i.test_event_code, i.state,
-                     i.attempts, i.next_attempt_at, i.leased_until, i.deadline_at, $11, $11
+                     i.attempts, i.next_attempt_at, i.leased_until, i.deadline_at, $11, $11,
+                     i.source
                  from input as i join fresh using (pixel_id, event_name, event_id)
                  order by i.ord
                  returning id, pixel_id, event_name, event_id
@@ -496,11 +497,19 @@ impl Store for PostgresStore {
             .bind(texts(|e| e.payload.as_str()))
             .bind(now)
             .bind(cutoff)
+            .bind(
+                candidates
+                    .iter()
+                    .map(|(_, e)| e.source.as_deref())
+                    .collect::<Vec<_>>(),
+            )
             .fetch_all(&mut *conn)
             .await?;
         // Events nobody has leased: tell every instance, so an idle one claims them at once.
-        if lease_until.is_none() && !stored.is_empty() && candidates.iter().any(|(_, e)| !e.dry_run)
-        {
+        let unleased = candidates
+            .iter()
+            .any(|(_, e)| !e.dry_run && e.lease_until.is_none());
+        if unleased && !stored.is_empty() {
             self.query("select pg_notify($1, '')")
                 .bind(&self.tables.queue_channel)
                 .execute(&mut *conn)
@@ -855,7 +864,7 @@ impl Store for PostgresStore {
         } = &self.tables;
         let sql = format!(
             "select id, event_id, event_name, pixel_id, state, attempts, last_error, received_at,
-                next_attempt_at, leased_until, delivered_at, delivered_fbtrace_id, test_event_code,
+                next_attempt_at, leased_until, delivered_at, delivered_fbtrace_id, test_event_code, source,
                 (select payload from {payload} as p where p.event_row_id = e.id) as payload
              from {event} as e where event_id = $1 order by id desc limit 1"
         );
@@ -913,6 +922,7 @@ impl Store for PostgresStore {
             delivered_at: row.try_get("delivered_at")?,
             delivered_fbtrace_id: row.try_get("delivered_fbtrace_id")?,
             test_event_code: row.try_get("test_event_code")?,
+            source: row.try_get("source")?,
             payload: row.try_get("payload")?,
         }
         .into_detail(attempts_log, now);
@@ -1247,6 +1257,83 @@ impl Store for PostgresStore {
             .await?;
         conn.finish().await?;
         Ok(())
+    }
+
+    async fn count_match_quality(
+        &self,
+        counts: &[QualityCount],
+        drops: &[DropCount],
+    ) -> Result<(), StoreError> {
+        if counts.is_empty() && drops.is_empty() {
+            return Ok(());
+        }
+        let upsert = super::quality_upsert_sql(&self.tables.match_quality, '$');
+        let upsert_drop = super::quality_drop_upsert_sql(&self.tables.match_quality_drop, '$');
+        // A few rows a second at most (one per day, pixel and event name): a statement each.
+        let mut tx = self.begin().await?;
+        for count in counts {
+            let mut query = self
+                .query(&upsert)
+                .bind(count.day)
+                .bind(&count.pixel_id)
+                .bind(&count.event_name)
+                .bind(count.events);
+            for n in count.carried.iter().chain(&count.filled) {
+                query = query.bind(*n);
+            }
+            query.execute(&mut *tx).await?;
+        }
+        for drop in drops {
+            self.query(&upsert_drop)
+                .bind(drop.day)
+                .bind(&drop.pixel_id)
+                .bind(&drop.event_name)
+                .bind(&drop.field)
+                .bind(&drop.reason)
+                .bind(drop.count)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn match_quality(
+        &self,
+        since_day: i64,
+    ) -> Result<(Vec<QualityCount>, Vec<DropCount>), StoreError> {
+        let counts_sql = format!(
+            "select day, pixel_id, event_name, events, {} from {} where day >= $1
+             order by day, pixel_id, event_name",
+            super::quality_columns().join(", "),
+            self.tables.match_quality
+        );
+        let drops_sql = format!(
+            "select day, pixel_id, event_name, field, reason, count from {}
+             where day >= $1 order by day, pixel_id, event_name, field, reason",
+            self.tables.match_quality_drop
+        );
+        let mut conn = self.conn().await?;
+        let count_rows = self
+            .query(&counts_sql)
+            .bind(since_day)
+            .fetch_all(&mut *conn)
+            .await?;
+        let drop_rows = self
+            .query(&drops_sql)
+            .bind(since_day)
+            .fetch_all(&mut *conn)
+            .await?;
+        conn.finish().await?;
+        let counts = count_rows
+            .iter()
+            .map(super::quality_count_from_row)
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        let drops = drop_rows
+            .iter()
+            .map(super::drop_count_from_row)
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        Ok((counts, drops))
     }
 
     async fn parked_payloads(&self, limit: usize) -> Result<Vec<ParkedPayload>, StoreError> {

@@ -14,6 +14,7 @@ use super::{
     Pruned, QueueStats, ReplayFilter, Retention, Settlement, SourceCount, SourcePayload,
     SourceStat, Store, StoreError, DEDUP_WINDOW_MS,
 };
+use super::{DropCount, QualityCount};
 
 /// Rows per multi-row statement (9 parameters each stays far below SQLite's limit).
 const ROWS_PER_STATEMENT: usize = 100;
@@ -91,7 +92,6 @@ impl Store for SqliteStore {
         &self,
         events: &[NewEventRecord],
         now: i64,
-        lease_until: Option<i64>,
     ) -> Result<Vec<Inserted>, StoreError> {
         let mut tx = self.writer.begin().await?;
         let cutoff = now - DEDUP_WINDOW_MS;
@@ -148,21 +148,17 @@ impl Store for SqliteStore {
                 });
             }
         }
-        let (attempts, next_attempt_at) = match lease_until {
-            Some(until) => (1_i64, until),
-            None => (0, now),
-        };
         for chunk in fresh.chunks(ROWS_PER_STATEMENT) {
             let mut query = QueryBuilder::new(
                 "insert into event (id, pixel_id, event_id, event_name, test_event_code,
                     state, attempts, next_attempt_at, leased_until, deadline_at, received_at,
-                    updated_at) ",
+                    updated_at, source) ",
             );
             query.push_values(chunk, |mut row, (id, e)| {
-                let (state, attempts, next_attempt_at, leased_until) = if e.dry_run {
-                    ("dry_run", 0, now, None)
-                } else {
-                    ("queued", attempts, next_attempt_at, lease_until)
+                let (state, attempts, next_attempt_at, leased_until) = match e.lease_until {
+                    _ if e.dry_run => ("dry_run", 0, now, None),
+                    Some(until) => ("queued", 1_i64, until, Some(until)),
+                    None => ("queued", 0, now, None),
                 };
                 row.push_bind(id)
                     .push_bind(&e.pixel_id)
@@ -175,7 +171,8 @@ impl Store for SqliteStore {
                     .push_bind(leased_until)
                     .push_bind(e.deadline_at)
                     .push_bind(now)
-                    .push_bind(now);
+                    .push_bind(now)
+                    .push_bind(&e.source);
             });
             query.build().execute(&mut *tx).await?;
             let mut query = QueryBuilder::new("insert into event_payload (event_row_id, payload) ");
@@ -421,7 +418,7 @@ impl Store for SqliteStore {
     ) -> Result<Option<EventDetail>, StoreError> {
         let Some(row) = sqlx::query(
             "select id, event_id, event_name, pixel_id, state, attempts, last_error, received_at,
-                next_attempt_at, leased_until, delivered_at, delivered_fbtrace_id, test_event_code,
+                next_attempt_at, leased_until, delivered_at, delivered_fbtrace_id, test_event_code, source,
                 (select payload from event_payload where event_row_id = event.id) as payload
              from event where event_id = ?1 order by id desc limit 1",
         )
@@ -472,6 +469,7 @@ impl Store for SqliteStore {
             delivered_at: row.try_get("delivered_at")?,
             delivered_fbtrace_id: row.try_get("delivered_fbtrace_id")?,
             test_event_code: row.try_get("test_event_code")?,
+            source: row.try_get("source")?,
             payload: row.try_get("payload")?,
         }
         .into_detail(attempts_log, now);
@@ -664,6 +662,74 @@ impl Store for SqliteStore {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn count_match_quality(
+        &self,
+        counts: &[QualityCount],
+        drops: &[DropCount],
+    ) -> Result<(), StoreError> {
+        if counts.is_empty() && drops.is_empty() {
+            return Ok(());
+        }
+        let upsert = super::quality_upsert_sql("match_quality", '?');
+        let upsert_drop = super::quality_drop_upsert_sql("match_quality_drop", '?');
+        let mut tx = self.writer.begin().await?;
+        for count in counts {
+            let mut query = sqlx::query(&upsert)
+                .bind(count.day)
+                .bind(&count.pixel_id)
+                .bind(&count.event_name)
+                .bind(count.events);
+            for n in count.carried.iter().chain(&count.filled) {
+                query = query.bind(*n);
+            }
+            query.execute(&mut *tx).await?;
+        }
+        for drop in drops {
+            sqlx::query(&upsert_drop)
+                .bind(drop.day)
+                .bind(&drop.pixel_id)
+                .bind(&drop.event_name)
+                .bind(&drop.field)
+                .bind(&drop.reason)
+                .bind(drop.count)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn match_quality(
+        &self,
+        since_day: i64,
+    ) -> Result<(Vec<QualityCount>, Vec<DropCount>), StoreError> {
+        let sql = format!(
+            "select day, pixel_id, event_name, events, {} from match_quality where day >= ?1
+             order by day, pixel_id, event_name",
+            super::quality_columns().join(", ")
+        );
+        let rows = sqlx::query(&sql)
+            .bind(since_day)
+            .fetch_all(&self.reader)
+            .await?;
+        let counts = rows
+            .iter()
+            .map(super::quality_count_from_row)
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        let rows = sqlx::query(
+            "select day, pixel_id, event_name, field, reason, count from match_quality_drop
+             where day >= ?1 order by day, pixel_id, event_name, field, reason",
+        )
+        .bind(since_day)
+        .fetch_all(&self.reader)
+        .await?;
+        let drops = rows
+            .iter()
+            .map(super::drop_count_from_row)
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        Ok((counts, drops))
     }
 
     async fn parked_payloads(&self, limit: usize) -> Result<Vec<ParkedPayload>, StoreError> {

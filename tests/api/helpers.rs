@@ -70,6 +70,22 @@ pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
     start(graph, dir, env).await
 }
 
+/// Like [`spawn_app_with`] for another pixel, with a stand-in that knows only that one: for
+/// tests that read process-wide metrics by their own pixel's labels.
+pub async fn spawn_app_for_pixel(pixel: &str, overrides: &[(&str, &str)]) -> TestApp {
+    let graph = GraphStandIn::start(TOKEN, pixel).await;
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    let mut env = test_env(&graph, &dir);
+    let pixel = [("META_PIXEL_ID", pixel)];
+    for (key, value) in pixel.iter().chain(overrides) {
+        env.retain(|(k, _)| k != key);
+        if !value.is_empty() {
+            env.push(((*key).to_owned(), (*value).to_owned()));
+        }
+    }
+    start(graph, dir, env).await
+}
+
 /// The service on the local Postgres, in a schema of its own that is dropped afterwards.
 pub async fn spawn_app_on_postgres() -> TestApp {
     spawn_app_in_schema(&new_postgres_schema(), &[]).await
@@ -138,7 +154,12 @@ async fn start(
 ) -> TestApp {
     let config = config::load(&Env::from_pairs(env.clone()), None).expect("test config is valid");
     let app = App::build(config).await.expect("app builds");
-    let address = format!("http://{}", app.local_addr().expect("addr"));
+    let scheme = if env.iter().any(|(k, _)| k == "TLS_CERT_FILE") {
+        "https"
+    } else {
+        "http"
+    };
+    let address = format!("{scheme}://{}", app.local_addr().expect("addr"));
     let store = app.store.clone();
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(app.run_until_stopped(shutdown.clone()));

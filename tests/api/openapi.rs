@@ -105,6 +105,7 @@ async fn the_contract_is_a_valid_openapi_3_1_document() {
         "body_signature",
         "standard_webhooks",
         "chatwoot_signature",
+        "metrics_token",
     ] {
         assert!(schemes.contains_key(scheme), "security scheme {scheme}");
     }
@@ -369,6 +370,8 @@ async fn every_route_in_the_code_is_in_the_contract() {
         ("/healthz", &["get"]),
         ("/readyz", &["get"]),
         ("/openapi.json", &["get"]),
+        ("/metrics", &["get"]),
+        ("/v1/quality", &["get"]),
     ] {
         let expected: BTreeSet<String> = methods.iter().map(|m| (*m).to_owned()).collect();
         assert_eq!(documented.get(path), Some(&expected), "{path}");
@@ -548,6 +551,8 @@ async fn every_documented_operation_is_served_and_answers_as_documented() {
         "post /v1/sources/{name} 200",
         "post /v1/rules/test 200",
         "get /v1/me 401",
+        "get /v1/quality 200",
+        "get /metrics 200",
     ] {
         assert!(
             statuses.contains(expected),

@@ -18,20 +18,34 @@ pub struct Service {
     label: &'static str,
     child: Child,
     log: PathBuf,
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT` (`https://` with `TLS_CERT_FILE`).
     pub address: String,
 }
 
 impl Service {
     /// Starts the binary in `dir` on a free port with exactly `env` (plus PATH and HOME: nothing
     /// from the developer's environment or a `.env` file leaks in), and waits for `/healthz`.
+    /// A `LISTEN_ADDR` in `env` is kept (it is then reached on 127.0.0.1); with `TLS_CERT_FILE`
+    /// it is reached over https, so `http` must trust the certificate.
     pub async fn start(
         label: &'static str,
         dir: &Path,
         env: &[(&str, String)],
         http: &reqwest::Client,
     ) -> Self {
-        let listen_addr = format!("127.0.0.1:{}", free_port());
+        let listen_addr = env
+            .iter()
+            .find(|(name, _)| *name == "LISTEN_ADDR")
+            .map_or_else(|| format!("127.0.0.1:{}", free_port()), |(_, v)| v.clone());
+        let port = listen_addr
+            .rsplit(':')
+            .next()
+            .expect("LISTEN_ADDR has a port");
+        let scheme = if env.iter().any(|(name, _)| *name == "TLS_CERT_FILE") {
+            "https"
+        } else {
+            "http"
+        };
         let log = dir.join(format!("{label}.log"));
         let stderr = std::fs::File::create(&log).expect("create the log file");
         let stdout = stderr.try_clone().expect("clone the log file");
@@ -55,7 +69,7 @@ impl Service {
             label,
             child,
             log,
-            address: format!("http://{listen_addr}"),
+            address: format!("{scheme}://127.0.0.1:{port}"),
         };
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
@@ -90,6 +104,31 @@ impl Service {
             .await
             .expect("/readyz answers JSON");
         ready["queue"].clone()
+    }
+
+    /// What the process has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).expect("read the log file")
+    }
+
+    /// Sends SIGHUP.
+    pub fn hang_up(&mut self) {
+        if let Some(status) = self.child.try_wait().expect("query the child process") {
+            panic!("the {} process had already exited: {status}", self.label);
+        }
+        let sent = Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -HUP failed");
+    }
+
+    /// True while the process runs.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .try_wait()
+            .expect("query the child process")
+            .is_none()
     }
 
     /// SIGKILL, then reap the process.

@@ -7,8 +7,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use capi_bridge::store::{
-    self, AttemptRecord, EventUpdate, InsertOutcome, MatchKeyRow, NewEventRecord, ReplayFilter,
-    Retention, Settlement, SourceCount, SourcePayload, Store, DEDUP_WINDOW_MS,
+    self, AttemptRecord, DropCount, EventUpdate, InsertOutcome, MatchKeyRow, NewEventRecord,
+    QualityCount, ReplayFilter, Retention, Settlement, SourceCount, SourcePayload, Store,
+    DEDUP_WINDOW_MS,
 };
 use sqlx::{Connection, Executor, PgConnection};
 
@@ -24,13 +25,15 @@ fn record(event_id: &str) -> NewEventRecord {
         test_event_code: None,
         deadline_at: T0 + 7 * 24 * 3600 * 1000,
         dry_run: false,
+        source: Some("api".to_owned()),
+        lease_until: None,
     }
 }
 
 /// Inserts unleased (the polling path) and returns the outcomes.
 async fn insert(store: &dyn Store, records: &[NewEventRecord], now: i64) -> Vec<InsertOutcome> {
     store
-        .insert_events(records, now, None)
+        .insert_events(records, now)
         .await
         .expect("insert")
         .into_iter()
@@ -366,9 +369,11 @@ async fn check_dry_run_events_are_stored_but_never_claimed(store: &dyn Store) {
 async fn check_events_inserted_with_a_lease_are_claimable_only_after_it(store: &dyn Store) {
     let inserted = store
         .insert_events(
-            &[record("l1"), record("l2"), record("l1")],
+            &[record("l1"), record("l2"), record("l1")].map(|r| NewEventRecord {
+                lease_until: Some(T0 + 1000),
+                ..r
+            }),
             T0,
-            Some(T0 + 1000),
         )
         .await
         .expect("insert");
@@ -776,6 +781,75 @@ async fn check_expired_match_keys_are_not_recalled_and_are_pruned(store: &dyn St
     assert_eq!(recall(store, &["x:a", "e:b"], T0).await.len(), 1);
 }
 
+fn quality(day: i64, event_name: &str, events: i64, em: i64, filled_fbc: i64) -> QualityCount {
+    let mut count = QualityCount {
+        day,
+        pixel_id: PIXEL.to_owned(),
+        event_name: event_name.to_owned(),
+        events,
+        ..QualityCount::default()
+    };
+    count.carried[0] = em;
+    count.carried[4] = filled_fbc;
+    count.filled[4] = filled_fbc;
+    count
+}
+
+fn dropped(day: i64, field: &str, count: i64) -> DropCount {
+    DropCount {
+        day,
+        pixel_id: PIXEL.to_owned(),
+        event_name: "Lead".to_owned(),
+        field: field.to_owned(),
+        reason: "not a valid phone number".to_owned(),
+        count,
+    }
+}
+
+async fn check_match_quality_counts_add_up_per_day_pixel_and_name(store: &dyn Store) {
+    let day = T0 / (24 * 3600 * 1000);
+    store
+        .count_match_quality(
+            &[
+                quality(day - 1, "Lead", 5, 5, 0),
+                quality(day, "Lead", 2, 1, 1),
+            ],
+            &[dropped(day, "ph", 1)],
+        )
+        .await
+        .expect("count");
+    // Later increments add to the same rows; every column is its own counter.
+    store
+        .count_match_quality(
+            &[
+                quality(day, "Lead", 3, 3, 2),
+                quality(day, "Purchase", 1, 0, 0),
+            ],
+            &[dropped(day, "ph", 2), dropped(day, "em", 1)],
+        )
+        .await
+        .expect("count again");
+    store
+        .count_match_quality(&[], &[])
+        .await
+        .expect("nothing to count");
+
+    let (counts, drops) = store.match_quality(day).await.expect("read");
+    assert_eq!(
+        counts,
+        [
+            quality(day, "Lead", 5, 4, 3),
+            quality(day, "Purchase", 1, 0, 0)
+        ]
+    );
+    assert_eq!(drops, [dropped(day, "em", 1), dropped(day, "ph", 3)]);
+    let (counts, _) = store.match_quality(day - 1).await.expect("read");
+    assert_eq!(counts.len(), 3);
+    assert_eq!(counts[0], quality(day - 1, "Lead", 5, 5, 0));
+    let (counts, drops) = store.match_quality(day + 1).await.expect("read");
+    assert!(counts.is_empty() && drops.is_empty());
+}
+
 /// Runs every check against every backend: one list, so no backend can miss a check.
 macro_rules! store_contract {
     ($($check:ident),* $(,)?) => {
@@ -836,4 +910,5 @@ store_contract!(
     check_source_payloads_dedup_delivery_ids_and_count_outcomes,
     check_match_keys_keep_the_newest_value_per_identity_and_field,
     check_expired_match_keys_are_not_recalled_and_are_pruned,
+    check_match_quality_counts_add_up_per_day_pixel_and_name,
 );

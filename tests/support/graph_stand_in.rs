@@ -62,12 +62,18 @@ pub struct Received {
 struct Inner {
     valid_token: String,
     pixel_id: String,
+    /// Further pixels (datasets) and the token each accepts.
+    other_pixels: std::collections::BTreeMap<String, String>,
     scripted: VecDeque<Scripted>,
     poison_event_ids: Vec<String>,
     latency: Duration,
     requests: Vec<Received>,
     /// Events Meta accepted, in order (duplicates included: Meta would dedup them).
     accepted: Vec<Value>,
+    /// The token lacks the Dataset Quality API's permissions (`ads_read` …): code 10.
+    dataset_quality_denied: bool,
+    /// Dataset Quality API requests (path and query) as received.
+    dataset_quality_requests: Vec<Received>,
 }
 
 /// Handle to a running stand-in.
@@ -81,6 +87,22 @@ pub struct GraphStandIn {
 
 type Shared = (Arc<Mutex<Inner>>, Arc<Notify>);
 
+impl Inner {
+    /// The token `pixel` accepts, if the pixel exists.
+    fn token_for(&self, pixel: &str) -> Option<&str> {
+        if pixel == self.pixel_id {
+            Some(&self.valid_token)
+        } else {
+            self.other_pixels.get(pixel).map(String::as_str)
+        }
+    }
+
+    /// Meta checks the token first: an unknown pixel with a valid token is "does not exist".
+    fn token_valid(&self, pixel: &str, presented: Option<&str>) -> bool {
+        presented.is_some() && presented == Some(self.token_for(pixel).unwrap_or(&self.valid_token))
+    }
+}
+
 impl GraphStandIn {
     /// Starts a stand-in that accepts `token` for `pixel_id`.
     pub async fn start(token: &str, pixel_id: &str) -> Self {
@@ -92,6 +114,7 @@ impl GraphStandIn {
         let changed = Arc::new(Notify::new());
         let router = Router::new()
             .route("/{version}/{pixel}/events", post(events))
+            .route("/{version}/dataset_quality", get(dataset_quality))
             .route("/{version}/{pixel}", get(pixel))
             .with_state((inner.clone(), changed.clone()));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -127,9 +150,27 @@ impl GraphStandIn {
         self.lock().poison_event_ids.clear();
     }
 
+    /// Also accepts events for `pixel_id` with `token` (another dataset, maybe another
+    /// business's token), or changes the token an added pixel accepts.
+    pub fn add_pixel(&self, pixel_id: &str, token: &str) {
+        self.lock()
+            .other_pixels
+            .insert(pixel_id.to_owned(), token.to_owned());
+    }
+
     /// Changes the token the stand-in accepts (a user fixing their credentials).
     pub fn set_valid_token(&self, token: &str) {
         self.lock().valid_token = token.to_owned();
+    }
+
+    /// The token loses (or regains) the permissions the Dataset Quality API needs.
+    pub fn deny_dataset_quality(&self, denied: bool) {
+        self.lock().dataset_quality_denied = denied;
+    }
+
+    /// Every Dataset Quality API request so far.
+    pub fn dataset_quality_requests(&self) -> Vec<Received> {
+        self.lock().dataset_quality_requests.clone()
     }
 
     /// Adds latency to every answer.
@@ -338,7 +379,7 @@ async fn events(
                 }
             };
             (response, Vec::new())
-        } else if parsed["access_token"].as_str() != Some(state.valid_token.as_str()) {
+        } else if !state.token_valid(&pixel, parsed["access_token"].as_str()) {
             (
                 graph_error(
                     400,
@@ -349,7 +390,7 @@ async fn events(
                 ),
                 Vec::new(),
             )
-        } else if pixel != state.pixel_id {
+        } else if state.token_for(&pixel).is_none() {
             (
                 graph_error(
                     400,
@@ -407,12 +448,122 @@ async fn pixel(
     headers: HeaderMap,
 ) -> Response {
     let state = inner.lock().unwrap_or_else(|e| e.into_inner());
-    let expected = format!("Bearer {}", state.valid_token);
-    if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(expected.as_str()) {
+    let presented = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if !state.token_valid(&pixel, presented) {
         return graph_error(400, 190, None, "", "Invalid OAuth access token.");
     }
-    if pixel != state.pixel_id {
+    if state.token_for(&pixel).is_none() {
         return graph_error(400, 100, Some(33), "", "Object does not exist.");
     }
     Json(json!({ "id": pixel, "name": "Stand-in pixel" })).into_response()
+}
+
+/// Meta's identifiers in `match_key_feedback` and the `user_data` keys they stand for.
+const DATASET_QUALITY_KEYS: [(&str, &str); 7] = [
+    ("email", "em"),
+    ("phone", "ph"),
+    ("external_id", "external_id"),
+    ("ip_address", "client_ip_address"),
+    ("user_agent", "client_user_agent"),
+    ("fbc", "fbc"),
+    ("fbp", "fbp"),
+];
+
+/// `GET /{version}/dataset_quality?dataset_id=…&agent_name=…&fields=web{event_match_quality,
+/// event_name}` (`meta-capi.md` §9): the token in the `Authorization` header, permission
+/// checked, then per event name of the events accepted so far `composite_score` and
+/// `match_key_feedback[{identifier, coverage{percentage}}]`. Meta does not publish its score;
+/// the stand-in's is 10 × the mean coverage of the keys above, to one decimal.
+async fn dataset_quality(
+    State((inner, _)): State<Shared>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+) -> Response {
+    let mut state = inner.lock().unwrap_or_else(|e| e.into_inner());
+    let query: Vec<(String, String)> = uri
+        .query()
+        .map(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .into_owned()
+                .collect()
+        })
+        .unwrap_or_default();
+    let param = |name: &str| {
+        query
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    let expected = format!("Bearer {}", state.valid_token);
+    let response =
+        if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(expected.as_str()) {
+            graph_error(400, 190, None, "", "Invalid OAuth access token.")
+        } else if state.dataset_quality_denied {
+            graph_error(
+                400,
+                10,
+                None,
+                "",
+                "(#10) Application does not have permission for this action",
+            )
+        } else if param("dataset_id") != Some(state.pixel_id.as_str())
+            || !param("fields").is_some_and(|f| f.contains("event_match_quality"))
+        {
+            graph_error(400, 100, None, "", "Invalid parameter")
+        } else {
+            let mut names: Vec<String> = state
+                .accepted
+                .iter()
+                .filter_map(|e| e["event_name"].as_str().map(str::to_owned))
+                .collect();
+            names.sort();
+            names.dedup();
+            let web: Vec<Value> = names
+                .iter()
+                .map(|name| {
+                    let events: Vec<&Value> = state
+                        .accepted
+                        .iter()
+                        .filter(|e| e["event_name"] == name.as_str())
+                        .collect();
+                    let feedback: Vec<(&str, f64)> = DATASET_QUALITY_KEYS
+                        .iter()
+                        .map(|(identifier, key)| {
+                            let with = events
+                                .iter()
+                                .filter(|e| !e["user_data"][*key].is_null())
+                                .count();
+                            (*identifier, 100.0 * with as f64 / events.len() as f64)
+                        })
+                        .collect();
+                    let mean = feedback.iter().map(|(_, p)| p).sum::<f64>() / feedback.len() as f64;
+                    json!({
+                        "event_name": name,
+                        "event_match_quality": {
+                            "composite_score": mean.round() / 10.0,
+                            "match_key_feedback": feedback
+                                .iter()
+                                .map(|(identifier, percentage)| json!({
+                                    "identifier": identifier,
+                                    "coverage": {"percentage": percentage}
+                                }))
+                                .collect::<Vec<_>>(),
+                        }
+                    })
+                })
+                .collect();
+            Json(json!({ "web": web })).into_response()
+        };
+    let status = response.status().as_u16();
+    state.dataset_quality_requests.push(Received {
+        path: uri.path().to_owned(),
+        query: uri.query().map(str::to_owned),
+        body: Value::Null,
+        status,
+        at: std::time::Instant::now(),
+    });
+    response
 }

@@ -1,0 +1,3 @@
+-- Where an event came from (api, cli, sql, a source's name, site:<key>), for the dashboard's
+-- search. Older rows have none.
+alter table event add column source text;
