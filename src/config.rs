@@ -1053,13 +1053,15 @@ mod tests {
     #[test]
     fn every_key_documented_in_the_example_file_is_real() {
         let example = include_str!("../capi-bridge.example.toml");
-        // Uncomment every `# key = value` line: deny_unknown_fields rejects a misspelt key.
+        // Uncomment every `# key = value` and `# [table]` line: deny_unknown_fields rejects a
+        // misspelt key.
         let uncommented: String = example
             .lines()
             .map(|line| match line.strip_prefix("# ") {
                 Some(rest) if rest.split(" = ").count() >= 2 && !rest.starts_with(' ') => {
                     rest.split("  #").next().unwrap_or(rest).to_owned()
                 }
+                Some(rest) if rest.starts_with('[') => rest.to_owned(),
                 _ => line.to_owned(),
             })
             .collect::<Vec<_>>()
@@ -1067,6 +1069,10 @@ mod tests {
         let file: FileConfig = toml::from_str(&uncommented).expect("example parses");
         assert_eq!(file.delivery.max_in_flight, Some(4));
         assert_eq!(file.meta.api_version.as_deref(), Some("v25.0"));
+        assert_eq!(
+            file.pixels.get("shop").and_then(|p| p.pixel_id.as_deref()),
+            Some("1111111111")
+        );
         assert_eq!(
             file.event_aliases.get("venda").map(String::as_str),
             Some("Purchase")

@@ -16,7 +16,7 @@ use crate::pixels::Pixels;
 use crate::store::{GroupCommit, InsertOutcome, NewEventRecord, StoreError};
 
 /// The result of an accepted request.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct IngestReport {
     /// Events newly stored.
     pub accepted: usize,
@@ -31,7 +31,7 @@ pub struct IngestReport {
 }
 
 /// What happened to one event.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct EventReceipt {
     /// Kept or generated id: the Pixel's `eventID` for deduplication.
     pub event_id: String,

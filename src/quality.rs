@@ -201,7 +201,7 @@ fn add(total: &mut QualityCount, more: &QualityCount) {
 }
 
 /// What `GET /v1/quality` answers and the dashboard shows.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct QualityReport {
     /// Unix ms: counted from the start of this UTC day on.
     pub since_ms: i64,
@@ -214,7 +214,7 @@ pub struct QualityReport {
 }
 
 /// Our view of one event name's match keys.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct EventQuality {
     /// Pixel.
     pub pixel_id: String,
@@ -227,9 +227,10 @@ pub struct EventQuality {
 }
 
 /// How often one match key was there.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct KeyShare {
     /// `em`, `ph`, `fn_ln`, `external_id`, `fbc`, `fbp`, `ip`, `user_agent` or `lead_id`.
+    #[schema(value_type = String)]
     pub key: MatchKey,
     /// Events carrying it.
     pub events: i64,
@@ -240,7 +241,7 @@ pub struct KeyShare {
 }
 
 /// Dropped values of one event name, field and reason.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct DroppedValues {
     /// Pixel.
     pub pixel_id: String,
@@ -255,7 +256,7 @@ pub struct DroppedValues {
 }
 
 /// Meta's Event Match Quality of one pixel, or why it is not shown.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct MetaPixelQuality {
     /// Pixel.
     pub pixel_id: String,

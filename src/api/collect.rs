@@ -96,6 +96,19 @@ pub(super) struct CollectQuery {
 }
 
 /// An event from a page; 204 once it is durably queued.
+#[utoipa::path(post, path = "/v1/collect", tag = "pages",
+    params(("site_key" = Option<String>, Query, description = "The site's public key (or `site_key` in the body)")),
+    request_body(description = "`text/plain` (what `navigator.sendBeacon` sends, no preflight) or `application/json`; at most 64 KiB",
+        content((super::openapi::BrowserEvent = "text/plain"), (super::openapi::BrowserEvent = "application/json"))),
+    responses(
+        (status = 204, description = "Stored durably; CORS headers for the page's origin"),
+        (status = 400, description = "Malformed JSON or not one JSON object", body = super::error::ErrorBody),
+        (status = 403, description = "Unknown or missing site key, or an origin the site does not allow", body = super::error::ErrorBody),
+        (status = 413, description = "Body over 64 KiB", body = super::error::ErrorBody),
+        (status = 422, description = "An event name the site does not allow, or an event Meta would refuse", body = super::error::ErrorBody),
+        (status = 429, description = "Over the site's or the visitor's rate limit (`Retry-After`)", body = super::error::ErrorBody),
+        (status = 503, description = "Storage unavailable; retry", body = super::error::ErrorBody),
+    ))]
 pub(super) async fn collect(
     State(state): State<SharedState>,
     Query(query): Query<CollectQuery>,
@@ -192,6 +205,12 @@ pub(super) async fn collect(
 }
 
 /// The CORS preflight of a JSON `POST`: allowed only for a site's origins.
+#[utoipa::path(options, path = "/v1/collect", tag = "pages",
+    params(("site_key" = Option<String>, Query, description = "The site's public key; else the site is found by `Origin`")),
+    responses(
+        (status = 204, description = "Allowed: `Access-Control-Allow-Origin`, `-Methods: POST`, `-Headers: content-type`"),
+        (status = 403, description = "No site allows this origin (no body)"),
+    ))]
 pub(super) async fn preflight(
     State(state): State<SharedState>,
     Query(query): Query<CollectQuery>,
@@ -251,11 +270,14 @@ fn header_str<K: header::AsHeaderName>(headers: &HeaderMap, name: K) -> Option<&
 pub const SCRIPT: &str = include_str!("../../web/capi.js");
 
 /// The versioned path of the script: cached for a year, since its content never changes.
-pub fn versioned_script_path() -> String {
-    format!("/v1/capi-{}.js", env!("CARGO_PKG_VERSION"))
-}
+pub const VERSIONED_SCRIPT_PATH: &str = concat!("/v1/capi-", env!("CARGO_PKG_VERSION"), ".js");
 
 /// `GET /v1/capi-<version>.js`: immutable, cached for a year.
+#[utoipa::path(get, path = VERSIONED_SCRIPT_PATH, tag = "pages",
+    responses(
+        (status = 200, description = "`web/capi.js` of this version; immutable, cached for a year", content_type = "text/javascript"),
+        (status = 304, description = "Not modified (`If-None-Match` matched the ETag)"),
+    ))]
 pub(super) async fn versioned_script(headers: HeaderMap) -> Response {
     let mut response = script(headers).await;
     response.headers_mut().insert(
@@ -267,6 +289,11 @@ pub(super) async fn versioned_script(headers: HeaderMap) -> Response {
 
 /// `GET /v1/capi.js`: cached for a day, revalidated by its ETag (the SHA-256 of the file),
 /// and readable cross-origin so a page can pin it with Subresource Integrity.
+#[utoipa::path(get, path = "/v1/capi.js", tag = "pages",
+    responses(
+        (status = 200, description = "`web/capi.js`; cached for a day, revalidated by its ETag, CORS `*` (for Subresource Integrity)", content_type = "text/javascript"),
+        (status = 304, description = "Not modified (`If-None-Match` matched the ETag)"),
+    ))]
 pub(super) async fn script(headers: HeaderMap) -> Response {
     use sha2::{Digest, Sha256};
     let etag = format!(

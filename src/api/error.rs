@@ -7,7 +7,7 @@ use axum::Json;
 use serde::Serialize;
 
 /// A problem with one event of a request, by index.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct EventProblem {
     /// Position of the event in the request (0 for a single event).
     pub event_index: usize,
@@ -92,19 +92,26 @@ impl ApiError {
     }
 }
 
-#[derive(Serialize)]
-struct ErrorBody<'a> {
+/// Every error answer's body (also the OpenAPI schema of it).
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct ErrorBody<'a> {
     error: ErrorDetail<'a>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct ErrorDetail<'a> {
+    /// `malformed_json`, `bad_request`, `unauthorized`, `payload_too_large`,
+    /// `invalid_events`, `not_found`, `forbidden`, `rate_limited` or `unavailable`.
     code: &'static str,
+    /// What is wrong and what to do, for people.
     message: String,
+    /// With `invalid_events`: every problem, by event index and field (never the value).
     #[serde(skip_serializing_if = "Option::is_none")]
     problems: Option<&'a [EventProblem]>,
+    /// With `malformed_json`: 1-based line of the syntax error.
     #[serde(skip_serializing_if = "Option::is_none")]
     line: Option<usize>,
+    /// With `malformed_json`: 1-based column of the syntax error.
     #[serde(skip_serializing_if = "Option::is_none")]
     column: Option<usize>,
 }

@@ -16,6 +16,16 @@ pub(super) const PIXEL_HEADER: &str = "x-capi-pixel";
 use crate::store::EventDetail;
 
 /// Validates, normalizes and durably queues events; answers 202 after the commit.
+#[utoipa::path(post, path = "/v1/events", tag = "events",
+    params(("x-capi-pixel" = Option<String>, Header, description = "The pixel (name or id) of events that name none with a `pixel` field; the default pixel otherwise")),
+    request_body(content = super::openapi::IncomingEvents, description = "Raw or hashed; at most 1000 events and BODY_LIMIT_BYTES"),
+    responses(
+        (status = 202, description = "Stored durably (or acknowledged as duplicates); delivery follows", body = crate::ingest::IngestReport),
+        (status = 400, description = "Malformed JSON (with line and column) or not a request of events", body = super::error::ErrorBody),
+        (status = 413, description = "Body over BODY_LIMIT_BYTES or more than 1000 events", body = super::error::ErrorBody),
+        (status = 422, description = "An event breaks Meta's rules; nothing was queued (`problems` names each field)", body = super::error::ErrorBody),
+        (status = 503, description = "Storage unavailable; retry (`Retry-After`)", body = super::error::ErrorBody),
+    ))]
 pub(super) async fn ingest(
     State(state): State<SharedState>,
     delivery: Option<Extension<DeliveryId>>,
@@ -85,6 +95,13 @@ fn describe_json_error(err: &serde_json::Error) -> String {
 }
 
 /// An event's state, its attempts with Meta's answers, and the exact payload sent.
+#[utoipa::path(get, path = "/v1/events/{event_id}", tag = "events",
+    params(("event_id" = String, Path, description = "The event's `event_id`")),
+    responses(
+        (status = 200, description = "The event", body = EventDetail),
+        (status = 404, description = "No such event (or pruned after its retention)", body = super::error::ErrorBody),
+        (status = 503, description = "Storage unavailable; retry", body = super::error::ErrorBody),
+    ))]
 pub(super) async fn show(
     State(state): State<SharedState>,
     Path(event_id): Path<String>,

@@ -11,12 +11,19 @@ use serde_json::json;
 use super::SharedState;
 
 /// The process is up.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "The process is up", body = super::openapi::Health)))]
 pub(super) async fn healthz() -> impl IntoResponse {
     Json(json!({ "status": "ok" }))
 }
 
 /// Storage reachable and delivery workers alive; pixel states and queue depth for people.
 /// A paused pixel does not make the instance unready: ingest still works and nothing is lost.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "Ready (`status` is `degraded` while a pixel is paused)", body = super::openapi::Readiness),
+        (status = 503, description = "Storage unreachable or delivery workers stopped", body = super::openapi::Readiness),
+    ))]
 pub(super) async fn readyz(State(state): State<SharedState>) -> impl IntoResponse {
     let state = &state.0;
     let storage = state.store.ping().await;
@@ -43,6 +50,8 @@ pub(super) async fn readyz(State(state): State<SharedState>) -> impl IntoRespons
 }
 
 /// A cheap authenticated call to test credentials from n8n, Make or Zapier.
+#[utoipa::path(get, path = "/v1/me", tag = "operations",
+    responses((status = 200, description = "The secret is accepted", body = super::openapi::Me)))]
 pub(super) async fn me(State(state): State<SharedState>) -> impl IntoResponse {
     let state = &state.0;
     Json(json!({

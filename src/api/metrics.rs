@@ -12,6 +12,12 @@ use super::{ApiError, SharedState};
 use crate::delivery::{now_ms, Delivery, PixelStatus};
 
 /// The scrape: process counters and histograms, this app's queue and pixel gauges.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses(
+        (status = 200, description = "Prometheus text format", content_type = "text/plain; version=0.0.4"),
+        (status = 401, description = "`METRICS_TOKEN` is set and was not presented", body = super::error::ErrorBody),
+    ),
+    security((), ("metrics_token" = [])))]
 pub(super) async fn scrape(
     State(state): State<SharedState>,
     headers: HeaderMap,

@@ -7,6 +7,7 @@ pub mod error;
 mod events;
 mod health;
 mod metrics;
+mod openapi;
 mod quality;
 pub mod signature;
 pub mod sources;
@@ -17,12 +18,14 @@ use axum::extract::{Request, State};
 use axum::http::HeaderMap;
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{get, post};
-use axum::Router;
+use axum::{Extension, Router};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
+use utoipa::OpenApi as _;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::config::Config;
 use crate::delivery::Delivery;
@@ -90,43 +93,45 @@ pub fn router(state: AppState) -> Router {
     );
     let admin = crate::admin::router(&state);
     let state: SharedState = Arc::new((state, digests));
-    let protected = Router::new()
-        .route("/v1/events", post(events::ingest))
-        .route("/v1/events/{event_id}", get(events::show))
-        .route("/v1/me", get(health::me))
-        .route("/v1/sources", get(sources::list))
-        .route("/v1/rules/test", post(sources::test_rules))
-        .route("/v1/inbox/parked", get(sources::parked))
-        .route("/v1/inbox/replay", post(sources::replay_parked))
-        .route("/v1/quality", get(quality::report))
-        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    // Routes are registered with `routes!`: each handler's `#[utoipa::path]` gives its path and
+    // its documentation at once (see `openapi`). A route added with `.route(...)` instead is
+    // undocumented, and `tests/api/openapi.rs` fails on it.
+    let mut protected = OpenApiRouter::new()
+        .routes(routes!(events::ingest))
+        .routes(routes!(events::show))
+        .routes(routes!(health::me))
+        .routes(routes!(sources::list))
+        .routes(routes!(sources::test_rules))
+        .routes(routes!(sources::parked))
+        .routes(routes!(sources::replay_parked))
+        .routes(routes!(quality::report));
+    openapi::requires_secret(protected.get_openapi_mut());
+    let protected =
+        protected.route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     // Sources authenticate themselves: a URL token or a sender's signature besides the secret.
-    let sources = Router::new()
-        .route("/v1/sources/{name}", post(sources::receive))
-        .route(
-            "/v1/sources/{name}/{token}",
-            post(sources::receive_with_token),
-        );
+    let sources = OpenApiRouter::new()
+        .routes(routes!(sources::receive))
+        .routes(routes!(sources::receive_with_token));
     // Pages: public, fenced by site key, origin and rate limits; a small body limit of its own.
-    let pages = Router::new()
-        .route(
-            "/v1/collect",
-            post(collect::collect).options(collect::preflight),
-        )
-        .route("/v1/capi.js", get(collect::script))
-        .route(
-            &collect::versioned_script_path(),
-            get(collect::versioned_script),
-        )
+    let pages = OpenApiRouter::new()
+        .routes(routes!(collect::collect, collect::preflight))
+        .routes(routes!(collect::script))
+        .routes(routes!(collect::versioned_script))
         .layer(axum::extract::DefaultBodyLimit::max(collect::BODY_LIMIT));
-    Router::new()
+    let (router, mut contract) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .merge(protected)
         .merge(sources)
         .merge(pages)
+        .routes(routes!(health::healthz))
+        .routes(routes!(health::readyz))
+        .routes(routes!(metrics::scrape))
+        .routes(routes!(openapi::serve))
+        .split_for_parts();
+    openapi::add_common_headers(&mut contract);
+    router
+        // The operator dashboard (HTML pages, not part of the JSON API's contract).
         .merge(admin)
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/metrics", get(metrics::scrape))
+        .layer(Extension(openapi::Served::new(&contract)))
         .layer(middleware::from_fn(crate::metrics::time_ingest))
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
         .layer(PropagateRequestIdLayer::x_request_id())
@@ -149,7 +154,25 @@ pub fn router(state: AppState) -> Router {
             }),
         )
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(middleware::from_fn(plain_request_id))
         .with_state(state)
+}
+
+/// Keeps a caller's `x-request-id` only when it looks like an id (at most 64 letters, digits,
+/// `-`, `_`, `.`, `:`); anything else (an email, a long string) is replaced by a new UUID,
+/// because the id is logged with every line of the request.
+async fn plain_request_id(mut request: Request, next: Next) -> Response {
+    let plain = request.headers().get("x-request-id").is_none_or(|id| {
+        id.len() <= 64
+            && id
+                .as_bytes()
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b))
+    });
+    if !plain {
+        request.headers_mut().remove("x-request-id");
+    }
+    next.run(request).await
 }
 
 /// Accepts `Authorization: Bearer <secret>`, `X-Webhook-Secret` or `X-API-Key`, compared in

@@ -19,6 +19,13 @@ const DAY_MS: i64 = 24 * 60 * 60 * 1000;
 
 /// Per event name: the share of events carrying each match key, what the memory filled in,
 /// the values dropped; Meta's own EMQ beside it when the token may read it.
+#[utoipa::path(get, path = "/v1/quality", tag = "operations",
+    params(("days" = Option<u32>, Query, description = "Today and the days before it, 1 to 366 (7 when absent)")),
+    responses(
+        (status = 200, description = "Match quality per pixel and event name", body = crate::quality::QualityReport),
+        (status = 400, description = "`days` out of range or not a number", body = super::error::ErrorBody),
+        (status = 503, description = "Storage unavailable; retry", body = super::error::ErrorBody),
+    ))]
 pub(super) async fn report(
     State(state): State<SharedState>,
     query: Result<Query<QualityQuery>, QueryRejection>,

@@ -22,6 +22,19 @@ use crate::sources::SourceConfig;
 use crate::store::SourcePayload;
 
 /// A payload sent with the source's header secret or signature.
+#[utoipa::path(post, path = "/v1/sources/{name}", tag = "sources",
+    params(("name" = String, Path, description = "The source: `supabase`, `chatwoot` or one declared under `[sources.<name>]`")),
+    request_body(content = Object, description = "The sender's own payload (a Supabase database webhook, a Chatwoot event, a CRM's JSON object)"),
+    responses(
+        (status = 200, description = "Acknowledged without queueing: `unmatched` (no rule wants it; counted, not kept) or `duplicate` (this delivery id was queued before)", body = Receipt),
+        (status = 202, description = "Stored in the inbox; mapped to events by the rules right after", body = Receipt),
+        (status = 400, description = "Malformed JSON or not a JSON object", body = super::error::ErrorBody),
+        (status = 401, description = "Wrong or missing token, secret or signature (a stale or forged signature says why)", body = super::error::ErrorBody),
+        (status = 404, description = "No source of this name", body = super::error::ErrorBody),
+        (status = 413, description = "Body over BODY_LIMIT_BYTES (plain-text answer)", content_type = "text/plain"),
+        (status = 503, description = "Storage unavailable; retry", body = super::error::ErrorBody),
+    ),
+    security(("bearer" = []), ("webhook_secret" = []), ("api_key" = []), ("body_signature" = []), ("standard_webhooks" = []), ("chatwoot_signature" = [])))]
 pub(super) async fn receive(
     State(state): State<SharedState>,
     Path(name): Path<String>,
@@ -32,6 +45,22 @@ pub(super) async fn receive(
 }
 
 /// A payload sent to the source's secret URL (senders that cannot set headers).
+#[utoipa::path(post, path = "/v1/sources/{name}/{token}", tag = "sources",
+    params(
+        ("name" = String, Path, description = "The source"),
+        ("token" = String, Path, description = "The source's URL token (`SOURCE_<NAME>_TOKEN`, `SUPABASE_WEBHOOK_TOKEN`): the credential itself, for senders that cannot set headers; compared in constant time, never logged"),
+    ),
+    request_body(content = Object, description = "The sender's own payload"),
+    responses(
+        (status = 200, description = "Acknowledged without queueing: `unmatched` (no rule wants it; counted, not kept) or `duplicate` (this delivery id was queued before)", body = Receipt),
+        (status = 202, description = "Stored in the inbox; mapped to events by the rules right after", body = Receipt),
+        (status = 400, description = "Malformed JSON or not a JSON object", body = super::error::ErrorBody),
+        (status = 401, description = "Wrong or missing token, secret or signature (a stale or forged signature says why)", body = super::error::ErrorBody),
+        (status = 404, description = "No source of this name", body = super::error::ErrorBody),
+        (status = 413, description = "Body over BODY_LIMIT_BYTES (plain-text answer)", content_type = "text/plain"),
+        (status = 503, description = "Storage unavailable; retry", body = super::error::ErrorBody),
+    ),
+    security(()))]
 pub(super) async fn receive_with_token(
     State(state): State<SharedState>,
     Path((name, token)): Path<(String, String)>,
@@ -42,7 +71,8 @@ pub(super) async fn receive_with_token(
 }
 
 /// The answer to a source.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = SourceReceipt)]
 struct Receipt {
     /// `queued`, `duplicate` (the same delivery id was queued before) or `unmatched`.
     status: &'static str,
@@ -232,6 +262,11 @@ fn delivery_id(source: &SourceConfig, headers: &HeaderMap) -> Option<String> {
 }
 
 /// Every source with its counters.
+#[utoipa::path(get, path = "/v1/sources", tag = "sources",
+    responses(
+        (status = 200, description = "Every source with its counters", body = super::openapi::SourceList),
+        (status = 503, description = "Storage unavailable; retry", body = super::error::ErrorBody),
+    ))]
 pub(super) async fn list(State(state): State<SharedState>) -> Result<Json<Value>, ApiError> {
     let app = &state.0;
     let stats = app.store.source_stats().await?;
@@ -267,6 +302,16 @@ pub(super) struct RulesTestQuery {
 }
 
 /// What a payload would become, hashed as it would be sent; nothing is stored.
+#[utoipa::path(post, path = "/v1/rules/test", tag = "sources",
+    params(("source" = String, Query, description = "The source whose rules apply")),
+    request_body(content = Object, description = "A sample payload of that source (`Content-Type: application/json`)"),
+    responses(
+        (status = 200, description = "The outcome: `events` (each with `data` as sent), `unmatched`, `parked` or `retry`", body = super::openapi::RulesPreview),
+        (status = 400, description = "`?source=` missing, or the body is not JSON (plain-text answer)", content_type = "text/plain"),
+        (status = 404, description = "No source of this name", body = super::error::ErrorBody),
+        (status = 413, description = "Body over BODY_LIMIT_BYTES (plain-text answer)", content_type = "text/plain"),
+        (status = 415, description = "Not `Content-Type: application/json` (plain-text answer)", content_type = "text/plain"),
+    ))]
 pub(super) async fn test_rules(
     State(state): State<SharedState>,
     Query(query): Query<RulesTestQuery>,
@@ -287,12 +332,22 @@ pub(super) async fn test_rules(
 }
 
 /// Parked payloads (newest first, at most 500): source, problems and times, never the payload.
+#[utoipa::path(get, path = "/v1/inbox/parked", tag = "sources",
+    responses(
+        (status = 200, description = "Parked payloads", body = super::openapi::ParkedList),
+        (status = 503, description = "Storage unavailable; retry", body = super::error::ErrorBody),
+    ))]
 pub(super) async fn parked(State(state): State<SharedState>) -> Result<Json<Value>, ApiError> {
     let parked = state.0.store.parked_payloads(500).await?;
     Ok(Json(json!({ "parked": parked })))
 }
 
 /// Makes every parked payload pending again (after a rule or configuration fix).
+#[utoipa::path(post, path = "/v1/inbox/replay", tag = "sources",
+    responses(
+        (status = 200, description = "How many were requeued", body = super::openapi::Requeued),
+        (status = 503, description = "Storage unavailable; retry", body = super::error::ErrorBody),
+    ))]
 pub(super) async fn replay_parked(
     State(state): State<SharedState>,
 ) -> Result<Json<Value>, ApiError> {

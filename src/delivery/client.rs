@@ -181,7 +181,7 @@ impl GraphClient {
 }
 
 /// Meta's Event Match Quality of one event name (Dataset Quality API).
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
 pub struct MetaEventQuality {
     /// Event name.
     pub event_name: String,
@@ -192,7 +192,7 @@ pub struct MetaEventQuality {
 }
 
 /// How many events carried one identifier, as Meta saw them.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
 pub struct KeyCoverage {
     /// `email`, `phone`, `external_id`, `ip_address`, `user_agent`, `fbc`, …
     pub identifier: String,

@@ -69,7 +69,7 @@ pub enum Progress {
 }
 
 /// A pixel's delivery state as shown by `/readyz`.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
 pub struct PixelStatus {
     /// The configured name.
     pub name: String,
@@ -482,8 +482,10 @@ impl Delivery {
                     }
                 }
                 Verdict::Rejected { error } if chunk.len() == 1 => {
+                    // The event id lets an operator find the dead event (never its payload).
                     tracing::warn!(
                         pixel_id,
+                        event_id = chunk.first().map(|e| e.event_id.as_str()),
                         code = error.code,
                         subcode = error.subcode,
                         fbtrace_id = error.fbtrace_id.as_deref(),

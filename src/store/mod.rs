@@ -91,7 +91,7 @@ pub(crate) fn newest_match_keys(rows: &[MatchKeyRow]) -> Vec<&MatchKeyRow> {
 }
 
 /// What happened to one stored event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum InsertOutcome {
     /// New, waiting for delivery.
@@ -129,7 +129,7 @@ pub struct ClaimedEvent {
 }
 
 /// Meta's answer to one attempt, as recorded for each event in it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct AttemptRecord {
     /// `delivered`, `retry`, `rejected`, `paused` or `split`.
     pub outcome: String,
@@ -196,7 +196,7 @@ pub struct ReplayFilter {
 }
 
 /// Everything known about one stored event.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct EventDetail {
     /// The dedup id.
     pub event_id: String,
@@ -288,7 +288,7 @@ impl EventRow {
 }
 
 /// One attempt as shown by the API.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct AttemptView {
     /// Unix ms.
     pub attempted_at: i64,
@@ -365,7 +365,7 @@ pub struct SourceStat {
 }
 
 /// A payload parked in the inbox: what is wrong with it, not what it holds.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct ParkedPayload {
     /// Inbox row.
     pub id: i64,
@@ -508,7 +508,7 @@ where
 }
 
 /// Counts by state, for readiness and metrics.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
 pub struct QueueStats {
     /// Waiting or being delivered.
     pub queued: i64,
