@@ -91,6 +91,8 @@ pub fn router<S: Clone + Send + Sync + 'static>(app: &AppState) -> Router<S> {
     Router::new()
         .merge(protected)
         .route("/admin/login", get(login_page).post(login))
+        // People type the trailing slash.
+        .route("/admin/", get(|| async { Redirect::permanent("/admin") }))
         .layer(DefaultBodyLimit::max(FORM_LIMIT))
         .layer(middleware::from_fn(security_headers))
         .with_state(admin)

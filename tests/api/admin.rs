@@ -145,6 +145,10 @@ async fn without_a_session_pages_redirect_to_the_login_and_posts_are_refused() {
         "dead",
         "nothing was replayed"
     );
+    // A typed trailing slash leads to the overview (and so to the login).
+    let response = get(&app, "/admin/", None).await;
+    assert_eq!(response.status(), StatusCode::PERMANENT_REDIRECT);
+    assert_eq!(response.headers()[LOCATION], "/admin");
     // The login page itself is open, and says nothing about the service.
     let response = get(&app, "/admin/login", None).await;
     assert_eq!(response.status(), StatusCode::OK);
