@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::{ClaimedEvent, InsertOutcome, NewEventRecord, Store, StoreError};
 
@@ -101,7 +101,7 @@ async fn run(
         // as leased is certain to reach a worker. A pixel that is paused or full gets its
         // events stored unleased; the others are not held up by it.
         let now = clock();
-        let mut reserved: Vec<(&Handoff, Vec<usize>)> = Vec::new();
+        let mut reserved: Vec<(&Handoff, OwnedSemaphorePermit, Vec<usize>)> = Vec::new();
         for (pixel_id, handoff) in &handoffs {
             let mine: Vec<usize> = all
                 .iter()
@@ -116,14 +116,12 @@ async fn run(
                 continue;
             };
             if let Ok(slots) = handoff.room.clone().try_acquire_many_owned(n) {
-                // The slots now belong to these events; duplicates give theirs back below.
-                slots.forget();
                 let lease_until = now
                     .saturating_add(i64::try_from(handoff.lease.as_millis()).unwrap_or(i64::MAX));
                 for &i in &mine {
                     all[i].lease_until = Some(lease_until);
                 }
-                reserved.push((handoff, mine));
+                reserved.push((handoff, slots, mine));
             }
         }
 
@@ -132,7 +130,10 @@ async fn run(
                 // Hand off before answering, so that by the time ingest wakes a worker the
                 // events are already in its inbox.
                 let mut stored: Vec<Option<NewEventRecord>> = all.into_iter().map(Some).collect();
-                for (handoff, mine) in reserved {
+                for (handoff, slots, mine) in reserved {
+                    // The slots now belong to the handed events; duplicates give theirs back.
+                    // (Dropped unforgotten, as on a failed commit, they return to the room.)
+                    slots.forget();
                     let handed: Vec<ClaimedEvent> = mine
                         .iter()
                         .filter_map(|&i| {
