@@ -278,13 +278,16 @@ pub fn overview(data: &Overview, csrf: &str) -> Markup {
             } @else {
                 div class="scroll" {
                     table {
-                        thead { tr { th scope="col" { "Pixel" } th scope="col" { "Id" } th scope="col" { "State" } th scope="col" { "Why" } th scope="col" { "Until" } } }
+                        thead { tr { th scope="col" { "Pixel" } th scope="col" { "Id" } th scope="col" { "State" } th scope="col" { "Waiting" } th scope="col" { "Oldest waiting for" } th scope="col" { "Why" } th scope="col" { "Until" } } }
                         tbody {
                             @for pixel in &data.pixels {
-                                tr {
+                                @let queue = stats.by_pixel.iter().find(|q| q.pixel_id == pixel.pixel_id);
+                                tr data-pixel=(pixel.name) {
                                     td { (pixel.name) }
                                     td class="mono nowrap" { (pixel.pixel_id) }
                                     td { (state_badge(&pixel.state)) }
+                                    td data-metric="pixel-queued" { (queue.map_or(0, |q| q.queued)) }
+                                    td { @if let Some(oldest) = queue.and_then(|q| q.oldest_queued_at) { (duration(data.now - oldest)) } }
                                     td { (pixel.reason.as_deref().unwrap_or("")) }
                                     td { @if let Some(until) = pixel.until { (time(until)) } }
                                 }
@@ -864,6 +867,47 @@ mod tests {
         assert_eq!(duration(192_000), "3 min 12 s");
         assert_eq!(duration(7_500_000), "2 h 5 min");
         assert_eq!(duration(4 * 86_400_000 + 3 * 3_600_000), "4 d 3 h");
+    }
+
+    #[test]
+    fn each_pixel_shows_its_own_queue() {
+        let status = |name: &str, id: &str, state: &str| PixelStatus {
+            name: name.to_owned(),
+            pixel_id: id.to_owned(),
+            state: state.to_owned(),
+            ..PixelStatus::default()
+        };
+        let now = 1_790_000_000_000;
+        let data = Overview {
+            now,
+            stats: QueueStats::from_counts([
+                (
+                    "queued".to_owned(),
+                    "222".to_owned(),
+                    7,
+                    Some(now - 192_000),
+                ),
+                ("delivered".to_owned(), "111".to_owned(), 3, None),
+            ]),
+            pixels: vec![
+                status("shop", "111", "running"),
+                status("clinic", "222", "paused"),
+            ],
+            dry_run: false,
+            hour: Vec::new(),
+            day: Vec::new(),
+            errors: Vec::new(),
+        };
+        let html = overview(&data, "token").into_string();
+        let row = |name: &str| {
+            let start = html
+                .find(&format!("data-pixel=\"{name}\""))
+                .unwrap_or_else(|| panic!("{name}'s row in {html}"));
+            html[start..].split("</tr>").next().unwrap_or("").to_owned()
+        };
+        assert!(row("clinic").contains(">7</td>"), "{}", row("clinic"));
+        assert!(row("clinic").contains("3 min 12 s"), "{}", row("clinic"));
+        assert!(row("shop").contains(">0</td>"), "{}", row("shop"));
     }
 
     #[test]

@@ -520,6 +520,68 @@ pub struct QueueStats {
     pub dry_run: i64,
     /// Unix ms of the oldest queued event.
     pub oldest_queued_at: Option<i64>,
+    /// The same for each pixel that has events, by pixel id.
+    pub by_pixel: Vec<PixelQueue>,
+}
+
+/// One pixel's share of [`QueueStats`]: a paused pixel's queue grows while others drain.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct PixelQueue {
+    /// Pixel id (empty for dry-run events).
+    pub pixel_id: String,
+    /// Waiting or being delivered.
+    pub queued: i64,
+    /// Parked for good.
+    pub dead: i64,
+    /// Unix ms of its oldest queued event.
+    pub oldest_queued_at: Option<i64>,
+}
+
+impl QueueStats {
+    /// Adds up `(state, pixel_id, count, oldest received_at)` rows of a
+    /// `group by state, pixel_id` over the events.
+    pub(crate) fn from_counts(
+        rows: impl IntoIterator<Item = (String, String, i64, Option<i64>)>,
+    ) -> Self {
+        let mut stats = Self::default();
+        for (state, pixel_id, n, oldest) in rows {
+            let index = match stats.by_pixel.iter().position(|p| p.pixel_id == pixel_id) {
+                Some(index) => index,
+                None => {
+                    stats.by_pixel.push(PixelQueue {
+                        pixel_id,
+                        ..PixelQueue::default()
+                    });
+                    stats.by_pixel.len() - 1
+                }
+            };
+            let pixel = &mut stats.by_pixel[index];
+            match state.as_str() {
+                "queued" => {
+                    stats.queued += n;
+                    stats.oldest_queued_at = earliest(stats.oldest_queued_at, oldest);
+                    pixel.queued += n;
+                    pixel.oldest_queued_at = earliest(pixel.oldest_queued_at, oldest);
+                }
+                "delivered" => stats.delivered += n,
+                "dead" => {
+                    stats.dead += n;
+                    pixel.dead += n;
+                }
+                "dry_run" => stats.dry_run += n,
+                _ => {}
+            }
+        }
+        stats.by_pixel.sort_by(|a, b| a.pixel_id.cmp(&b.pixel_id));
+        stats
+    }
+}
+
+fn earliest(a: Option<i64>, b: Option<i64>) -> Option<i64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 /// The storage contract shared by every backend.

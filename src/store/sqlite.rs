@@ -515,26 +515,22 @@ impl Store for SqliteStore {
 
     async fn stats(&self) -> Result<QueueStats, StoreError> {
         let rows = sqlx::query(
-            "select state, count(*) as n, min(received_at) as oldest from event group by state",
+            "select state, pixel_id, count(*) as n, min(received_at) as oldest from event group by state, pixel_id",
         )
         .fetch_all(&self.reader)
         .await?;
-        let mut stats = QueueStats::default();
-        for row in rows {
-            let state: String = row.try_get("state")?;
-            let n: i64 = row.try_get("n")?;
-            match state.as_str() {
-                "queued" => {
-                    stats.queued = n;
-                    stats.oldest_queued_at = row.try_get("oldest")?;
-                }
-                "delivered" => stats.delivered = n,
-                "dead" => stats.dead = n,
-                "dry_run" => stats.dry_run = n,
-                _ => {}
-            }
-        }
-        Ok(stats)
+        let counts = rows
+            .iter()
+            .map(|row| {
+                Ok((
+                    row.try_get("state")?,
+                    row.try_get("pixel_id")?,
+                    row.try_get("n")?,
+                    row.try_get("oldest")?,
+                ))
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        Ok(QueueStats::from_counts(counts))
     }
 
     async fn prune(&self, now: i64, retention: &Retention) -> Result<Pruned, StoreError> {

@@ -244,6 +244,24 @@ async fn a_paused_pixel_never_holds_up_the_others() {
         .expect("shop");
     assert_eq!(shop["state"], "running");
     assert_eq!(app.stored("clinic-1").await.expect("kept").state, "queued");
+    // Each pixel's queue, apart: the clinic's one event waits while the shop's drain (their
+    // rows settle just after Meta's answer, hence the wait).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let queues = app.readyz().await["queue"]["by_pixel"].clone();
+        let waiting = |pixel: &str| {
+            queues
+                .as_array()
+                .and_then(|q| q.iter().find(|p| p["pixel_id"] == pixel))
+                .map(|p| p["queued"].clone())
+        };
+        assert_eq!(waiting(CLINIC), Some(json!(1)), "{queues}");
+        if waiting(SHOP) == Some(json!(0)) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{queues}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     // The clinic's token is fixed: its event goes out after the next probe.
     app.graph.add_pixel(CLINIC, CLINIC_TOKEN);
     app.graph.wait_for_accepted(21, WAIT).await;

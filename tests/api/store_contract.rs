@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use capi_bridge::store::{
     self, ActivityBucket, AttemptRecord, DropCount, EventQuery, EventUpdate, InsertOutcome,
-    MatchKeyRow, NewEventRecord, QualityCount, ReplayFilter, Retention, Settlement, SourceCount,
-    SourcePayload, Store, DEDUP_WINDOW_MS,
+    MatchKeyRow, NewEventRecord, PixelQueue, QualityCount, ReplayFilter, Retention, Settlement,
+    SourceCount, SourcePayload, Store, DEDUP_WINDOW_MS,
 };
 use sqlx::{Connection, Executor, PgConnection};
 
@@ -275,6 +275,30 @@ async fn check_settlements_move_events_through_their_states(store: &dyn Store) {
     );
     let stats = store.stats().await.expect("stats");
     assert_eq!((stats.queued, stats.delivered, stats.dead), (2, 1, 1));
+
+    // Another pixel's queue is counted apart.
+    let mut other = record("s5");
+    other.pixel_id = "999".to_owned();
+    insert(store, &[other], T0 + 300).await;
+    let stats = store.stats().await.expect("stats");
+    assert_eq!((stats.queued, stats.oldest_queued_at), (3, Some(T0)));
+    assert_eq!(
+        stats.by_pixel,
+        [
+            PixelQueue {
+                pixel_id: PIXEL.to_owned(),
+                queued: 2,
+                dead: 1,
+                oldest_queued_at: Some(T0),
+            },
+            PixelQueue {
+                pixel_id: "999".to_owned(),
+                queued: 1,
+                dead: 0,
+                oldest_queued_at: Some(T0 + 300),
+            },
+        ]
+    );
 }
 
 async fn check_replay_requeues_only_matching_dead_events(store: &dyn Store) {
