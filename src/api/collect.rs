@@ -114,6 +114,7 @@ pub(super) async fn collect(
     Query(query): Query<CollectQuery>,
     request: Request,
 ) -> Result<Response, ApiError> {
+    let timer = crate::metrics::IngestTimer::start("/v1/collect");
     let app = &state.0;
     let peer = request
         .extensions()
@@ -199,6 +200,7 @@ pub(super) async fn collect(
             IngestError::Invalid(problems) => ApiError::Invalid(problems),
             IngestError::Store(err) => ApiError::from(err),
         })?;
+    timer.stored();
     let mut response = StatusCode::NO_CONTENT.into_response();
     cors(response.headers_mut(), origin, site);
     Ok(response)

@@ -33,6 +33,7 @@ pub(super) async fn ingest(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let state = &state.0;
+    let timer = crate::metrics::IngestTimer::start("/v1/events");
     let body = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::PayloadTooLarge(format!(
@@ -82,6 +83,7 @@ pub(super) async fn ingest(
         warnings = report.warnings.len(),
         "events accepted"
     );
+    timer.stored();
     Ok((StatusCode::ACCEPTED, Json(report)))
 }
 

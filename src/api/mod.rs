@@ -132,7 +132,6 @@ pub fn router(state: AppState) -> Router {
         // The operator dashboard (HTML pages, not part of the JSON API's contract).
         .merge(admin)
         .layer(Extension(openapi::Served::new(&contract)))
-        .layer(middleware::from_fn(crate::metrics::time_ingest))
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(
@@ -154,14 +153,14 @@ pub fn router(state: AppState) -> Router {
             }),
         )
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-        .layer(middleware::from_fn(plain_request_id))
+        .layer(tower::util::MapRequestLayer::new(plain_request_id))
         .with_state(state)
 }
 
 /// Keeps a caller's `x-request-id` only when it looks like an id (at most 64 letters, digits,
 /// `-`, `_`, `.`, `:`); anything else (an email, a long string) is replaced by a new UUID,
 /// because the id is logged with every line of the request.
-async fn plain_request_id(mut request: Request, next: Next) -> Response {
+fn plain_request_id(mut request: Request) -> Request {
     let plain = request.headers().get("x-request-id").is_none_or(|id| {
         id.len() <= 64
             && id
@@ -172,7 +171,7 @@ async fn plain_request_id(mut request: Request, next: Next) -> Response {
     if !plain {
         request.headers_mut().remove("x-request-id");
     }
-    next.run(request).await
+    request
 }
 
 /// Accepts `Authorization: Bearer <secret>`, `X-Webhook-Secret` or `X-API-Key`, compared in

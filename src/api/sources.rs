@@ -41,7 +41,8 @@ pub(super) async fn receive(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
-    accept(&state, &name, None, &headers, &body).await
+    let timer = crate::metrics::IngestTimer::start("/v1/sources/:name");
+    timed(timer, accept(&state, &name, None, &headers, &body).await)
 }
 
 /// A payload sent to the source's secret URL (senders that cannot set headers).
@@ -67,7 +68,22 @@ pub(super) async fn receive_with_token(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
-    accept(&state, &name, Some(&token), &headers, &body).await
+    let timer = crate::metrics::IngestTimer::start("/v1/sources/:name/:token");
+    timed(
+        timer,
+        accept(&state, &name, Some(&token), &headers, &body).await,
+    )
+}
+
+/// Records the time of a stored (202) payload.
+fn timed(
+    timer: crate::metrics::IngestTimer,
+    answer: Result<(StatusCode, Json<Receipt>), ApiError>,
+) -> Result<(StatusCode, Json<Receipt>), ApiError> {
+    if matches!(answer, Ok((StatusCode::ACCEPTED, _))) {
+        timer.stored();
+    }
+    answer
 }
 
 /// The answer to a source.
