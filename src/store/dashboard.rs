@@ -4,9 +4,9 @@
 //! SQL shapes. Nothing here holds personal data: payloads stay out of every list.
 
 use serde::Serialize;
-use sqlx::{Database, Encode, QueryBuilder, Type};
+use sqlx::{ColumnIndex, Database, Decode, Encode, QueryBuilder, Row, Type};
 
-use super::AttemptView;
+use super::{AttemptRecord, AttemptView};
 
 /// The states an event is shown in (stored `queued` splits into `queued`, `delivering` and
 /// `failed`; see [`super::EventRow::into_detail`]).
@@ -113,6 +113,128 @@ where
         " then 'delivering' when state = 'queued' and attempts > 0 and last_error is not null \
          then 'failed' else state end)",
     );
+}
+
+/// The `list_events` query over `event_table` (both backends): the search's conditions,
+/// newest first, one page.
+pub(crate) fn event_list_query<'q, DB>(
+    event_table: &str,
+    query: &'q EventQuery,
+    now: i64,
+) -> QueryBuilder<'q, DB>
+where
+    DB: Database,
+    i64: Encode<'q, DB> + Type<DB>,
+    &'q str: Encode<'q, DB> + Type<DB>,
+{
+    let mut sql = QueryBuilder::new("select id, event_id, event_name, pixel_id, source, ");
+    push_shown_state(&mut sql, now);
+    sql.push(format!(
+        " as shown, attempts, last_error, received_at from {event_table} where 1 = 1"
+    ));
+    if let Some(state) = &query.state {
+        sql.push(" and state = ");
+        sql.push_bind(stored_state(state));
+        sql.push(" and ");
+        push_shown_state(&mut sql, now);
+        sql.push(" = ");
+        sql.push_bind(state.as_str());
+    }
+    let texts = [
+        ("event_id", &query.event_id),
+        ("event_name", &query.event_name),
+        ("source", &query.source),
+    ];
+    for (column, value) in texts {
+        if let Some(value) = value {
+            sql.push(format!(" and {column} = "));
+            sql.push_bind(value.as_str());
+        }
+    }
+    let numbers = [
+        ("received_at >= ", query.received_from),
+        ("received_at < ", query.received_until),
+        ("id < ", query.before_row),
+    ];
+    for (condition, value) in numbers {
+        if let Some(value) = value {
+            sql.push(format!(" and {condition}"));
+            sql.push_bind(value);
+        }
+    }
+    sql.push(" order by id desc limit ");
+    sql.push_bind(i64::try_from(query.limit).unwrap_or(i64::MAX));
+    sql
+}
+
+/// Column types both backends decode the dashboard's rows with.
+pub(crate) trait DashboardRow: Row
+where
+    for<'r> &'r str: ColumnIndex<Self>,
+{
+    /// One row of [`event_list_query`].
+    fn event_summary(&self) -> Result<EventSummary, sqlx::Error>;
+    /// One row of `dead_reasons`: `reason`, `n`, `last_at`.
+    fn reason_count(&self) -> Result<ReasonCount, sqlx::Error>;
+    /// One row of `recent_errors`: the event's id, name and pixel beside its attempt.
+    fn recent_error(&self) -> Result<RecentError, sqlx::Error>;
+}
+
+impl<R> DashboardRow for R
+where
+    R: Row,
+    for<'r> &'r str: ColumnIndex<R>,
+    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> Option<String>: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> Option<i64>: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> i32: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> Option<i32>: Decode<'r, R::Database> + Type<R::Database>,
+{
+    fn event_summary(&self) -> Result<EventSummary, sqlx::Error> {
+        Ok(EventSummary {
+            row_id: self.try_get("id")?,
+            event_id: self.try_get("event_id")?,
+            event_name: self.try_get("event_name")?,
+            pixel_id: self.try_get("pixel_id")?,
+            source: self.try_get("source")?,
+            state: self.try_get("shown")?,
+            // `integer` on Postgres is 4 bytes.
+            attempts: i64::from(self.try_get::<i32, _>("attempts")?),
+            last_error: self.try_get("last_error")?,
+            received_at: self.try_get("received_at")?,
+        })
+    }
+
+    fn reason_count(&self) -> Result<ReasonCount, sqlx::Error> {
+        Ok(ReasonCount {
+            reason: self.try_get("reason")?,
+            count: self.try_get("n")?,
+            last_at: self.try_get("last_at")?,
+        })
+    }
+
+    fn recent_error(&self) -> Result<RecentError, sqlx::Error> {
+        Ok(RecentError {
+            event_id: self.try_get("event_id")?,
+            event_name: self.try_get("event_name")?,
+            pixel_id: self.try_get("pixel_id")?,
+            attempt: AttemptView {
+                attempted_at: self.try_get("attempted_at")?,
+                record: AttemptRecord {
+                    outcome: self.try_get("outcome")?,
+                    http_status: self
+                        .try_get::<Option<i32>, _>("http_status")?
+                        .and_then(|s| u16::try_from(s).ok()),
+                    code: self.try_get("code")?,
+                    subcode: self.try_get("subcode")?,
+                    fbtrace_id: self.try_get("fbtrace_id")?,
+                    error_title: self.try_get("error_title")?,
+                    error_message: self.try_get("error_message")?,
+                },
+            },
+        })
+    }
 }
 
 /// The stored state behind a shown one, for an indexable condition beside the derived one.

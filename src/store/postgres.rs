@@ -27,7 +27,7 @@ use sqlx::postgres::{PgArguments, PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::query::Query;
 use sqlx::{Connection, Executor, PgConnection, PgPool, Postgres, QueryBuilder, Row, Transaction};
 
-use super::dashboard::{fill_buckets, push_shown_state, stored_state};
+use super::dashboard::{event_list_query, fill_buckets, DashboardRow};
 use super::{
     newest_match_keys, ActivityBucket, AttemptRecord, AttemptView, ClaimedEvent, EventDetail,
     EventQuery, EventRow, EventSummary, EventUpdate, InboxItem, InsertOutcome, Inserted,
@@ -1474,69 +1474,17 @@ impl Store for PostgresStore {
         query: &EventQuery,
         now: i64,
     ) -> Result<Vec<EventSummary>, StoreError> {
-        let mut sql = QueryBuilder::new("select id, event_id, event_name, pixel_id, source, ");
-        push_shown_state(&mut sql, now);
-        sql.push(format!(
-            " as shown, attempts, last_error, received_at from {} where true",
-            self.tables.event
-        ));
-        if let Some(state) = &query.state {
-            sql.push(" and state = ");
-            sql.push_bind(stored_state(state));
-            sql.push(" and ");
-            push_shown_state(&mut sql, now);
-            sql.push(" = ");
-            sql.push_bind(state);
-        }
-        if let Some(id) = &query.event_id {
-            sql.push(" and event_id = ");
-            sql.push_bind(id);
-        }
-        if let Some(name) = &query.event_name {
-            sql.push(" and event_name = ");
-            sql.push_bind(name);
-        }
-        if let Some(source) = &query.source {
-            sql.push(" and source = ");
-            sql.push_bind(source);
-        }
-        if let Some(from) = query.received_from {
-            sql.push(" and received_at >= ");
-            sql.push_bind(from);
-        }
-        if let Some(until) = query.received_until {
-            sql.push(" and received_at < ");
-            sql.push_bind(until);
-        }
-        if let Some(before) = query.before_row {
-            sql.push(" and id < ");
-            sql.push_bind(before);
-        }
-        sql.push(" order by id desc limit ");
-        sql.push_bind(i64::try_from(query.limit).unwrap_or(i64::MAX));
         let mut conn = self.conn().await?;
-        let rows = sql
+        let rows = event_list_query(&self.tables.event, query, now)
             .build()
             .persistent(!self.transaction_pooler)
             .fetch_all(&mut *conn)
             .await?;
         conn.finish().await?;
-        rows.into_iter()
-            .map(|row| {
-                Ok(EventSummary {
-                    row_id: row.try_get("id")?,
-                    event_id: row.try_get("event_id")?,
-                    event_name: row.try_get("event_name")?,
-                    pixel_id: row.try_get("pixel_id")?,
-                    source: row.try_get("source")?,
-                    state: row.try_get("shown")?,
-                    attempts: i64::from(row.try_get::<i32, _>("attempts")?),
-                    last_error: row.try_get("last_error")?,
-                    received_at: row.try_get("received_at")?,
-                })
-            })
-            .collect::<Result<Vec<_>, sqlx::Error>>()
-            .map_err(StoreError::from)
+        Ok(rows
+            .iter()
+            .map(DashboardRow::event_summary)
+            .collect::<Result<_, _>>()?)
     }
 
     async fn dead_reasons(&self, limit: usize) -> Result<Vec<ReasonCount>, StoreError> {
@@ -1553,16 +1501,10 @@ impl Store for PostgresStore {
             .fetch_all(&mut *conn)
             .await?;
         conn.finish().await?;
-        rows.into_iter()
-            .map(|row| {
-                Ok(ReasonCount {
-                    reason: row.try_get("reason")?,
-                    count: row.try_get("n")?,
-                    last_at: row.try_get("last_at")?,
-                })
-            })
-            .collect::<Result<Vec<_>, sqlx::Error>>()
-            .map_err(StoreError::from)
+        Ok(rows
+            .iter()
+            .map(DashboardRow::reason_count)
+            .collect::<Result<_, _>>()?)
     }
 
     async fn recent_errors(&self, limit: usize) -> Result<Vec<RecentError>, StoreError> {
@@ -1580,30 +1522,10 @@ impl Store for PostgresStore {
             .fetch_all(&mut *conn)
             .await?;
         conn.finish().await?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(RecentError {
-                    event_id: r.try_get("event_id")?,
-                    event_name: r.try_get("event_name")?,
-                    pixel_id: r.try_get("pixel_id")?,
-                    attempt: AttemptView {
-                        attempted_at: r.try_get("attempted_at")?,
-                        record: AttemptRecord {
-                            outcome: r.try_get("outcome")?,
-                            http_status: r
-                                .try_get::<Option<i32>, _>("http_status")?
-                                .and_then(|s| u16::try_from(s).ok()),
-                            code: r.try_get("code")?,
-                            subcode: r.try_get("subcode")?,
-                            fbtrace_id: r.try_get("fbtrace_id")?,
-                            error_title: r.try_get("error_title")?,
-                            error_message: r.try_get("error_message")?,
-                        },
-                    },
-                })
-            })
-            .collect::<Result<Vec<_>, sqlx::Error>>()
-            .map_err(StoreError::from)
+        Ok(rows
+            .iter()
+            .map(DashboardRow::recent_error)
+            .collect::<Result<_, _>>()?)
     }
 
     async fn retry_now(&self, event_id: &str, now: i64) -> Result<u64, StoreError> {

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Row, SqlitePool};
 
-use super::dashboard::{fill_buckets, push_shown_state, stored_state};
+use super::dashboard::{event_list_query, fill_buckets, DashboardRow};
 use super::{
     newest_match_keys, ActivityBucket, AttemptRecord, AttemptView, ClaimedEvent, EventDetail,
     EventQuery, EventRow, EventSummary, EventUpdate, InboxItem, InsertOutcome, Inserted,
@@ -890,60 +890,14 @@ impl Store for SqliteStore {
         query: &EventQuery,
         now: i64,
     ) -> Result<Vec<EventSummary>, StoreError> {
-        let mut sql = QueryBuilder::new("select id, event_id, event_name, pixel_id, source, ");
-        push_shown_state(&mut sql, now);
-        sql.push(" as shown, attempts, last_error, received_at from event where 1 = 1");
-        if let Some(state) = &query.state {
-            sql.push(" and state = ");
-            sql.push_bind(stored_state(state));
-            sql.push(" and ");
-            push_shown_state(&mut sql, now);
-            sql.push(" = ");
-            sql.push_bind(state);
-        }
-        if let Some(id) = &query.event_id {
-            sql.push(" and event_id = ");
-            sql.push_bind(id);
-        }
-        if let Some(name) = &query.event_name {
-            sql.push(" and event_name = ");
-            sql.push_bind(name);
-        }
-        if let Some(source) = &query.source {
-            sql.push(" and source = ");
-            sql.push_bind(source);
-        }
-        if let Some(from) = query.received_from {
-            sql.push(" and received_at >= ");
-            sql.push_bind(from);
-        }
-        if let Some(until) = query.received_until {
-            sql.push(" and received_at < ");
-            sql.push_bind(until);
-        }
-        if let Some(before) = query.before_row {
-            sql.push(" and id < ");
-            sql.push_bind(before);
-        }
-        sql.push(" order by id desc limit ");
-        sql.push_bind(i64::try_from(query.limit).unwrap_or(i64::MAX));
-        let rows = sql.build().fetch_all(&self.reader).await?;
-        rows.into_iter()
-            .map(|row| {
-                Ok(EventSummary {
-                    row_id: row.try_get("id")?,
-                    event_id: row.try_get("event_id")?,
-                    event_name: row.try_get("event_name")?,
-                    pixel_id: row.try_get("pixel_id")?,
-                    source: row.try_get("source")?,
-                    state: row.try_get("shown")?,
-                    attempts: row.try_get("attempts")?,
-                    last_error: row.try_get("last_error")?,
-                    received_at: row.try_get("received_at")?,
-                })
-            })
-            .collect::<Result<Vec<_>, sqlx::Error>>()
-            .map_err(StoreError::from)
+        let rows = event_list_query("event", query, now)
+            .build()
+            .fetch_all(&self.reader)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(DashboardRow::event_summary)
+            .collect::<Result<_, _>>()?)
     }
 
     async fn dead_reasons(&self, limit: usize) -> Result<Vec<ReasonCount>, StoreError> {
@@ -955,16 +909,10 @@ impl Store for SqliteStore {
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .fetch_all(&self.reader)
         .await?;
-        rows.into_iter()
-            .map(|row| {
-                Ok(ReasonCount {
-                    reason: row.try_get("reason")?,
-                    count: row.try_get("n")?,
-                    last_at: row.try_get("last_at")?,
-                })
-            })
-            .collect::<Result<Vec<_>, sqlx::Error>>()
-            .map_err(StoreError::from)
+        Ok(rows
+            .iter()
+            .map(DashboardRow::reason_count)
+            .collect::<Result<_, _>>()?)
     }
 
     async fn recent_errors(&self, limit: usize) -> Result<Vec<RecentError>, StoreError> {
@@ -977,30 +925,10 @@ impl Store for SqliteStore {
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .fetch_all(&self.reader)
         .await?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(RecentError {
-                    event_id: r.try_get("event_id")?,
-                    event_name: r.try_get("event_name")?,
-                    pixel_id: r.try_get("pixel_id")?,
-                    attempt: AttemptView {
-                        attempted_at: r.try_get("attempted_at")?,
-                        record: AttemptRecord {
-                            outcome: r.try_get("outcome")?,
-                            http_status: r
-                                .try_get::<Option<i64>, _>("http_status")?
-                                .and_then(|s| u16::try_from(s).ok()),
-                            code: r.try_get("code")?,
-                            subcode: r.try_get("subcode")?,
-                            fbtrace_id: r.try_get("fbtrace_id")?,
-                            error_title: r.try_get("error_title")?,
-                            error_message: r.try_get("error_message")?,
-                        },
-                    },
-                })
-            })
-            .collect::<Result<Vec<_>, sqlx::Error>>()
-            .map_err(StoreError::from)
+        Ok(rows
+            .iter()
+            .map(DashboardRow::recent_error)
+            .collect::<Result<_, _>>()?)
     }
 
     async fn retry_now(&self, event_id: &str, now: i64) -> Result<u64, StoreError> {
