@@ -297,11 +297,15 @@ pub(super) async fn versioned_script(headers: HeaderMap) -> Response {
         (status = 304, description = "Not modified (`If-None-Match` matched the ETag)"),
     ))]
 pub(super) async fn script(headers: HeaderMap) -> Response {
-    use sha2::{Digest, Sha256};
-    let etag = format!(
-        "\"{}\"",
-        hex::encode(&Sha256::digest(SCRIPT.as_bytes())[..16])
-    );
+    // The script is compiled in: its tag is worked out once, not per request.
+    static ETAG: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        use sha2::{Digest, Sha256};
+        format!(
+            "\"{}\"",
+            hex::encode(&Sha256::digest(SCRIPT.as_bytes())[..16])
+        )
+    });
+    let etag = ETAG.as_str();
     let not_modified = header_str(&headers, header::IF_NONE_MATCH).is_some_and(|v| v == etag);
     let mut response = if not_modified {
         StatusCode::NOT_MODIFIED.into_response()
@@ -321,7 +325,7 @@ pub(super) async fn script(headers: HeaderMap) -> Response {
         header::ACCESS_CONTROL_ALLOW_ORIGIN,
         HeaderValue::from_static("*"),
     );
-    if let Ok(value) = HeaderValue::from_str(&etag) {
+    if let Ok(value) = HeaderValue::from_str(etag) {
         h.insert(header::ETAG, value);
     }
     response
