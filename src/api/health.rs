@@ -9,6 +9,7 @@ use axum::Json;
 use serde_json::json;
 
 use super::SharedState;
+use crate::store::StoreError;
 
 /// The process is up.
 #[utoipa::path(get, path = "/healthz", tag = "operations",
@@ -22,7 +23,7 @@ pub(super) async fn healthz() -> impl IntoResponse {
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses(
         (status = 200, description = "Ready (`status` is `degraded` while a pixel is paused)", body = super::openapi::Readiness),
-        (status = 503, description = "Storage unreachable or delivery workers stopped", body = super::openapi::Readiness),
+        (status = 503, description = "Storage unreachable or failing to write, or delivery workers stopped", body = super::openapi::Readiness),
     ))]
 pub(super) async fn readyz(State(state): State<SharedState>) -> impl IntoResponse {
     let state = &state.0;
@@ -40,7 +41,11 @@ pub(super) async fn readyz(State(state): State<SharedState>) -> impl IntoRespons
         status,
         Json(json!({
             "status": if !ready { "unavailable" } else if pixels.iter().any(|p| p.state == "paused") { "degraded" } else { "ok" },
-            "storage": if storage.is_ok() { "ok" } else { "unreachable" },
+            "storage": match &storage {
+                Ok(()) => "ok",
+                Err(StoreError::WritesFailing(_)) => "failing",
+                Err(_) => "unreachable",
+            },
             "workers": if state.config.dry_run() { "dry_run" } else if workers_alive { "running" } else { "stopped" },
             "dry_run": state.config.dry_run(),
             "pixels": pixels,

@@ -343,7 +343,8 @@ mod shapes {
     pub struct Readiness {
         /// `ok`, `degraded` (a pixel is paused; ingest still works) or `unavailable`.
         status: String,
-        /// `ok` or `unreachable`.
+        /// `ok`, `unreachable`, or `failing`: reads work but writes do not commit (a full
+        /// disk, a broken writer connection); ingest answers 503 until they do.
         storage: String,
         /// `running`, `stopped` or `dry_run`.
         workers: String,

@@ -12,6 +12,10 @@ pub enum StoreError {
     /// The database could not be reached or is overloaded; the caller may retry.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
+    /// The database answers reads, but write transactions do not commit (a full disk, a
+    /// read-only file, a broken writer connection).
+    #[error("storage writes are failing: {0}")]
+    WritesFailing(String),
     /// Anything else from the driver.
     #[error("storage error: {0}")]
     Database(#[from] sqlx::Error),

@@ -127,6 +127,7 @@ async fn run(
 
         match store.insert_events(&all, now).await {
             Ok(results) => {
+                store.write_health().succeeded();
                 // Hand off before answering, so that by the time ingest wakes a worker the
                 // events are already in its inbox.
                 let mut stored: Vec<Option<NewEventRecord>> = all.into_iter().map(Some).collect();
@@ -172,6 +173,7 @@ async fn run(
             }
             Err(err) => {
                 tracing::error!(error = %err, n_events, "group commit failed");
+                store.write_health().failed(&err.to_string());
                 for (_, reply) in replies {
                     let _ = reply.send(Err(err.to_string()));
                 }

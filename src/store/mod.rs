@@ -13,6 +13,8 @@ mod group_commit;
 mod inbox_commit;
 mod postgres;
 mod sqlite;
+mod sqlite_write;
+mod write_health;
 
 use std::collections::BTreeMap;
 
@@ -27,6 +29,7 @@ pub use group_commit::{GroupCommit, Handoff};
 pub use inbox_commit::InboxCommit;
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
+pub use write_health::WriteHealth;
 
 /// How long a `(pixel, event_name, event_id)` key stays a duplicate: Meta's window.
 pub const DEDUP_WINDOW_MS: i64 = 48 * 60 * 60 * 1000;
@@ -643,8 +646,14 @@ pub trait Store: Send + Sync + 'static {
     /// keys. Queued events are never pruned.
     async fn prune(&self, now: i64, retention: &Retention) -> Result<Pruned, StoreError>;
 
-    /// Cheap reachability check.
+    /// Whether storage can be read and written: a read, and while writes are failing (the
+    /// latest write transaction did not commit) one small committed write, so that a store
+    /// that answers reads on a full disk is not reported healthy.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// The outcome of the latest write transaction, which `ping` reports; the group commit
+    /// records each of its commits here.
+    fn write_health(&self) -> &WriteHealth;
 
     /// Puts a raw payload in the inbox (what `enqueue()` does inside a user's transaction on
     /// Postgres); returns its id.

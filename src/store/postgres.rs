@@ -35,7 +35,7 @@ use super::{
     RecentError, ReplayFilter, Retention, Settlement, SourceCount, SourcePayload, SourceStat,
     Store, StoreError, DEDUP_WINDOW_MS,
 };
-use super::{DropCount, QualityCount};
+use super::{DropCount, QualityCount, WriteHealth};
 
 /// Connections per instance. Several instances (and the user's own tools) share the server's
 /// `max_connections`, so the pool is bounded; group commit keeps ingest to one writer anyway.
@@ -67,6 +67,7 @@ struct Tables {
     source_count: String,
     match_quality: String,
     match_quality_drop: String,
+    write_probe: String,
     /// `NOTIFY` channel of `enqueue()` for this schema.
     inbox_channel: String,
     /// `NOTIFY` channel for events any instance may claim.
@@ -87,6 +88,7 @@ impl Tables {
             source_count: name("source_count"),
             match_quality: name("match_quality"),
             match_quality_drop: name("match_quality_drop"),
+            write_probe: name("write_probe"),
             inbox_channel: format!("capi_bridge_inbox_{schema}"),
             queue_channel: format!("capi_bridge_queue_{schema}"),
         }
@@ -104,6 +106,8 @@ pub struct PostgresStore {
     /// `LISTEN`s for `enqueue()` and for claimable events; opened on first use, reopened after
     /// a failure.
     listener: std::sync::Arc<tokio::sync::Mutex<Option<PgListener>>>,
+    /// Whether the latest group commit committed (`ping`, so `/readyz`, reports it).
+    health: WriteHealth,
 }
 
 /// A connection for one operation: a plain pooled connection, or behind a transaction-mode
@@ -255,6 +259,7 @@ impl PostgresStore {
             tables: Tables::new(schema),
             listener: std::sync::Arc::new(tokio::sync::Mutex::new(None)),
             transaction_pooler,
+            health: WriteHealth::default(),
         })
     }
 
@@ -1574,10 +1579,37 @@ impl Store for PostgresStore {
         Ok(n)
     }
 
+    fn write_health(&self) -> &WriteHealth {
+        &self.health
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         let mut conn = self.conn().await?;
         self.query("select 1").execute(&mut *conn).await?;
         conn.finish().await?;
+        if let Some(failure) = self.health.failure() {
+            // Writes were failing: only a committed write says they work again.
+            let probe = async {
+                let mut tx = self.begin().await?;
+                self.query(&format!(
+                    "insert into {} (id, written_at) values (1, $1)
+                     on conflict (id) do update set written_at = excluded.written_at",
+                    self.tables.write_probe
+                ))
+                .bind(chrono::Utc::now().timestamp_millis())
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await
+            };
+            match probe.await {
+                Ok(()) => self.health.succeeded(),
+                Err(err) => {
+                    self.health.failed(&err.to_string());
+                    tracing::debug!(error = %err, previous = %failure, "storage write probe failed");
+                    return Err(StoreError::WritesFailing(err.to_string()));
+                }
+            }
+        }
         Ok(())
     }
 }

@@ -16,7 +16,8 @@ use super::{
     ReplayFilter, Retention, Settlement, SourceCount, SourcePayload, SourceStat, Store, StoreError,
     DEDUP_WINDOW_MS,
 };
-use super::{DropCount, QualityCount};
+use super::sqlite_write::WriteTx;
+use super::{DropCount, QualityCount, WriteHealth};
 
 /// Rows per multi-row statement (9 parameters each stays far below SQLite's limit).
 const ROWS_PER_STATEMENT: usize = 100;
@@ -30,6 +31,8 @@ pub struct SqliteStore {
     writer: SqlitePool,
     /// Readers for status queries; WAL lets them run beside the writer.
     reader: SqlitePool,
+    /// Whether the latest write transaction committed (`ping`, so `/readyz`, reports it).
+    health: WriteHealth,
 }
 
 impl SqliteStore {
@@ -84,7 +87,11 @@ impl SqliteStore {
             .max_connections(4)
             .connect_with(options.read_only(true))
             .await?;
-        Ok(Self { writer, reader })
+        Ok(Self {
+            writer,
+            reader,
+            health: WriteHealth::default(),
+        })
     }
 }
 
@@ -95,7 +102,7 @@ impl Store for SqliteStore {
         events: &[NewEventRecord],
         now: i64,
     ) -> Result<Vec<Inserted>, StoreError> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = WriteTx::begin(&self.writer, &self.health).await?;
         let cutoff = now - DEDUP_WINDOW_MS;
         // Multi-row statements: each statement is a round trip to sqlx's SQLite thread, so one
         // per 100 events instead of two per event is what lets group commit scale.
@@ -188,7 +195,7 @@ impl Store for SqliteStore {
     }
 
     async fn remember_match_keys(&self, rows: &[MatchKeyRow]) -> Result<(), StoreError> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = WriteTx::begin(&self.writer, &self.health).await?;
         for chunk in newest_match_keys(rows).chunks(ROWS_PER_STATEMENT) {
             let mut query = QueryBuilder::new(
                 "insert into match_key (identity, field, value, seen_at, expires_at) ",
@@ -323,7 +330,7 @@ impl Store for SqliteStore {
     }
 
     async fn settle(&self, updates: &[EventUpdate], now: i64) -> Result<(), StoreError> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = WriteTx::begin(&self.writer, &self.health).await?;
         // Attempts and deliveries are written in multi-row statements: a 1000-event batch costs
         // a handful of statements, not two thousand, on SQLite's single writer.
         // The delivering attempt is recorded on the event row itself (see the migration).
@@ -607,7 +614,7 @@ impl Store for SqliteStore {
         payloads: &[SourcePayload],
         now: i64,
     ) -> Result<Vec<Option<i64>>, StoreError> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = WriteTx::begin(&self.writer, &self.health).await?;
         let mut ids = Vec::with_capacity(payloads.len());
         for item in payloads {
             if let Some(delivery_id) = &item.delivery_id {
@@ -648,7 +655,7 @@ impl Store for SqliteStore {
         counts: &[SourceCount],
         now: i64,
     ) -> Result<(), StoreError> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = WriteTx::begin(&self.writer, &self.health).await?;
         for count in counts.iter().filter(|c| c.count > 0) {
             sqlx::query(
                 "insert into source_count (source, outcome, count, last_at) values (?1, ?2, ?3, ?4)
@@ -676,7 +683,7 @@ impl Store for SqliteStore {
         }
         let upsert = super::quality_upsert_sql("match_quality", '?');
         let upsert_drop = super::quality_drop_upsert_sql("match_quality_drop", '?');
-        let mut tx = self.writer.begin().await?;
+        let mut tx = WriteTx::begin(&self.writer, &self.health).await?;
         for count in counts {
             let mut query = sqlx::query(&upsert)
                 .bind(count.day)
@@ -823,7 +830,7 @@ impl Store for SqliteStore {
         invalid: &[(i64, serde_json::Value)],
         now: i64,
     ) -> Result<(), StoreError> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = WriteTx::begin(&self.writer, &self.health).await?;
         for chunk in stored.chunks(ROWS_PER_STATEMENT) {
             let mut query = QueryBuilder::new("delete from inbox where id in ");
             push_id_list(&mut query, chunk);
@@ -960,8 +967,31 @@ impl Store for SqliteStore {
         Ok(total)
     }
 
+    fn write_health(&self) -> &WriteHealth {
+        &self.health
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("select 1").execute(&self.reader).await?;
+        if let Some(failure) = self.health.failure() {
+            // Writes were failing: only a committed write says they work again.
+            let probe = async {
+                let mut tx = WriteTx::begin(&self.writer, &self.health).await?;
+                sqlx::query(
+                    "insert into write_probe (id, written_at) values (1, ?1)
+                     on conflict (id) do update set written_at = excluded.written_at",
+                )
+                .bind(chrono::Utc::now().timestamp_millis())
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await
+            };
+            if let Err(err) = probe.await {
+                tracing::debug!(error = %err, "storage write probe failed");
+                let failure = self.health.failure().unwrap_or(failure);
+                return Err(StoreError::WritesFailing(failure));
+            }
+        }
         Ok(())
     }
 }

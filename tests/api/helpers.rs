@@ -118,8 +118,8 @@ pub async fn spawn_app_in_schema(
 
 /// Drops a test's Postgres schema when the last handle goes.
 pub struct PostgresSchemaGuard {
-    url: String,
-    schema: String,
+    pub url: String,
+    pub schema: String,
 }
 
 impl Drop for PostgresSchemaGuard {

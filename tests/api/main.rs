@@ -26,6 +26,7 @@ mod postgres;
 mod process;
 mod quality;
 mod sources;
+mod storage_faults;
 mod store_contract;
 mod supabase_lookup;
 mod tls;
