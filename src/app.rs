@@ -60,6 +60,17 @@ impl App {
                     crate::config::redact_url(&config.database_url)
                 )
             })?;
+        // Before any worker claims: what a killed process had leased is due again at once.
+        let released = store
+            .release_orphaned_leases(now_ms())
+            .await
+            .context("cannot release the leases of a previous process")?;
+        if released > 0 {
+            tracing::info!(
+                released,
+                "released the leases a previous process left; their events are due now"
+            );
+        }
         let listener = TcpListener::bind(config.listen_addr)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen_addr))?;

@@ -646,6 +646,13 @@ pub trait Store: Send + Sync + 'static {
     /// keys. Queued events are never pruned.
     async fn prune(&self, now: i64, retention: &Retention) -> Result<Pruned, StoreError>;
 
+    /// Releases the leases that no live worker can hold, at start, so that what a killed
+    /// process had in flight is due at once instead of when its lease ends. On SQLite one
+    /// process owns the file, so every lease found then is a dead process's (events and inbox
+    /// rows); on Postgres other instances may be alive and holding theirs, so none is touched
+    /// and leases expire as usual. Returns how many were released.
+    async fn release_orphaned_leases(&self, now: i64) -> Result<u64, StoreError>;
+
     /// Whether storage can be read and written: a read, and while writes are failing (the
     /// latest write transaction did not commit) one small committed write, so that a store
     /// that answers reads on a full disk is not reported healthy.

@@ -9,6 +9,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{QueryBuilder, Row, SqlitePool};
 
 use super::dashboard::{event_list_query, fill_buckets, DashboardRow};
+use super::sqlite_write::WriteTx;
 use super::{
     newest_match_keys, ActivityBucket, AttemptRecord, AttemptView, ClaimedEvent, EventDetail,
     EventQuery, EventRow, EventSummary, EventUpdate, InboxItem, InsertOutcome, Inserted,
@@ -16,7 +17,6 @@ use super::{
     ReplayFilter, Retention, Settlement, SourceCount, SourcePayload, SourceStat, Store, StoreError,
     DEDUP_WINDOW_MS,
 };
-use super::sqlite_write::WriteTx;
 use super::{DropCount, QualityCount, WriteHealth};
 
 /// Rows per multi-row statement (9 parameters each stays far below SQLite's limit).
@@ -965,6 +965,29 @@ impl Store for SqliteStore {
             total += query.build().execute(&self.writer).await?.rows_affected();
         }
         Ok(total)
+    }
+
+    async fn release_orphaned_leases(&self, now: i64) -> Result<u64, StoreError> {
+        let mut tx = WriteTx::begin(&self.writer, &self.health).await?;
+        // The attempt stays counted: the dead process may have sent it.
+        let events = sqlx::query(
+            "update event set leased_until = null, next_attempt_at = ?1, updated_at = ?1
+             where state = 'queued' and leased_until is not null",
+        )
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let inbox = sqlx::query(
+            "update inbox set leased_until = null, updated_at = ?1
+             where state = 'pending' and leased_until is not null",
+        )
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(events + inbox)
     }
 
     fn write_health(&self) -> &WriteHealth {

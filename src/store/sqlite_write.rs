@@ -29,7 +29,10 @@ pub(super) struct WriteTx {
 
 impl WriteTx {
     /// Begins a write transaction on the writer pool.
-    pub(super) async fn begin(writer: &SqlitePool, health: &WriteHealth) -> Result<Self, StoreError> {
+    pub(super) async fn begin(
+        writer: &SqlitePool,
+        health: &WriteHealth,
+    ) -> Result<Self, StoreError> {
         let mut conn = writer.acquire().await?;
         if let Err(err) = sqlx::query("begin immediate").execute(&mut *conn).await {
             health.failed(&err.to_string());

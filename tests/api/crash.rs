@@ -279,3 +279,66 @@ fn service_env(database: &Path, graph: &GraphStandIn) -> Vec<(&'static str, Stri
         ("DELIVERY_POLL_INTERVAL_MS", "100".to_owned()),
     ]
 }
+
+/// On SQLite one process owns the file, so the leases a killed process left are released at
+/// start: delivery resumes at once, not when the lease (60 s by default) runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_a_kill_9_on_sqlite_delivery_resumes_without_waiting_for_the_lease() {
+    // Arrange: the default lease; the Graph slow enough that the kill lands mid-request.
+    let graph = GraphStandIn::start(TOKEN, PIXEL).await;
+    graph.set_latency(Duration::from_secs(5));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let database = dir.path().join("lease.db");
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("http client");
+    let env: Vec<(&str, String)> = service_env(&database, &graph)
+        .into_iter()
+        .filter(|(name, _)| !matches!(*name, "DELIVERY_LEASE_MS" | "DELIVERY_REQUEST_TIMEOUT_MS"))
+        .collect();
+    let mut first = Service::start("leasing", dir.path(), &env, &http).await;
+    let ids: Vec<String> = (0..20).map(|i| format!("leased-{i}")).collect();
+    let body = serde_json::Value::Array(ids.iter().map(|id| lead(id)).collect());
+    let answer = http
+        .post(format!("{}/v1/events", first.address))
+        .bearer_auth(SECRET)
+        .json(&body)
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(answer.status(), 202);
+    graph
+        .wait_until(WAIT, "the delivery request in flight", |g| {
+            g.request_count() > 0
+        })
+        .await;
+
+    // Act: kill -9 mid-request, restart.
+    first.kill_9();
+    graph.set_latency(Duration::ZERO);
+    let requests_before = graph.request_count();
+    let _second = Service::start("restarted", dir.path(), &env, &http).await;
+    let restarted = Instant::now();
+    let wanted: HashSet<String> = ids.iter().cloned().collect();
+    graph
+        .wait_until(WAIT * 2, "the leased events sent again", |g| {
+            let resent: HashSet<String> = g.requests()[requests_before..]
+                .iter()
+                .filter(|r| r.status == 200)
+                .flat_map(|r| r.body["data"].as_array().cloned().unwrap_or_default())
+                .filter_map(|e| e["event_id"].as_str().map(str::to_owned))
+                .collect();
+            wanted.is_subset(&resent)
+        })
+        .await;
+    let resumed_after = restarted.elapsed();
+
+    // Assert: far sooner than the 60 s lease (2 s is the target; the bound allows a busy machine).
+    println!("delivery resumed {resumed_after:?} after the restart (the lease is 60 s)");
+    assert!(
+        resumed_after < Duration::from_secs(10),
+        "delivery waited {resumed_after:?} after the restart: the dead process's leases were not released"
+    );
+}

@@ -169,14 +169,18 @@ async fn wait_until_delivered(graph: &GraphStandIn, expected: &BTreeSet<String>,
         let expected = expected.clone();
         tokio::spawn(async move {
             graph
-                .wait_until(WAIT * 2, "every acknowledged event at the stand-in", move |g| {
-                    let accepted: BTreeSet<String> = g
-                        .accepted()
-                        .iter()
-                        .filter_map(|e| e["event_id"].as_str().map(str::to_owned))
-                        .collect();
-                    expected.iter().all(|id| accepted.contains(id))
-                })
+                .wait_until(
+                    WAIT * 2,
+                    "every acknowledged event at the stand-in",
+                    move |g| {
+                        let accepted: BTreeSet<String> = g
+                            .accepted()
+                            .iter()
+                            .filter_map(|e| e["event_id"].as_str().map(str::to_owned))
+                            .collect();
+                        expected.iter().all(|id| accepted.contains(id))
+                    },
+                )
                 .await;
         })
     };
@@ -250,7 +254,10 @@ async fn a_full_disk_loses_no_acknowledged_event() {
             assert!(!recovered, "after a success every request must succeed");
         }
     }
-    assert!(recovered, "the service never accepted events again once space was free");
+    assert!(
+        recovered,
+        "the service never accepted events again once space was free"
+    );
     let (status, ready) = readyz(&http, &first).await;
     assert_eq!(
         (status, ready["storage"].as_str()),
@@ -363,7 +370,10 @@ async fn a_database_locked_past_the_busy_timeout_loses_no_acknowledged_event() {
 
     // Assert
     let visible = visible_ids(&database, &acknowledged).await;
-    assert_eq!(visible, acknowledged, "every acknowledged event is committed");
+    assert_eq!(
+        visible, acknowledged,
+        "every acknowledged event is committed"
+    );
     another_writer_can_write(&database)
         .await
         .expect("another writer must be able to write");
@@ -443,20 +453,21 @@ async fn terminated_postgres_backends_lose_no_acknowledged_event() {
     for client in clients {
         refused += client.await.expect("client task");
     }
-    assert!(terminated > 0, "no backend of the service was ever terminated");
+    assert!(
+        terminated > 0,
+        "no backend of the service was ever terminated"
+    );
 
     // Assert: every acknowledged event is stored and delivered.
     let acknowledged = lock(&acknowledged).clone();
-    let stored: Vec<String> = sqlx::query(&format!(
-        "select event_id from \"{}\".event",
-        schema.schema
-    ))
-    .fetch_all(&admin)
-    .await
-    .expect("read the events")
-    .iter()
-    .map(|row| row.get::<String, _>(0))
-    .collect();
+    let stored: Vec<String> =
+        sqlx::query(&format!("select event_id from \"{}\".event", schema.schema))
+            .fetch_all(&admin)
+            .await
+            .expect("read the events")
+            .iter()
+            .map(|row| row.get::<String, _>(0))
+            .collect();
     let stored: BTreeSet<String> = stored.into_iter().collect();
     let lost: Vec<&String> = acknowledged.difference(&stored).collect();
     assert!(
