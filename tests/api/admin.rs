@@ -669,7 +669,9 @@ async fn match_quality_shows_the_share_of_each_key_and_the_dropped_values() {
         StatusCode::ACCEPTED
     );
     let login = log_in(&app).await;
-    // The counters are written once a second: wait for them.
+    // The counters are written once a second, maybe between two of the three requests: wait
+    // until all three events are counted (not just the first ones, whose email share is
+    // already 100%).
     let deadline = tokio::time::Instant::now() + WAIT;
     let page = loop {
         let page = get(&app, "/admin/quality?days=1", Some(&login.cookie))
@@ -677,7 +679,7 @@ async fn match_quality_shows_the_share_of_each_key_and_the_dropped_values() {
             .text()
             .await
             .expect("html");
-        if page.contains("data-metric=\"quality-Lead-em\">100%") {
+        if page.contains("<td class=\"num\" data-label=\"Events\">3</td>") {
             break page;
         }
         assert!(
@@ -689,6 +691,10 @@ async fn match_quality_shows_the_share_of_each_key_and_the_dropped_values() {
     assert!(
         page.contains("aria-current=\"page\">Match quality"),
         "in the navigation"
+    );
+    assert!(
+        page.contains("data-metric=\"quality-Lead-em\">100%"),
+        "{page}"
     );
     assert!(
         page.contains("data-metric=\"quality-Lead-ph\">0%"),
