@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::graph_stand_in::Scripted;
+use crate::graph_stand_in::{Faults, Scripted};
 use crate::helpers::{lead, spawn_app, spawn_app_with, TOKEN, WAIT};
 
 fn leads(prefix: &str, n: usize) -> Vec<Value> {
@@ -327,4 +327,89 @@ async fn get_event_shows_attempts_with_metas_answers_and_the_payload_sent() {
     assert!(shown["payload"]["user_data"]["em"][0]
         .as_str()
         .is_some_and(|h| h.len() == 64));
+}
+
+#[tokio::test]
+async fn a_poisoned_event_in_a_storm_does_not_hold_its_batch_mates() {
+    // Arrange: the retry, lease and poll settings a user gets by default (the test helpers'
+    // 20 ms retries would hide the growing backoff this is about), and a Graph API that fails
+    // 20% of the requests with a 500 and throttles 10%, from a fixed seed. One event is one
+    // Meta refuses.
+    let app = spawn_app_with(&[
+        ("DELIVERY_RETRY_BASE_MS", ""),
+        ("DELIVERY_RETRY_MAX_MS", ""),
+        ("DELIVERY_LEASE_MS", ""),
+        ("DELIVERY_POLL_INTERVAL_MS", ""),
+        ("DELIVERY_REQUEST_TIMEOUT_MS", ""),
+    ])
+    .await;
+    app.graph.set_faults(Faults {
+        server_errors: 0.2,
+        throttling: 0.1,
+        seed: 12,
+    });
+    app.graph.poison("storm-1234");
+    let all = leads("storm", 2500);
+
+    // Act: five requests of 500 events.
+    let started = tokio::time::Instant::now();
+    for chunk in all.chunks(500) {
+        let response = app.post_events(&Value::Array(chunk.to_vec())).await;
+        assert_eq!(response.status(), 202);
+    }
+
+    // Assert: every good event arrives within 60 s, whatever the storm does to the search.
+    let unique_accepted = |g: &crate::graph_stand_in::GraphStandIn| {
+        g.accepted()
+            .iter()
+            .filter_map(|e| e["event_id"].as_str().map(str::to_owned))
+            .collect::<HashSet<_>>()
+            .len()
+    };
+    app.graph
+        .wait_until(Duration::from_secs(60), "2499 distinct events", |g| {
+            unique_accepted(g) >= 2499
+        })
+        .await;
+    let took = started.elapsed();
+    let dead = app.wait_for_state("storm-1234", "dead").await;
+    let reason = dead.last_error.expect("a reason");
+    assert!(reason.contains("100/2804050"), "{reason}");
+    assert!(
+        reason.contains("insufficient customer information"),
+        "{reason}"
+    );
+    // Nothing is left queued, so nothing more goes out: the counts below are final.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let stats = app.store.stats().await.expect("stats");
+        if stats.queued == 0 {
+            assert_eq!((stats.delivered, stats.dead), (2499, 1));
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still queued: {stats:?}"
+        );
+        // Polling a condition (the store has no change feed), not sleeping for an outcome.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let accepted = app.graph.accepted();
+    let ids: HashSet<_> = accepted
+        .iter()
+        .map(|e| e["event_id"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(accepted.len(), 2499, "each good event exactly once");
+    assert_eq!(ids.len(), 2499);
+    assert!(!ids.contains("storm-1234"));
+    // The storm did happen.
+    let faults = app.graph.fault_counts();
+    assert!(
+        faults.server_errors > 0 && faults.throttled > 0,
+        "{faults:?}"
+    );
+    eprintln!(
+        "storm: 2499 events in {took:?}, {} requests, {faults:?}",
+        app.graph.request_count()
+    );
 }
