@@ -308,7 +308,10 @@ fn injected_fault(state: &mut Inner) -> Option<Response> {
         let (code, msg) = if variant == 0 {
             (1, "An unknown error occurred")
         } else {
-            (2, "An unexpected error has occurred. Please retry your request later.")
+            (
+                2,
+                "An unexpected error has occurred. Please retry your request later.",
+            )
         };
         let body = json!({"error": {
             "message": msg,
