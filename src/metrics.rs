@@ -217,7 +217,8 @@ pub fn settled(pixel_id: &str, updates: &[EventUpdate]) {
     for update in updates {
         counts[match update.settlement {
             Settlement::Delivered => 0,
-            Settlement::Retry { .. } => 1,
+            // A postponed event is retried later (without an attempt counted).
+            Settlement::Retry { .. } | Settlement::Postpone { .. } => 1,
             Settlement::Dead { .. } => 2,
             Settlement::Release { .. } => 3,
         }] += 1;

@@ -91,6 +91,99 @@ struct Inbox {
     carried: VecDeque<ClaimedEvent>,
 }
 
+/// Part of a batch whose fate is not known yet.
+struct Chunk {
+    events: Vec<ClaimedEvent>,
+    /// Holds an event Meta refuses: its batch was refused and the other half went through.
+    refused: bool,
+    /// The first half of a refused batch, sent before its sibling, which lies right under it
+    /// in the stack.
+    first_half: bool,
+    /// The second half of a refused batch, sent ahead of its refused first half's halves.
+    ahead: bool,
+}
+
+/// A batch on its way out, and once Meta refuses it, the split that isolates its bad events.
+/// While the split waits out a transient failure it is kept in memory, leased, and goes on where
+/// it stopped: the halves already delivered are settled, the suspect half stays small.
+struct Search {
+    test_code: Option<String>,
+    /// Chunks still to send, the next one last.
+    pending: Vec<Chunk>,
+    /// Meta refused the batch: it is being split.
+    splitting: bool,
+    /// Single events refused in a row for the very same reason, with nothing delivered in
+    /// between: past a few, the cause is not the events (a field Meta stopped accepting, a
+    /// bad test code) and splitting on would cost two requests per event and kill them all.
+    same_refusals: Option<(String, u32)>,
+    /// Transient failures in a row during the split, for its own backoff.
+    failures: u32,
+    /// Send the sibling of a refused first half before splitting that half further: right
+    /// while the batch seems to hold one bad event.
+    sibling_first: bool,
+    /// When it may go on (unix ms).
+    due_at: i64,
+    /// Until when its events are known to be leased (unix ms).
+    lease_until: i64,
+}
+
+impl Search {
+    /// A batch claimed (or handed off) just now; its lease is renewed before the split's first
+    /// request, since a handed-off batch's lease started at its commit.
+    fn new(events: Vec<ClaimedEvent>, test_code: Option<String>, now: i64) -> Self {
+        Self {
+            test_code,
+            pending: vec![Chunk {
+                events,
+                refused: false,
+                first_half: false,
+                ahead: false,
+            }],
+            splitting: false,
+            same_refusals: None,
+            failures: 0,
+            sibling_first: true,
+            due_at: now,
+            lease_until: now,
+        }
+    }
+
+    /// Splits refused `events` in halves, the first half to be sent next.
+    fn push_halves(&mut self, mut events: Vec<ClaimedEvent>) {
+        let second = events.split_off(events.len() / 2);
+        self.pending.push(Chunk {
+            events: second,
+            refused: false,
+            first_half: false,
+            ahead: false,
+        });
+        self.pending.push(Chunk {
+            events,
+            refused: false,
+            first_half: true,
+            ahead: false,
+        });
+    }
+
+    fn n_events(&self) -> usize {
+        self.pending.iter().map(|c| c.events.len()).sum()
+    }
+
+    fn row_ids(&self) -> Vec<i64> {
+        self.pending
+            .iter()
+            .flat_map(|c| c.events.iter().map(|e| e.row_id))
+            .collect()
+    }
+
+    /// Row ids of `chunk` (taken off the stack) and of the rest.
+    fn row_ids_with(&self, chunk: &Chunk) -> Vec<i64> {
+        let mut ids = self.row_ids();
+        ids.extend(chunk.events.iter().map(|e| e.row_id));
+        ids
+    }
+}
+
 #[derive(Debug, Default)]
 struct PixelState {
     paused: Option<(String, i64)>,
@@ -113,6 +206,8 @@ pub struct Delivery {
     inbox_room: Arc<Semaphore>,
     /// Mirrors "neither paused nor throttled" for the committing task.
     accepting: Arc<AtomicBool>,
+    /// Batch splits waiting out a transient failure, leased; due ones go before anything else.
+    searches: Arc<Mutex<Vec<Search>>>,
 }
 
 impl Delivery {
@@ -144,6 +239,7 @@ impl Delivery {
             inbox_sender,
             inbox_room,
             accepting: Arc::new(AtomicBool::new(true)),
+            searches: Arc::new(Mutex::new(Vec::new())),
         }
     }
 
@@ -200,7 +296,14 @@ impl Delivery {
         while loops.join_next().await.is_some() {}
         // Events handed over but not started: give them back now rather than when their lease
         // expires, so a restart sends them at once.
-        let leftover = self.take_handed_off().await;
+        let mut leftover = self.take_handed_off().await;
+        // So are the events of batch splits waiting in memory.
+        leftover.extend(
+            self.lock_searches()
+                .drain(..)
+                .flat_map(|s| s.pending)
+                .flat_map(|c| c.events),
+        );
         if !leftover.is_empty() {
             let updates = release_all(leftover, "shutting down");
             if let Err(err) = self.store.settle(&updates, now_ms()).await {
@@ -297,9 +400,21 @@ impl Delivery {
             delivery: self,
             probing,
         };
+        if blocked.is_none() && !probing {
+            // A batch split that waited out a failure goes on first: its events are the oldest.
+            if let Some(search) = self.take_due_search(now) {
+                return self.resume(search).await;
+            }
+        }
         let handed = self.take_handed_off().await;
         if let Some((reason, until)) = blocked {
+            // Waiting splits stay in memory only while their lease outlasts the wait.
+            let paused = self.lock().paused.is_some();
+            let given_back = self.give_back_searches(&reason, until, paused).await?;
             if handed.is_empty() {
+                if given_back > 0 {
+                    return Ok(Progress::Worked(given_back));
+                }
                 return Ok(Progress::Idle { until: Some(until) });
             }
             // Paused or slowed down since the handoff: back to the database they go.
@@ -307,7 +422,7 @@ impl Delivery {
             self.store
                 .settle(&release_all(handed, &reason), now)
                 .await?;
-            return Ok(Progress::Worked(n));
+            return Ok(Progress::Worked(n + given_back));
         }
         let limit = if probing {
             1
@@ -350,7 +465,9 @@ impl Delivery {
             }
         }
         if batch.is_empty() {
-            return Ok(Progress::Idle { until: None });
+            return Ok(Progress::Idle {
+                until: self.next_search_due(),
+            });
         }
         self.deliver(batch).await
     }
@@ -367,72 +484,114 @@ impl Delivery {
         }
         let mut updates = Vec::with_capacity(n_events);
         for (test_code, events) in by_test_code {
-            self.deliver_group(events, test_code.as_deref(), &mut updates)
-                .await;
+            let search = Search::new(events, test_code, now_ms());
+            if let Some(waiting) = self.advance(search, &mut updates).await {
+                self.park(waiting).await;
+            }
         }
-        crate::metrics::settled(self.client.pixel_id(), &updates);
-        self.store.settle(&updates, now_ms()).await?;
+        self.flush(&mut updates).await?;
         Ok(Progress::Worked(n_events))
     }
 
-    /// Sends events that share a test code; a refused batch is split in halves until the bad
-    /// events are alone.
-    async fn deliver_group(
-        &self,
-        events: Vec<ClaimedEvent>,
-        test_code: Option<&str>,
-        updates: &mut Vec<EventUpdate>,
-    ) {
-        let mut pending: Vec<Vec<ClaimedEvent>> = vec![events];
-        let mut first_request = true;
-        // Single events refused in a row for the very same reason, with nothing delivered in
-        // between: past a few, the cause is not the events (a field Meta stopped accepting, a
-        // bad test code) and splitting on would cost two requests per event and kill them all.
-        let mut same_refusals: Option<(String, u32)> = None;
-        while let Some(chunk) = pending.pop() {
-            if !first_request {
+    /// Goes on with a search that waited out a transient failure.
+    async fn resume(&self, search: Search) -> Result<Progress, StoreError> {
+        let n_events = search.n_events();
+        let mut updates = Vec::new();
+        if let Some(waiting) = self.advance(search, &mut updates).await {
+            self.park(waiting).await;
+        }
+        self.flush(&mut updates).await?;
+        Ok(Progress::Worked(n_events))
+    }
+
+    /// Settles `updates` and empties it.
+    async fn flush(&self, updates: &mut Vec<EventUpdate>) -> Result<(), StoreError> {
+        if updates.is_empty() {
+            return Ok(());
+        }
+        self.store.settle(updates, now_ms()).await?;
+        crate::metrics::settled(self.client.pixel_id(), updates);
+        updates.clear();
+        Ok(())
+    }
+
+    /// Sends the chunks of `search`, which share a test code. A refused batch is split in
+    /// halves until the bad events are alone; a transient failure during the split returns the
+    /// search to wait in memory (still leased) and go on where it stopped, or hands it back to
+    /// storage without counting an attempt when Meta asks for a longer wait.
+    async fn advance(&self, mut search: Search, updates: &mut Vec<EventUpdate>) -> Option<Search> {
+        let test_code = search.test_code.clone();
+        let test_code = test_code.as_deref();
+        let pixel_id = self.client.pixel_id();
+        let lease_ms = millis_i64(self.config.lease);
+        while let Some(chunk) = search.pending.pop() {
+            if chunk.refused && chunk.events.len() > 1 {
+                // Its batch was refused and the other half went through: the bad event is in
+                // here, so sending it whole would only be refused again.
+                search.push_halves(chunk.events);
+                continue;
+            }
+            if search.splitting {
+                // Delivered halves and dead events are settled as they are known, so a crash or
+                // a long storm does not hold them (one settle per answer; SQLite's writer takes
+                // a few hundred a second).
+                if let Err(err) = self.flush(updates).await {
+                    tracing::warn!(error = %err, "could not settle during a batch split; trying again at its end");
+                }
                 // Splitting takes several requests; keep the lease so no one else takes these.
-                let lease_ms = i64::try_from(self.config.lease.as_millis()).unwrap_or(i64::MAX);
-                let ids: Vec<i64> = chunk.iter().map(|e| e.row_id).collect();
-                if let Err(err) = self.store.extend_lease(&ids, now_ms() + lease_ms).await {
-                    tracing::warn!(error = %err, "could not extend a lease during a batch split");
+                let now = now_ms();
+                let margin = millis_i64(self.config.request_timeout).max(lease_ms / 2);
+                if search.lease_until - now < margin {
+                    let ids = search.row_ids_with(&chunk);
+                    match self.store.extend_lease(&ids, now + lease_ms).await {
+                        Ok(()) => search.lease_until = now + lease_ms,
+                        Err(err) => {
+                            tracing::warn!(error = %err, "could not extend a lease during a batch split")
+                        }
+                    }
                 }
             }
-            first_request = false;
             let started = std::time::Instant::now();
             let verdict = self
                 .client
                 .send_events(
-                    chunk.iter().map(|e| e.payload.as_str()),
-                    chunk.len(),
+                    chunk.events.iter().map(|e| e.payload.as_str()),
+                    chunk.events.len(),
                     test_code,
                 )
                 .await;
             crate::metrics::graph_request(
-                self.client.pixel_id(),
-                chunk.len(),
+                pixel_id,
+                chunk.events.len(),
                 started.elapsed(),
                 &verdict,
             );
             let now = now_ms();
-            let pixel_id = self.client.pixel_id();
             match verdict {
                 Verdict::Delivered { fbtrace_id } => {
-                    same_refusals = None;
+                    search.same_refusals = None;
+                    search.failures = 0;
                     tracing::info!(
                         pixel_id,
-                        n_events = chunk.len(),
+                        n_events = chunk.events.len(),
                         elapsed_ms = started.elapsed().as_millis() as u64,
                         "delivered"
                     );
                     self.clear_pause();
+                    if chunk.first_half {
+                        // Its sibling (the next chunk: nothing was pushed since) holds the
+                        // refused event.
+                        if let Some(sibling) = search.pending.last_mut() {
+                            sibling.refused = true;
+                        }
+                    }
                     let attempt = AttemptRecord {
                         outcome: "delivered".to_owned(),
                         http_status: Some(200),
                         fbtrace_id,
                         ..AttemptRecord::default()
                     };
-                    updates.extend(chunk.into_iter().map(|e| EventUpdate {
+                    updates.extend(chunk.events.into_iter().map(|e| EventUpdate {
                         row_id: e.row_id,
                         settlement: Settlement::Delivered,
                         attempt: Some(attempt.clone()),
@@ -447,21 +606,58 @@ impl Delivery {
                     let hint = i64::try_from(hint_ms.unwrap_or(0)).unwrap_or(i64::MAX);
                     tracing::warn!(
                         pixel_id,
-                        n_events = chunk.len(),
+                        n_events = chunk.events.len(),
                         code = error.code,
                         subcode = error.subcode,
                         http_status = error.http_status,
                         fbtrace_id = error.fbtrace_id.as_deref(),
                         throttled,
+                        splitting = search.splitting,
                         "delivery will be retried"
                     );
-                    let mut longest = 0;
                     // One draw for the whole batch: events that failed together retry together
                     // (one request, not dozens); jitter spreads different batches apart.
                     let jitter = rand::random::<f64>();
+                    if search.splitting {
+                        // The search failed, not these events: it waits by its own failures in
+                        // a row, capped so that it can wait leased in memory, and goes on with
+                        // this chunk. Nobody's attempts or backoff grow.
+                        search.failures = search.failures.saturating_add(1);
+                        let longest_wait = lease_ms / 2;
+                        let delay = i64::try_from(backoff_ms(
+                            i64::from(search.failures),
+                            millis(self.config.retry_base),
+                            millis(self.config.retry_max)
+                                .min(u64::try_from(longest_wait).unwrap_or(0)),
+                            jitter,
+                        ))
+                        .unwrap_or(i64::MAX)
+                        .max(hint);
+                        if throttled {
+                            self.throttle(now.saturating_add(delay), &error);
+                        }
+                        search.pending.push(chunk);
+                        search.due_at = now.saturating_add(delay);
+                        if delay <= longest_wait {
+                            return Some(search);
+                        }
+                        // Meta asks for a longer wait than a lease covers: back to storage,
+                        // each event due then, without an attempt counted. The next claim
+                        // starts the split again.
+                        let reason = format!("batch split waiting: {}", error.summary());
+                        for event in search.pending.drain(..).flat_map(|c| c.events) {
+                            updates.push(postpone_or_expire(event, search.due_at, &reason, &error));
+                        }
+                        return None;
+                    }
+                    let mut longest = 0;
                     // The rest of a split batch would meet the same outage or limit: it waits
                     // too, instead of spending requests on a Graph API that is not answering.
-                    for event in chunk.into_iter().chain(pending.drain(..).flatten()) {
+                    for event in chunk
+                        .events
+                        .into_iter()
+                        .chain(search.pending.drain(..).flat_map(|c| c.events))
+                    {
                         let delay = i64::try_from(backoff_ms(
                             event.attempts,
                             millis(self.config.retry_base),
@@ -475,17 +671,18 @@ impl Delivery {
                         updates.push(retry_or_expire(event, next, &error));
                     }
                     if throttled {
-                        let mut state = self.lock();
-                        state.throttled_until = state.throttled_until.max(now + longest);
-                        state.throttle_reason = Some(error.summary());
-                        self.accepting.store(false, Ordering::Relaxed);
+                        self.throttle(now.saturating_add(longest), &error);
                     }
                 }
-                Verdict::Rejected { error } if chunk.len() == 1 => {
+                Verdict::Rejected { error } if chunk.events.len() == 1 => {
+                    search.failures = 0;
+                    if chunk.ahead {
+                        search.sibling_first = false;
+                    }
                     // The event id lets an operator find the dead event (never its payload).
                     tracing::warn!(
                         pixel_id,
-                        event_id = chunk.first().map(|e| e.event_id.as_str()),
+                        event_id = chunk.events.first().map(|e| e.event_id.as_str()),
                         code = error.code,
                         subcode = error.subcode,
                         fbtrace_id = error.fbtrace_id.as_deref(),
@@ -498,19 +695,19 @@ impl Delivery {
                         Some(reason) if reason.ends_with(&summary) => self.pause(reason, now),
                         _ => self.clear_pause(),
                     }
-                    let refusals = match &same_refusals {
+                    let refusals = match &search.same_refusals {
                         Some((last, n)) if *last == summary => n + 1,
                         _ => 1,
                     };
-                    same_refusals = Some((summary.clone(), refusals));
-                    updates.extend(chunk.into_iter().map(|e| EventUpdate {
+                    search.same_refusals = Some((summary.clone(), refusals));
+                    updates.extend(chunk.events.into_iter().map(|e| EventUpdate {
                         row_id: e.row_id,
                         settlement: Settlement::Dead {
                             reason: summary.clone(),
                         },
                         attempt: Some(attempt_record("rejected", &error)),
                     }));
-                    if refusals >= SYSTEMIC_REFUSALS && !pending.is_empty() {
+                    if refusals >= SYSTEMIC_REFUSALS && !search.pending.is_empty() {
                         let reason = format!("Meta refuses every event the same way: {summary}");
                         tracing::error!(
                             pixel_id,
@@ -520,7 +717,7 @@ impl Delivery {
                             "delivery paused: meta refuses every event for the same reason; the rest stay queued"
                         );
                         self.pause(reason.clone(), now);
-                        for event in pending.drain(..).flatten() {
+                        for event in search.pending.drain(..).flat_map(|c| c.events) {
                             updates.push(EventUpdate {
                                 row_id: event.row_id,
                                 settlement: Settlement::Release {
@@ -532,17 +729,44 @@ impl Delivery {
                     }
                 }
                 Verdict::Rejected { error } => {
+                    search.failures = 0;
                     tracing::info!(
                         pixel_id,
-                        n_events = chunk.len(),
+                        n_events = chunk.events.len(),
                         code = error.code,
                         subcode = error.subcode,
                         "meta rejected a batch; splitting it to isolate the bad events"
                     );
-                    let mut first_half = chunk;
-                    let second_half = first_half.split_off(first_half.len() / 2);
-                    pending.push(second_half);
-                    pending.push(first_half);
+                    search.splitting = true;
+                    if chunk.ahead {
+                        // More than one bad event: the split goes on in order from the first
+                        // half's halves (right above where this one goes back, to be split
+                        // without another request), as it would have without sending this one
+                        // ahead; no more siblings are sent ahead.
+                        search.sibling_first = false;
+                        let at = search.pending.len().saturating_sub(2);
+                        search.pending.insert(
+                            at,
+                            Chunk {
+                                refused: true,
+                                ahead: false,
+                                ..chunk
+                            },
+                        );
+                        continue;
+                    }
+                    // With a first half refused, its sibling (right under it) is most likely
+                    // clean: it goes next, before the suspect half is split further.
+                    let sibling = if chunk.first_half && search.sibling_first {
+                        search.pending.pop().map(|mut sibling| {
+                            sibling.ahead = true;
+                            sibling
+                        })
+                    } else {
+                        None
+                    };
+                    search.push_halves(chunk.events);
+                    search.pending.extend(sibling);
                 }
                 Verdict::Pause { error } => {
                     tracing::error!(
@@ -557,7 +781,11 @@ impl Delivery {
                     self.pause(error.summary(), now);
                     let reason = format!("pixel paused: {}", error.summary());
                     let attempt = attempt_record("paused", &error);
-                    for event in chunk.into_iter().chain(pending.drain(..).flatten()) {
+                    for event in chunk
+                        .events
+                        .into_iter()
+                        .chain(search.pending.drain(..).flat_map(|c| c.events))
+                    {
                         updates.push(EventUpdate {
                             row_id: event.row_id,
                             settlement: Settlement::Release {
@@ -569,6 +797,109 @@ impl Delivery {
                 }
             }
         }
+        None
+    }
+
+    /// Slows the whole pixel down until `until` for Meta's rate limit `error`.
+    fn throttle(&self, until: i64, error: &GraphError) {
+        let mut state = self.lock();
+        state.throttled_until = state.throttled_until.max(until);
+        state.throttle_reason = Some(error.summary());
+        self.accepting.store(false, Ordering::Relaxed);
+    }
+
+    /// Keeps a search that waits out a transient failure in memory, its events leased until
+    /// a lease after it is due.
+    async fn park(&self, mut search: Search) {
+        let lease_until = search.due_at.saturating_add(millis_i64(self.config.lease));
+        let ids = search.row_ids();
+        match self.store.extend_lease(&ids, lease_until).await {
+            Ok(()) => search.lease_until = lease_until,
+            // It goes on while its current lease lasts, or is dropped (see `take_due_search`).
+            Err(err) => {
+                tracing::warn!(error = %err, "could not extend the lease of a waiting batch split")
+            }
+        }
+        self.lock_searches().push(search);
+    }
+
+    /// The waiting search that is due first, if one is due. A search whose lease ran out (it
+    /// could not be extended) is dropped: its events are due in storage again, and sending
+    /// them from here as well could send them twice.
+    fn take_due_search(&self, now: i64) -> Option<Search> {
+        let mut searches = self.lock_searches();
+        searches.retain(|s| {
+            let alive = s.lease_until > now;
+            if !alive {
+                tracing::warn!(
+                    pixel_id = self.client.pixel_id(),
+                    n_events = s.n_events(),
+                    "a waiting batch split lost its lease; its events are due in storage again"
+                );
+            }
+            alive
+        });
+        let (index, _) = searches
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.due_at <= now)
+            .min_by_key(|(_, s)| s.due_at)?;
+        Some(searches.swap_remove(index))
+    }
+
+    /// When the first waiting search is due.
+    fn next_search_due(&self) -> Option<i64> {
+        self.lock_searches().iter().map(|s| s.due_at).min()
+    }
+
+    /// Gives waiting searches back to storage while the pixel is blocked until `until`: all of
+    /// them when it is paused (`paused`), those whose lease would run out first when it is
+    /// slowed down. No attempt is counted. Returns how many events went back.
+    async fn give_back_searches(
+        &self,
+        reason: &str,
+        until: i64,
+        paused: bool,
+    ) -> Result<usize, StoreError> {
+        let margin = millis_i64(self.config.request_timeout);
+        let given_back: Vec<Search> = {
+            let mut searches = self.lock_searches();
+            let (back, keep) = searches
+                .drain(..)
+                .partition(|s| paused || s.lease_until < until.saturating_add(margin));
+            *searches = keep;
+            back
+        };
+        let updates: Vec<EventUpdate> = given_back
+            .into_iter()
+            .flat_map(|s| s.pending)
+            .flat_map(|c| c.events)
+            .map(|event| EventUpdate {
+                row_id: event.row_id,
+                settlement: if paused {
+                    Settlement::Release {
+                        reason: reason.to_owned(),
+                    }
+                } else {
+                    Settlement::Postpone {
+                        next_attempt_at: until,
+                        reason: reason.to_owned(),
+                    }
+                },
+                attempt: None,
+            })
+            .collect();
+        let n = updates.len();
+        if n > 0 {
+            self.store.settle(&updates, now_ms()).await?;
+            crate::metrics::settled(self.client.pixel_id(), &updates);
+        }
+        Ok(n)
+    }
+
+    fn lock_searches(&self) -> std::sync::MutexGuard<'_, Vec<Search>> {
+        // A panic while holding this lock cannot leave the list inconsistent.
+        self.searches.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn pause(&self, reason: String, now: i64) {
@@ -639,6 +970,27 @@ fn retry_or_expire(event: ClaimedEvent, next: i64, error: &GraphError) -> EventU
         row_id: event.row_id,
         settlement,
         attempt: Some(attempt_record("retry", error)),
+    }
+}
+
+/// Hands an event of an interrupted batch split back to storage without counting the attempt,
+/// due at `next`, unless that is past its deadline.
+fn postpone_or_expire(
+    event: ClaimedEvent,
+    next: i64,
+    reason: &str,
+    error: &GraphError,
+) -> EventUpdate {
+    if next > event.deadline_at {
+        return retry_or_expire(event, next, error);
+    }
+    EventUpdate {
+        row_id: event.row_id,
+        settlement: Settlement::Postpone {
+            next_attempt_at: next,
+            reason: reason.to_owned(),
+        },
+        attempt: None,
     }
 }
 

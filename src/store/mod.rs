@@ -172,6 +172,15 @@ pub enum Settlement {
         /// Why it is waiting.
         reason: String,
     },
+    /// Give it back without counting the attempt, due again at this unix ms: the event did
+    /// nothing wrong (a batch split it was part of met an outage or a rate limit), so its own
+    /// backoff does not grow.
+    Postpone {
+        /// When the event becomes due again.
+        next_attempt_at: i64,
+        /// Why it is waiting.
+        reason: String,
+    },
 }
 
 /// One event's settlement and the attempt that led to it.

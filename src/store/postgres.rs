@@ -809,6 +809,10 @@ impl Store for PostgresStore {
                     } => ("retry", Some(*next_attempt_at), reason),
                     Settlement::Dead { reason } => ("dead", None, reason),
                     Settlement::Release { reason } => ("release", None, reason),
+                    Settlement::Postpone {
+                        next_attempt_at,
+                        reason,
+                    } => ("postpone", Some(*next_attempt_at), reason),
                 };
                 seen.insert(u.row_id)
                     .then_some((u.row_id, kind, next_attempt_at, reason.as_str()))
@@ -818,14 +822,16 @@ impl Store for PostgresStore {
         if !rest.is_empty() {
             // retry: due again later. dead: parked. release: not attempted after all, so the
             // attempt counted by the claim is given back and the event is due at once.
+            // postpone: the attempt is given back too, and the event is due later.
             let sql = format!(
                 "update {event} as e
                  set state = case when u.kind = 'dead' then 'dead' else e.state end,
                      leased_until = null,
-                     attempts = case when u.kind = 'release'
+                     attempts = case when u.kind in ('release', 'postpone')
                          then greatest(e.attempts - 1, 0) else e.attempts end,
                      next_attempt_at = case u.kind
                          when 'retry' then u.next_attempt_at
+                         when 'postpone' then u.next_attempt_at
                          when 'release' then $5
                          else e.next_attempt_at end,
                      last_error = u.reason,

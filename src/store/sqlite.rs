@@ -413,6 +413,18 @@ impl Store for SqliteStore {
                 .bind(update.row_id)
                 .bind(now)
                 .bind(reason),
+                Settlement::Postpone {
+                    next_attempt_at,
+                    reason,
+                } => sqlx::query(
+                    "update event set leased_until = null, attempts = max(attempts - 1, 0),
+                        next_attempt_at = ?3, last_error = ?4, updated_at = ?2
+                     where id = ?1 and state = 'queued'",
+                )
+                .bind(update.row_id)
+                .bind(now)
+                .bind(next_attempt_at)
+                .bind(reason),
             };
             query.execute(&mut *tx).await?;
         }

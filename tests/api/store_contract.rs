@@ -301,6 +301,65 @@ async fn check_settlements_move_events_through_their_states(store: &dyn Store) {
     );
 }
 
+async fn check_a_postponed_event_waits_without_its_attempt_counted(store: &dyn Store) {
+    insert(store, &[record("p1"), record("p2")], T0).await;
+    let claimed = store
+        .claim_due(PIXEL, 10, T0, T0 + 1000)
+        .await
+        .expect("claim");
+    assert!(claimed.iter().all(|c| c.attempts == 1));
+    let postpone = |row_id: i64, next_attempt_at: i64| EventUpdate {
+        row_id,
+        settlement: Settlement::Postpone {
+            next_attempt_at,
+            reason: "batch split waiting: http 500".to_owned(),
+        },
+        attempt: None,
+    };
+    store
+        .settle(
+            &[
+                postpone(claimed[0].row_id, T0 + 5000),
+                postpone(claimed[1].row_id, T0 + 9000),
+            ],
+            T0 + 100,
+        )
+        .await
+        .expect("settle");
+
+    let p1 = store
+        .find_event("p1", T0 + 200)
+        .await
+        .expect("find")
+        .expect("exists");
+    assert_eq!(p1.state, "queued");
+    assert_eq!(
+        p1.attempts, 0,
+        "a postponement does not count as an attempt"
+    );
+    assert_eq!(p1.next_attempt_at, Some(T0 + 5000));
+    assert_eq!(
+        p1.last_error.as_deref(),
+        Some("batch split waiting: http 500")
+    );
+    // Due at its own time, not before, and then claimed as a first attempt again.
+    assert!(store
+        .claim_due(PIXEL, 10, T0 + 4999, T0 + 6000)
+        .await
+        .expect("claim")
+        .is_empty());
+    let due = store
+        .claim_due(PIXEL, 10, T0 + 5000, T0 + 6000)
+        .await
+        .expect("claim");
+    assert_eq!(
+        due.iter()
+            .map(|c| (c.event_id.as_str(), c.attempts))
+            .collect::<Vec<_>>(),
+        [("p1", 1)]
+    );
+}
+
 async fn check_replay_requeues_only_matching_dead_events(store: &dyn Store) {
     let mut purchase = record("r3");
     purchase.event_name = "Purchase".to_owned();
@@ -1214,6 +1273,7 @@ store_contract!(
     check_duplicates_within_48_hours_are_skipped,
     check_claims_respect_leases_and_due_times,
     check_settlements_move_events_through_their_states,
+    check_a_postponed_event_waits_without_its_attempt_counted,
     check_replay_requeues_only_matching_dead_events,
     check_dry_run_events_are_stored_but_never_claimed,
     check_events_inserted_with_a_lease_are_claimable_only_after_it,

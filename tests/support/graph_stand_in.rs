@@ -1,8 +1,9 @@
 //! A real HTTP server standing in for Meta's Graph API, following `meta-capi.md`: it checks the
 //! token (190), the pixel (100/33), each event's age (100/2804003), Purchase value/currency
 //! (100/2804009), that customer information is present and hashed (100/2804050), and rejects
-//! the whole batch when any event is bad (§1.9). Tests can script answers, poison event ids and
-//! add latency. Shared by the integration tests and the load benchmark.
+//! the whole batch when any event is bad (§1.9). Tests can script answers, poison event ids, add
+//! latency and inject random faults (transient 500s and throttling, from a seeded generator).
+//! Shared by the integration tests and the load benchmark.
 
 #![allow(dead_code)]
 
@@ -17,6 +18,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use tokio::sync::Notify;
 
@@ -43,6 +46,30 @@ pub enum Scripted {
     },
 }
 
+/// Random faults for every request that is not scripted, as in a Graph API storm: a share of
+/// the requests is answered 500 with code 1 or 2 (transient) and a share is throttled (HTTP 400
+/// with code 4, 17 or 80004/2446079, `meta-capi.md` §4.3), before any check of the events, so
+/// nothing in a failed request is accepted. The draws come from a generator seeded with `seed`:
+/// the n-th request meets the same fault in every run.
+#[derive(Debug, Clone, Copy)]
+pub struct Faults {
+    /// Share of requests answered 500 (0 to 1).
+    pub server_errors: f64,
+    /// Share of requests throttled (0 to 1).
+    pub throttling: f64,
+    /// Seed of the generator.
+    pub seed: u64,
+}
+
+/// Faults injected so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FaultCounts {
+    /// Requests answered 500.
+    pub server_errors: usize,
+    /// Requests throttled.
+    pub throttled: usize,
+}
+
 /// One request as received.
 #[derive(Debug, Clone)]
 pub struct Received {
@@ -67,6 +94,8 @@ struct Inner {
     scripted: VecDeque<Scripted>,
     poison_event_ids: Vec<String>,
     latency: Duration,
+    faults: Option<(Faults, StdRng)>,
+    fault_counts: FaultCounts,
     requests: Vec<Received>,
     /// Events Meta accepted, in order (duplicates included: Meta would dedup them).
     accepted: Vec<Value>,
@@ -173,6 +202,21 @@ impl GraphStandIn {
         self.lock().dataset_quality_requests.clone()
     }
 
+    /// Injects random faults into every later request that is not scripted (see [`Faults`]).
+    pub fn set_faults(&self, faults: Faults) {
+        self.lock().faults = Some((faults, StdRng::seed_from_u64(faults.seed)));
+    }
+
+    /// Stops injecting faults.
+    pub fn clear_faults(&self) {
+        self.lock().faults = None;
+    }
+
+    /// How many faults were injected so far.
+    pub fn fault_counts(&self) -> FaultCounts {
+        self.lock().fault_counts
+    }
+
     /// Adds latency to every answer.
     pub fn set_latency(&self, latency: Duration) {
         self.lock().latency = latency;
@@ -252,6 +296,48 @@ fn graph_error(status: u16, code: i64, subcode: Option<i64>, title: &str, msg: &
         Json(json!({ "error": error })),
     )
         .into_response()
+}
+
+/// A fault for this request, if the generator draws one.
+fn injected_fault(state: &mut Inner) -> Option<Response> {
+    let (faults, rng) = state.faults.as_mut()?;
+    let draw: f64 = rng.gen();
+    let variant: u8 = rng.gen_range(0..3);
+    let response = if draw < faults.server_errors {
+        state.fault_counts.server_errors += 1;
+        let (code, msg) = if variant == 0 {
+            (1, "An unknown error occurred")
+        } else {
+            (
+                2,
+                "An unexpected error has occurred. Please retry your request later.",
+            )
+        };
+        let body = json!({"error": {
+            "message": msg,
+            "type": "OAuthException",
+            "code": code,
+            "is_transient": true,
+            "fbtrace_id": "StandInTrace",
+        }});
+        (StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response()
+    } else if draw < faults.server_errors + faults.throttling {
+        state.fault_counts.throttled += 1;
+        match variant {
+            0 => graph_error(400, 4, None, "", "Application request limit reached"),
+            1 => graph_error(400, 17, None, "", "User request limit reached"),
+            _ => graph_error(
+                400,
+                80004,
+                Some(2446079),
+                "",
+                "There have been too many calls to this ad-account. Wait a bit and try again.",
+            ),
+        }
+    } else {
+        return None;
+    };
+    Some(response)
 }
 
 fn is_sha256_hex(v: &Value) -> bool {
@@ -356,7 +442,14 @@ async fn events(
             Some(Scripted::Normal) | None => None,
             Some(other) => Some(other),
         };
-        let (response, accepted): (Response, Vec<Value>) = if let Some(s) = scripted {
+        let fault = if scripted.is_none() {
+            injected_fault(&mut state)
+        } else {
+            None
+        };
+        let (response, accepted): (Response, Vec<Value>) = if let Some(fault) = fault {
+            (fault, Vec::new())
+        } else if let Some(s) = scripted {
             let response = match s {
                 Scripted::Normal => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
                 Scripted::Raw(status, body) => (
