@@ -522,8 +522,6 @@ async fn events(
         });
         (latency, response, accepted)
     };
-    // Waiters on requests (one in flight) wake now, not when the answer goes out.
-    changed.notify_waiters();
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
