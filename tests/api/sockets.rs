@@ -460,6 +460,13 @@ async fn idle_connections_beyond_the_file_descriptors_do_not_take_health_checks_
     for _ in 0..400 {
         idle.push(TcpStream::connect(&authority).await.expect("connect"));
     }
+    // New connections (the start's pooled one would not show anything).
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("http client");
     let health = http
         .get(format!("{}/healthz", service.address))
         .send()
