@@ -484,3 +484,26 @@ async fn idle_connections_beyond_the_file_descriptors_do_not_take_health_checks_
     assert!(log.contains("does not fit the open-files limit"), "{log}");
     assert!(!log.contains("cannot accept connections"), "{log}");
 }
+
+#[tokio::test]
+async fn request_headers_over_32_kib_are_answered_431_and_not_buffered() {
+    let app = spawn_app_with(&[]).await;
+    let mut stream = connect(&app).await;
+    // 40 KiB of headers: within hyper's default buffer (about 400 KiB), over ours.
+    let padding = "a".repeat(1000);
+    let mut head = String::from("GET /healthz HTTP/1.1\r\nhost: capi-bridge\r\n");
+    for i in 0..40 {
+        head.push_str(&format!("x-padding-{i}: {padding}\r\n"));
+    }
+    head.push_str("\r\n");
+    // The server may answer and close before it has read everything.
+    let _ = stream.write_all(head.as_bytes()).await;
+    let (_, answer) = closed_within(&mut stream, CUT_WITHIN)
+        .await
+        .unwrap_or_else(|sent| panic!("not answered and closed: {sent:?}"));
+    // 431, or a reset that overtook it (the server closes with the rest of the headers unread).
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
+        "{answer}"
+    );
+}
