@@ -34,6 +34,8 @@ pub struct App {
     memory: Option<MatchKeyMemory>,
     /// Native HTTPS when a certificate is configured.
     tls: Option<crate::tls::Tls>,
+    /// Connection limits and timeouts, the maximum fitted to the open-files limit.
+    http: crate::server::Limits,
     quality: crate::quality::QualityCounters,
     /// The store, for tests and tools.
     pub store: Arc<dyn Store>,
@@ -71,6 +73,16 @@ impl App {
                 "released the leases a previous process left; their events are due now"
             );
         }
+        // Each connection is a file descriptor: take what the system allows, and serve no more
+        // connections than fit.
+        let open_files = crate::server::raise_open_files_limit();
+        let http = crate::server::Limits {
+            max_connections: crate::server::fit_connections(
+                config.http.max_connections,
+                open_files.map(|(soft, _)| soft),
+            ),
+            ..config.http
+        };
         let listener = TcpListener::bind(config.listen_addr)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen_addr))?;
@@ -143,6 +155,7 @@ impl App {
             poll_interval,
             memory,
             tls,
+            http,
             quality,
             store,
         })
@@ -211,20 +224,18 @@ impl App {
         ));
         let served = match self.tls {
             Some(tls) => tls
-                .serve(self.listener, self.router, shutdown.clone())
+                .serve(self.listener, self.router, self.http, shutdown.clone())
                 .await
                 .context("the HTTPS server failed"),
-            None => {
-                let server_shutdown = shutdown.clone();
-                axum::serve(
-                    self.listener,
-                    self.router
-                        .into_make_service_with_connect_info::<SocketAddr>(),
-                )
-                .with_graceful_shutdown(async move { server_shutdown.cancelled().await })
-                .await
-                .context("the HTTP server failed")
-            }
+            None => crate::server::serve(
+                self.listener,
+                self.router,
+                None,
+                self.http,
+                shutdown.clone(),
+            )
+            .await
+            .context("the HTTP server failed"),
         };
         // Whatever stopped the server also stops delivery; in-flight batches finish first.
         shutdown.cancel();

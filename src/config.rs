@@ -53,6 +53,8 @@ pub struct Config {
     pub tls: Option<crate::tls::TlsFiles>,
     /// Bearer token `GET /metrics` requires (`METRICS_TOKEN`); `None` leaves it open.
     pub metrics_token: Option<String>,
+    /// Connection limits and timeouts of the HTTP server (`HTTP_*`).
+    pub http: crate::server::Limits,
 }
 
 /// Credentials for one pixel (dataset).
@@ -139,6 +141,7 @@ impl std::fmt::Debug for Config {
             .field("supabase", &self.supabase)
             .field("delivery", &self.delivery)
             .field("tls", &self.tls)
+            .field("http", &self.http)
             .finish_non_exhaustive()
     }
 }
@@ -188,6 +191,8 @@ struct FileConfig {
     default_pixel: Option<String>,
     #[serde(default)]
     delivery: FileDelivery,
+    #[serde(default)]
+    http: FileHttp,
     /// Incoming event name (case-insensitive) → name sent to Meta.
     #[serde(default)]
     event_aliases: BTreeMap<String, String>,
@@ -225,6 +230,15 @@ struct FileDelivery {
     retry_base_ms: Option<u64>,
     retry_max_ms: Option<u64>,
     pause_probe_interval_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileHttp {
+    header_timeout_ms: Option<u64>,
+    idle_timeout_ms: Option<u64>,
+    body_timeout_ms: Option<u64>,
+    max_connections: Option<usize>,
 }
 
 /// Variables looked up by name: the real environment first, then `.env.local`, then `.env`.
@@ -533,6 +547,45 @@ pub fn load(env: &Env, config_path: Option<&Path>) -> Result<Config, Vec<String>
         );
     }
 
+    let h = file.http;
+    let defaults = crate::server::Limits::default();
+    let http = crate::server::Limits {
+        header_timeout: ms(
+            "HTTP_HEADER_TIMEOUT_MS",
+            h.header_timeout_ms,
+            defaults.header_timeout.as_millis() as u64,
+            &mut problems,
+        ),
+        idle_timeout: ms(
+            "HTTP_IDLE_TIMEOUT_MS",
+            h.idle_timeout_ms,
+            defaults.idle_timeout.as_millis() as u64,
+            &mut problems,
+        ),
+        body_timeout: ms(
+            "HTTP_BODY_TIMEOUT_MS",
+            h.body_timeout_ms,
+            defaults.body_timeout.as_millis() as u64,
+            &mut problems,
+        ),
+        max_connections: number(env, "HTTP_MAX_CONNECTIONS", &mut problems)
+            .map(|n| usize::try_from(n).unwrap_or(usize::MAX))
+            .or(h.max_connections)
+            .unwrap_or(defaults.max_connections),
+    };
+    for (name, value) in [
+        ("HTTP_HEADER_TIMEOUT_MS", http.header_timeout),
+        ("HTTP_IDLE_TIMEOUT_MS", http.idle_timeout),
+        ("HTTP_BODY_TIMEOUT_MS", http.body_timeout),
+    ] {
+        if value.is_zero() {
+            problems.push(format!("{name} must be at least 1"));
+        }
+    }
+    if http.max_connections == 0 {
+        problems.push("HTTP_MAX_CONNECTIONS must be at least 1".to_owned());
+    }
+
     let log_format = match env
         .get("LOG_FORMAT")
         .or(file.log_format)
@@ -660,6 +713,7 @@ pub fn load(env: &Env, config_path: Option<&Path>) -> Result<Config, Vec<String>
         admin,
         tls,
         metrics_token: env.get("METRICS_TOKEN"),
+        http,
     })
 }
 
@@ -820,6 +874,34 @@ mod tests {
             problems[0].contains("MATCH_KEY_MEMORY_DAYS"),
             "{problems:?}"
         );
+    }
+
+    #[test]
+    fn connections_are_limited_and_timed_unless_configured_otherwise() {
+        let http = load_pairs(&[]).expect("valid").http;
+        assert_eq!(http.header_timeout, Duration::from_secs(30));
+        assert_eq!(http.idle_timeout, Duration::from_secs(60));
+        assert_eq!(http.body_timeout, Duration::from_secs(30));
+        assert_eq!(http.max_connections, 1024);
+        let http = load_pairs(&[
+            ("HTTP_HEADER_TIMEOUT_MS", "1000"),
+            ("HTTP_IDLE_TIMEOUT_MS", "2000"),
+            ("HTTP_BODY_TIMEOUT_MS", "3000"),
+            ("HTTP_MAX_CONNECTIONS", "8"),
+        ])
+        .expect("valid")
+        .http;
+        assert_eq!(http.header_timeout, Duration::from_secs(1));
+        assert_eq!(http.idle_timeout, Duration::from_secs(2));
+        assert_eq!(http.body_timeout, Duration::from_secs(3));
+        assert_eq!(http.max_connections, 8);
+        let problems = load_pairs(&[
+            ("HTTP_HEADER_TIMEOUT_MS", "0"),
+            ("HTTP_MAX_CONNECTIONS", "0"),
+            ("HTTP_IDLE_TIMEOUT_MS", "soon"),
+        ])
+        .expect_err("invalid");
+        assert_eq!(problems.len(), 3, "{problems:?}");
     }
 
     #[test]
@@ -1068,6 +1150,7 @@ mod tests {
             .join("\n");
         let file: FileConfig = toml::from_str(&uncommented).expect("example parses");
         assert_eq!(file.delivery.max_in_flight, Some(4));
+        assert_eq!(file.http.idle_timeout_ms, Some(60_000));
         assert_eq!(file.meta.api_version.as_deref(), Some("v25.0"));
         assert_eq!(
             file.pixels.get("shop").and_then(|p| p.pixel_id.as_deref()),

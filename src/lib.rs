@@ -15,6 +15,7 @@ pub mod memory;
 pub mod metrics;
 pub mod pixels;
 pub mod quality;
+pub mod server;
 pub mod sites;
 pub mod sources;
 pub mod store;

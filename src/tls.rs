@@ -5,11 +5,10 @@
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use axum::http::{header, HeaderValue};
-use axum_server::tls_rustls::RustlsConfig;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::ServerConfig;
@@ -112,7 +111,8 @@ pub enum TlsError {
 /// A checked certificate, ready to serve and to be reloaded.
 pub struct Tls {
     files: TlsFiles,
-    served: RustlsConfig,
+    /// What new connections are served; replaced on reload.
+    served: Arc<RwLock<Arc<ServerConfig>>>,
     /// The files' contents (or read error) last acted on, so a change is acted on once.
     seen: Fingerprint,
 }
@@ -130,7 +130,7 @@ impl Tls {
         let config = server_config(&files, &cert, &key)?;
         Ok(Self {
             files,
-            served: RustlsConfig::from_config(Arc::new(config)),
+            served: Arc::new(RwLock::new(Arc::new(config))),
             seen,
         })
     }
@@ -140,40 +140,34 @@ impl Tls {
         &self.files
     }
 
-    /// Serves `router` over HTTPS on `listener` until `shutdown` is cancelled, then stops
-    /// accepting and waits for in-flight requests (as `axum::serve` does for plain HTTP).
-    /// Handlers see the peer as `ConnectInfo<SocketAddr>`; every response carries HSTS; the
-    /// certificate follows its files meanwhile.
+    /// Serves `router` over HTTPS on `listener` with the connection `limits` of plain HTTP
+    /// ([`crate::server::serve`]) until `shutdown` is cancelled, then stops accepting and waits
+    /// for in-flight requests. Every response carries HSTS; the certificate follows its files
+    /// meanwhile (new connections get the new one).
     ///
     /// # Errors
-    /// When the listener cannot be handed to the server or the server fails.
+    /// When the server fails.
     pub async fn serve(
         self,
         listener: TcpListener,
         router: axum::Router,
+        limits: crate::server::Limits,
         shutdown: CancellationToken,
     ) -> io::Result<()> {
         let router = router.layer(SetResponseHeaderLayer::overriding(
             header::STRICT_TRANSPORT_SECURITY,
             HeaderValue::from_static(HSTS),
         ));
-        let handle = axum_server::Handle::new();
-        // Plain HTTP is served as HTTP/1.1 only (axum's `http1`); HTTPS behaves the same.
-        let server = axum_server::from_tcp_rustls(listener.into_std()?, self.served.clone())?
-            .handle(handle.clone())
-            .http1_only();
-        let draining = {
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move {
-                shutdown.cancelled().await;
-                handle.graceful_shutdown(None);
-            })
-        };
-        let reloading = tokio::spawn(self.follow_files(shutdown));
-        let served = server
-            .serve(router.into_make_service_with_connect_info::<SocketAddr>())
-            .await;
-        draining.abort();
+        let served = self.served.clone();
+        let acceptor: crate::server::Acceptor = Arc::new(move || {
+            let config = served
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            tokio_rustls::TlsAcceptor::from(config)
+        });
+        let reloading = tokio::spawn(self.follow_files(shutdown.clone()));
+        let served = crate::server::serve(listener, router, Some(acceptor), limits, shutdown).await;
         reloading.abort();
         served
     }
@@ -221,7 +215,7 @@ impl Tls {
         match built {
             None => {}
             Some(Ok(config)) => {
-                self.served.reload_from_config(Arc::new(config));
+                *self.served.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(config);
                 tracing::info!(
                     trigger = trigger.as_str(),
                     cert_file = %self.files.cert.display(),

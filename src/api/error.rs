@@ -61,6 +61,12 @@ pub enum ApiError {
     /// Storage is down or overloaded; the caller should retry.
     #[error("temporarily unavailable, retry shortly")]
     Unavailable(String),
+    /// Every connection is in use (HTTP_MAX_CONNECTIONS); the caller should retry.
+    #[error("too many connections (HTTP_MAX_CONNECTIONS); retry shortly")]
+    Overloaded,
+    /// The request did not arrive in time.
+    #[error("{0}")]
+    RequestTimeout(String),
 }
 
 impl ApiError {
@@ -73,7 +79,8 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -88,6 +95,8 @@ impl ApiError {
             ApiError::Forbidden(_) => "forbidden",
             ApiError::RateLimited(_) => "rate_limited",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::Overloaded => "overloaded",
+            ApiError::RequestTimeout(_) => "request_timeout",
         }
     }
 }
@@ -101,7 +110,8 @@ pub(crate) struct ErrorBody<'a> {
 #[derive(Serialize, utoipa::ToSchema)]
 struct ErrorDetail<'a> {
     /// `malformed_json`, `bad_request`, `unauthorized`, `payload_too_large`,
-    /// `invalid_events`, `not_found`, `forbidden`, `rate_limited` or `unavailable`.
+    /// `invalid_events`, `not_found`, `forbidden`, `rate_limited`, `unavailable`, `overloaded`
+    /// or `request_timeout`.
     code: &'static str,
     /// What is wrong and what to do, for people.
     message: String,
@@ -140,7 +150,7 @@ impl IntoResponse for ApiError {
             },
         };
         let mut response = (self.status(), Json(&body)).into_response();
-        if matches!(self, ApiError::Unavailable(_)) {
+        if matches!(self, ApiError::Unavailable(_) | ApiError::Overloaded) {
             response
                 .headers_mut()
                 .insert("retry-after", axum::http::HeaderValue::from_static("1"));

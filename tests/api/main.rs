@@ -25,6 +25,7 @@ mod pixels;
 mod postgres;
 mod process;
 mod quality;
+mod sockets;
 mod sources;
 mod storage_faults;
 mod store_contract;

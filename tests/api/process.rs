@@ -33,6 +33,18 @@ impl Service {
         env: &[(&str, String)],
         http: &reqwest::Client,
     ) -> Self {
+        Self::start_with_ulimit(label, dir, env, http, None).await
+    }
+
+    /// Like [`Service::start`], with the shell's `ulimit` given these arguments first (e.g.
+    /// `-S -n 256`: a soft open-files limit of 256).
+    pub async fn start_with_ulimit(
+        label: &'static str,
+        dir: &Path,
+        env: &[(&str, String)],
+        http: &reqwest::Client,
+        ulimit: Option<&str>,
+    ) -> Self {
         let listen_addr = env
             .iter()
             .find(|(name, _)| *name == "LISTEN_ADDR")
@@ -49,7 +61,19 @@ impl Service {
         let log = dir.join(format!("{label}.log"));
         let stderr = std::fs::File::create(&log).expect("create the log file");
         let stdout = stderr.try_clone().expect("clone the log file");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_capi-bridge"));
+        let binary = env!("CARGO_BIN_EXE_capi-bridge");
+        let mut command = match ulimit {
+            None => Command::new(binary),
+            Some(args) => {
+                // `exec`: the service is the child itself, whose limits /proc shows.
+                let mut shell = Command::new("sh");
+                shell
+                    .arg("-c")
+                    .arg(format!("ulimit {args} && exec \"$0\""))
+                    .arg(binary);
+                shell
+            }
+        };
         command.env_clear().current_dir(dir);
         for name in ["PATH", "HOME"] {
             if let Some(value) = std::env::var_os(name) {
@@ -104,6 +128,11 @@ impl Service {
             .await
             .expect("/readyz answers JSON");
         ready["queue"].clone()
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// What the process has logged so far.

@@ -12,13 +12,13 @@ use crate::helpers::{lead, spawn_app, spawn_app_with, PIXEL, SECRET, TOKEN, WAIT
 use crate::process::{free_port, Service};
 
 /// A self-signed certificate for 127.0.0.1 and localhost, with its key.
-struct Certificate {
-    pem: String,
-    key_pem: String,
-    der: Vec<u8>,
+pub(crate) struct Certificate {
+    pub(crate) pem: String,
+    pub(crate) key_pem: String,
+    pub(crate) der: Vec<u8>,
 }
 
-fn certificate(common_name: &str, serial: u64) -> Certificate {
+pub(crate) fn certificate(common_name: &str, serial: u64) -> Certificate {
     let mut params =
         rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
             .expect("certificate parameters");
@@ -37,25 +37,25 @@ fn certificate(common_name: &str, serial: u64) -> Certificate {
 
 /// The certificate and key files, replaced as certbot and Kubernetes do: written beside, then
 /// renamed over (a reader never sees half a file).
-struct Files {
+pub(crate) struct Files {
     cert: PathBuf,
     key: PathBuf,
 }
 
 impl Files {
-    fn new(dir: &Path) -> Self {
+    pub(crate) fn new(dir: &Path) -> Self {
         Self {
             cert: dir.join("fullchain.pem"),
             key: dir.join("privkey.pem"),
         }
     }
 
-    fn install(&self, certificate: &Certificate) {
+    pub(crate) fn install(&self, certificate: &Certificate) {
         replace(&self.cert, &certificate.pem);
         replace(&self.key, &certificate.key_pem);
     }
 
-    fn env(&self) -> [(&'static str, String); 2] {
+    pub(crate) fn env(&self) -> [(&'static str, String); 2] {
         [
             ("TLS_CERT_FILE", self.cert.display().to_string()),
             ("TLS_KEY_FILE", self.key.display().to_string()),
