@@ -29,11 +29,7 @@ pub(super) async fn scrape(
         }
     }
     // Shared with /readyz: read at most once a second, however often either is asked.
-    let stats = state
-        .store_snapshots
-        .get(state.store.as_ref())
-        .await
-        .stats;
+    let stats = state.store_snapshots.get(state.store.as_ref()).await.stats;
     let pixels: Vec<PixelStatus> = state.delivery.iter().map(Delivery::status).collect();
     let body = crate::metrics::render(stats.as_ref(), &pixels, now_ms());
     Ok((

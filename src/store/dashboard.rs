@@ -278,9 +278,8 @@ pub(crate) fn activity_grid(since: i64, bucket_ms: i64, buckets: usize) -> (i64,
     let since = super::activity_bucket(since);
     let step = super::ACTIVITY_BUCKET_MS;
     let bucket_ms = (bucket_ms.max(1).saturating_add(step - 1) / step) * step;
-    let until = since.saturating_add(
-        bucket_ms.saturating_mul(i64::try_from(buckets).unwrap_or(i64::MAX)),
-    );
+    let until =
+        since.saturating_add(bucket_ms.saturating_mul(i64::try_from(buckets).unwrap_or(i64::MAX)));
     (since, bucket_ms, until)
 }
 

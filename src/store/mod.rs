@@ -340,6 +340,32 @@ pub struct Pruned {
     pub counts: u64,
 }
 
+/// A query that `/readyz`, `/metrics` or the dashboard's overview run on every call, with
+/// parameters to explain it with: the tests check on a large table that none reads the
+/// event table beyond an index seek.
+#[doc(hidden)]
+#[derive(Debug, Clone)]
+pub struct HotQuery {
+    /// Which store method runs it.
+    pub name: &'static str,
+    /// The SQL as run.
+    pub sql: String,
+    /// Values for its parameters, in order.
+    pub params: Vec<i64>,
+}
+
+/// The hot queries' parameters for a time near `now`: activity over a day in hours, the
+/// latest ten errors.
+pub(crate) fn hot_query_params(name: &str, now: i64) -> Vec<i64> {
+    const HOUR: i64 = 60 * 60 * 1000;
+    let since = activity_bucket(now - 23 * HOUR);
+    match name {
+        "activity" => vec![since, HOUR, since + 24 * HOUR],
+        "recent_errors" => vec![10],
+        _ => Vec::new(),
+    }
+}
+
 /// The length of the dashboard's activity buckets as they are counted (`event_tally`):
 /// five minutes of UTC. [`Store::activity`] answers in multiples of it.
 pub const ACTIVITY_BUCKET_MS: i64 = 5 * 60 * 1000;

@@ -264,6 +264,26 @@ impl PostgresStore {
         })
     }
 
+    /// The queries `/readyz`, `/metrics` and the dashboard's overview run on every call, for
+    /// the tables of `schema`.
+    #[doc(hidden)]
+    #[must_use]
+    pub fn hot_queries(schema: &str, now: i64) -> Vec<super::HotQuery> {
+        let tables = Tables::new(schema);
+        [
+            ("stats", stats_sql(&tables)),
+            ("activity", activity_sql(&tables)),
+            ("recent_errors", recent_errors_sql(&tables)),
+        ]
+        .into_iter()
+        .map(|(name, sql)| super::HotQuery {
+            name,
+            sql,
+            params: super::hot_query_params(name, now),
+        })
+        .collect()
+    }
+
     /// A query, prepared under a name (and cached) unless behind a transaction-mode pooler.
     fn query<'q>(&self, sql: &'q str) -> Query<'q, Postgres, PgArguments> {
         sqlx::query(sql).persistent(!self.transaction_pooler)
@@ -338,7 +358,11 @@ impl PostgresStore {
 impl PostgresStore {
     /// [`PostgresStore::delete_in_slices`] for events: the same statement also takes the
     /// deleted events off the counts (`event_tally`), so counts and rows change together.
-    async fn delete_events_in_slices(&self, condition: &str, before: i64) -> Result<u64, StoreError> {
+    async fn delete_events_in_slices(
+        &self,
+        condition: &str,
+        before: i64,
+    ) -> Result<u64, StoreError> {
         let Tables { event, tally, .. } = &self.tables;
         let sql = format!(
             "with doomed as materialized (
@@ -401,6 +425,46 @@ impl PostgresStore {
             .await?;
         Ok(())
     }
+}
+
+/// `Store::stats`: counts from `event_tally`, kept as events change; the oldest waiting event
+/// of each pixel with a queue is one seek in `event_queued_oldest`. Nothing here reads more
+/// rows than there are pixels (times shards).
+fn stats_sql(tables: &Tables) -> String {
+    let Tables { event, tally, .. } = tables;
+    format!(
+        "select t.state, t.pixel_id, t.n,
+                 case when t.state = 'queued' then
+                     (select min(e.received_at) from {event} as e
+                      where e.state = 'queued' and e.pixel_id = t.pixel_id)
+                 end as oldest
+             from (select pixel_id, state, sum(n)::int8 as n from {tally} where bucket = 0
+                   group by pixel_id, state having sum(n) <> 0) as t"
+    )
+}
+
+/// `Store::activity`: counted as it happens, per five minutes (`event_tally`), so a day is 288
+/// rows per shard however many events it had.
+fn activity_sql(tables: &Tables) -> String {
+    format!(
+        "select case state when 'accepted' then 0::int8 when 'delivered' then 1 else 2 end,
+                 (bucket - $1) / $2, sum(n)::int8
+             from {}
+             where bucket >= $1 and bucket < $3 and bucket > 0 and pixel_id = ''
+             group by 1, 2",
+        tables.tally
+    )
+}
+
+/// `Store::recent_errors`: the newest attempts by id, each joined to its event by key.
+fn recent_errors_sql(tables: &Tables) -> String {
+    let Tables { event, attempt, .. } = tables;
+    format!(
+        "select e.event_id, e.event_name, e.pixel_id, a.attempted_at, a.outcome,
+                a.http_status, a.code, a.subcode, a.fbtrace_id, a.error_title, a.error_message
+             from {attempt} as a join {event} as e on e.id = a.event_row_id
+             order by a.id desc limit $1"
+    )
 }
 
 /// Creates the schema and applies the migrations, in one transaction. Instances starting
@@ -1102,19 +1166,7 @@ impl Store for PostgresStore {
     }
 
     async fn stats(&self) -> Result<QueueStats, StoreError> {
-        // Counts from `event_tally`, kept as events change; the oldest waiting event of each
-        // pixel with a queue is one seek in `event_queued_oldest`. Nothing here reads more
-        // rows than there are pixels (times shards).
-        let Tables { event, tally, .. } = &self.tables;
-        let sql = format!(
-            "select t.state, t.pixel_id, t.n,
-                 case when t.state = 'queued' then
-                     (select min(e.received_at) from {event} as e
-                      where e.state = 'queued' and e.pixel_id = t.pixel_id)
-                 end as oldest
-             from (select pixel_id, state, sum(n)::int8 as n from {tally} where bucket = 0
-                   group by pixel_id, state having sum(n) <> 0) as t"
-        );
+        let sql = stats_sql(&self.tables);
         let mut conn = self.conn().await?;
         let rows = self.query(&sql).fetch_all(&mut *conn).await?;
         conn.finish().await?;
@@ -1170,7 +1222,10 @@ impl Store for PostgresStore {
                 .delete_events_in_slices("state = 'dry_run' and received_at < $1", delivered_before)
                 .await?;
         let dead = self
-            .delete_events_in_slices("state = 'dead' and updated_at < $1", now - retention.dead_ms)
+            .delete_events_in_slices(
+                "state = 'dead' and updated_at < $1",
+                now - retention.dead_ms,
+            )
             .await?;
         let match_keys = self
             .delete_in_slices(match_key, &["identity", "field"], "expires_at <= $1", now)
@@ -1608,17 +1663,8 @@ impl Store for PostgresStore {
         bucket_ms: i64,
         buckets: usize,
     ) -> Result<Vec<ActivityBucket>, StoreError> {
-        // Counted as it happens, per five minutes (`event_tally`): a day is 288 rows per
-        // shard, however many events it had.
         let (since, bucket_ms, until) = activity_grid(since, bucket_ms, buckets);
-        let sql = format!(
-            "select case state when 'accepted' then 0::int8 when 'delivered' then 1 else 2 end,
-                 (bucket - $1) / $2, sum(n)::int8
-             from {}
-             where bucket >= $1 and bucket < $3 and bucket > 0 and pixel_id = ''
-             group by 1, 2",
-            self.tables.tally
-        );
+        let sql = activity_sql(&self.tables);
         let mut conn = self.conn().await?;
         let rows = self
             .query(&sql)
@@ -1674,13 +1720,7 @@ impl Store for PostgresStore {
     }
 
     async fn recent_errors(&self, limit: usize) -> Result<Vec<RecentError>, StoreError> {
-        let Tables { event, attempt, .. } = &self.tables;
-        let sql = format!(
-            "select e.event_id, e.event_name, e.pixel_id, a.attempted_at, a.outcome,
-                a.http_status, a.code, a.subcode, a.fbtrace_id, a.error_title, a.error_message
-             from {attempt} as a join {event} as e on e.id = a.event_row_id
-             order by a.id desc limit $1"
-        );
+        let sql = recent_errors_sql(&self.tables);
         let mut conn = self.conn().await?;
         let rows = self
             .query(&sql)

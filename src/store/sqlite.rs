@@ -21,6 +21,33 @@ use super::{DropCount, QualityCount};
 /// Rows per multi-row statement (9 parameters each stays far below SQLite's limit).
 const ROWS_PER_STATEMENT: usize = 100;
 
+/// `Store::stats`: counts from `event_tally`, kept as events change; the oldest waiting event
+/// of each pixel with a queue is one seek in `event_queued_oldest`. Nothing here reads more
+/// rows than there are pixels.
+const STATS_SQL: &str = "select t.state, t.pixel_id, t.n,
+                 case when t.state = 'queued' then
+                     (select min(e.received_at) from event as e
+                      where e.state = 'queued' and e.pixel_id = t.pixel_id)
+                 end as oldest
+             from (select pixel_id, state, sum(n) as n from event_tally where bucket = 0
+                   group by pixel_id, state having sum(n) <> 0) as t";
+
+/// `Store::activity`: counted as it happens, per five minutes (`event_tally`), so a day is 288
+/// rows however many events it had.
+const ACTIVITY_SQL: &str =
+    "select case state when 'accepted' then 0 when 'delivered' then 1 else 2 end,
+                 (bucket - ?1) / ?2, sum(n)
+             from event_tally
+             where bucket >= ?1 and bucket < ?3 and bucket > 0 and pixel_id = ''
+             group by 1, 2";
+
+/// `Store::recent_errors`: the newest attempts by id, each joined to its event by key.
+const RECENT_ERRORS_SQL: &str =
+    "select e.event_id, e.event_name, e.pixel_id, a.attempted_at, a.outcome,
+                a.http_status, a.code, a.subcode, a.fbtrace_id, a.error_title, a.error_message
+             from attempt as a join event as e on e.id = a.event_row_id
+             order by a.id desc limit ?1";
+
 /// [`Store`] over a SQLite file.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
@@ -57,6 +84,24 @@ impl SqliteStore {
             tx.commit().await?;
             total += rows.len() as u64;
         }
+    }
+
+    /// The queries `/readyz`, `/metrics` and the dashboard's overview run on every call.
+    #[doc(hidden)]
+    #[must_use]
+    pub fn hot_queries(now: i64) -> Vec<super::HotQuery> {
+        [
+            ("stats", STATS_SQL),
+            ("activity", ACTIVITY_SQL),
+            ("recent_errors", RECENT_ERRORS_SQL),
+        ]
+        .into_iter()
+        .map(|(name, sql)| super::HotQuery {
+            name,
+            sql: sql.to_owned(),
+            params: super::hot_query_params(name, now),
+        })
+        .collect()
     }
 
     /// Opens (creating if needed) the database at `url` and applies migrations.
@@ -544,20 +589,7 @@ impl Store for SqliteStore {
     }
 
     async fn stats(&self) -> Result<QueueStats, StoreError> {
-        // Counts from `event_tally`, kept as events change; the oldest waiting event of each
-        // pixel with a queue is one seek in `event_queued_oldest`. Nothing here reads more
-        // rows than there are pixels.
-        let rows = sqlx::query(
-            "select t.state, t.pixel_id, t.n,
-                 case when t.state = 'queued' then
-                     (select min(e.received_at) from event as e
-                      where e.state = 'queued' and e.pixel_id = t.pixel_id)
-                 end as oldest
-             from (select pixel_id, state, sum(n) as n from event_tally where bucket = 0
-                   group by pixel_id, state having sum(n) <> 0) as t",
-        )
-        .fetch_all(&self.reader)
-        .await?;
+        let rows = sqlx::query(STATS_SQL).fetch_all(&self.reader).await?;
         let counts = rows
             .iter()
             .map(|row| {
@@ -926,21 +958,13 @@ impl Store for SqliteStore {
         bucket_ms: i64,
         buckets: usize,
     ) -> Result<Vec<ActivityBucket>, StoreError> {
-        // Counted as it happens, per five minutes (`event_tally`): a day is 288 rows per
-        // shard, however many events it had.
         let (since, bucket_ms, until) = activity_grid(since, bucket_ms, buckets);
-        let rows = sqlx::query(
-            "select case state when 'accepted' then 0 when 'delivered' then 1 else 2 end,
-                 (bucket - ?1) / ?2, sum(n)
-             from event_tally
-             where bucket >= ?1 and bucket < ?3 and bucket > 0 and pixel_id = ''
-             group by 1, 2",
-        )
-        .bind(since)
-        .bind(bucket_ms)
-        .bind(until)
-        .fetch_all(&self.reader)
-        .await?;
+        let rows = sqlx::query(ACTIVITY_SQL)
+            .bind(since)
+            .bind(bucket_ms)
+            .bind(until)
+            .fetch_all(&self.reader)
+            .await?;
         let rows = rows
             .into_iter()
             .map(|row| Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)))
@@ -979,15 +1003,10 @@ impl Store for SqliteStore {
     }
 
     async fn recent_errors(&self, limit: usize) -> Result<Vec<RecentError>, StoreError> {
-        let rows = sqlx::query(
-            "select e.event_id, e.event_name, e.pixel_id, a.attempted_at, a.outcome,
-                a.http_status, a.code, a.subcode, a.fbtrace_id, a.error_title, a.error_message
-             from attempt as a join event as e on e.id = a.event_row_id
-             order by a.id desc limit ?1",
-        )
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_all(&self.reader)
-        .await?;
+        let rows = sqlx::query(RECENT_ERRORS_SQL)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.reader)
+            .await?;
         Ok(rows
             .iter()
             .map(DashboardRow::recent_error)

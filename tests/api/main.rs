@@ -25,6 +25,7 @@ mod pixels;
 mod postgres;
 mod process;
 mod quality;
+mod scale;
 mod sources;
 mod store_contract;
 mod supabase_lookup;

@@ -47,7 +47,7 @@ async fn sqlite() -> (Arc<dyn Store>, tempfile::TempDir) {
     (store::open(&url, "capi_bridge").await.expect("open"), dir)
 }
 
-fn postgres_url() -> String {
+pub(crate) fn postgres_url() -> String {
     std::env::var("TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
 }
@@ -60,15 +60,15 @@ fn pooler_url() -> String {
 
 /// A Postgres schema of its own for one test, dropped with everything in it when the test ends
 /// (passed or failed), so tests run in parallel on one database.
-struct PostgresSchema {
+pub(crate) struct PostgresSchema {
     url: String,
-    name: String,
+    pub(crate) name: String,
 }
 
 impl PostgresSchema {
     /// Checks that the server answers (failing the test with a clear message if not) and
     /// picks a fresh schema name; the store creates the schema when it opens.
-    async fn new(url: String) -> Self {
+    pub(crate) async fn new(url: String) -> Self {
         let conn = PgConnection::connect(&url).await.unwrap_or_else(|e| {
             panic!(
                 "Postgres is not reachable at {url} ({e}). The store contract runs against a real \
@@ -82,7 +82,7 @@ impl PostgresSchema {
         Self { url, name }
     }
 
-    async fn open(&self) -> Arc<dyn Store> {
+    pub(crate) async fn open(&self) -> Arc<dyn Store> {
         store::open(&self.url, &self.name)
             .await
             .expect("open the Postgres store")
@@ -1348,16 +1348,29 @@ async fn check_counts_stay_exact_through_every_transition(store: &dyn Store) {
         event_name: Some("Purchase".to_owned()),
         ..ReplayFilter::default()
     };
-    assert_eq!(store.requeue_dead(&none, T0 + 300).await.expect("replay"), 0);
+    assert_eq!(
+        store.requeue_dead(&none, T0 + 300).await.expect("replay"),
+        0
+    );
     assert_counts(store, T0 + 300, (3, 2, 1, 1), "replay of nothing").await;
     let exact = ReplayFilter {
         reason: Some("meta error 100: bad".to_owned()),
         ..ReplayFilter::default()
     };
-    assert_eq!(store.requeue_dead(&exact, T0 + 300).await.expect("replay"), 1);
+    assert_eq!(
+        store.requeue_dead(&exact, T0 + 300).await.expect("replay"),
+        1
+    );
     assert_counts(store, T0 + 300, (4, 2, 0, 1), "replayed").await;
-    assert_eq!(bucket(T0).await.dead, 0, "a replayed event is no longer dead");
-    assert_eq!(store.retry_now("c-a3", T0 + 400).await.expect("retry now"), 1);
+    assert_eq!(
+        bucket(T0).await.dead,
+        0,
+        "a replayed event is no longer dead"
+    );
+    assert_eq!(
+        store.retry_now("c-a3", T0 + 400).await.expect("retry now"),
+        1
+    );
     assert_counts(store, T0 + 400, (4, 2, 0, 1), "retried now").await;
 
     // It dies again, later.
@@ -1370,7 +1383,10 @@ async fn check_counts_stay_exact_through_every_transition(store: &dyn Store) {
         .iter()
         .find(|c| c.event_id == "c-a2")
         .expect("replayed one claimed");
-    store.settle(&[dead(a2.row_id)], later).await.expect("settle");
+    store
+        .settle(&[dead(a2.row_id)], later)
+        .await
+        .expect("settle");
     assert_eq!(bucket(later).await.dead, 1);
     let released: Vec<EventUpdate> = again
         .iter()
@@ -1490,7 +1506,11 @@ async fn check_retention_prunes_old_counts_and_parked_payloads(store: &dyn Store
 /// same time: the kept counts end equal to the rows, counted by SQL.
 async fn check_counts_stay_exact_under_concurrent_instances(url: String) {
     let schema = PostgresSchema::new(url.clone()).await;
-    let stores = [schema.open().await, schema.open().await, schema.open().await];
+    let stores = [
+        schema.open().await,
+        schema.open().await,
+        schema.open().await,
+    ];
     let worker = |n: usize, store: Arc<dyn Store>| {
         tokio::spawn(async move {
             for round in 0..8 {
@@ -1567,17 +1587,17 @@ async fn check_counts_stay_exact_under_concurrent_instances(url: String) {
     .await
     .expect("count rows");
     conn.close().await.expect("close");
-    let total = |state: &str| -> i64 {
-        rows.iter()
-            .filter(|r| r.1 == state)
-            .map(|r| r.2)
-            .sum()
-    };
+    let total = |state: &str| -> i64 { rows.iter().filter(|r| r.1 == state).map(|r| r.2).sum() };
     let stats = stores[0].stats().await.expect("stats");
     assert!(total("delivered") > 0 && total("queued") > 0, "{rows:?}");
     assert_eq!(
         (stats.queued, stats.delivered, stats.dead, stats.dry_run),
-        (total("queued"), total("delivered"), total("dead"), total("dry_run")),
+        (
+            total("queued"),
+            total("delivered"),
+            total("dead"),
+            total("dry_run")
+        ),
         "{rows:?}"
     );
     for pixel in &stats.by_pixel {
@@ -1587,7 +1607,11 @@ async fn check_counts_stay_exact_under_concurrent_instances(url: String) {
                 .map(|r| r.2)
                 .sum()
         };
-        assert_eq!((pixel.queued, pixel.dead), (of("queued"), of("dead")), "{rows:?}");
+        assert_eq!(
+            (pixel.queued, pixel.dead),
+            (of("queued"), of("dead")),
+            "{rows:?}"
+        );
     }
 }
 
