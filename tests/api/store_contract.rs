@@ -956,7 +956,7 @@ async fn check_dashboard_queries_count_list_group_and_replay(store: &dyn Store) 
         activity,
         [
             ActivityBucket {
-                start: start,
+                start,
                 accepted: 5,
                 delivered: 1,
                 dead: 2
