@@ -36,6 +36,12 @@
 //! - `BENCH_SOURCE=supabase`: send Supabase database-webhook payloads (a `leads` INSERT) to
 //!   `POST /v1/sources/supabase` instead, mapped to Lead events by a rule: measures the source
 //!   path (stored in the inbox before the answer, then mapped and ingested by the inbox worker).
+//! - `BENCH_PREFILL` (0): write this many delivered events into the fresh database by SQL
+//!   before the service starts (received over the last 30 days, without payload rows; the
+//!   kept counts filled as migration 9 fills them), e.g. `10000000` for a month of a large
+//!   shop. The run then also probes, every 1.1 s during the load (so each probe misses the
+//!   one-second snapshot), `GET /readyz`, `GET /metrics` and the dashboard overview's store
+//!   reads (stats, the two activity charts, the latest errors) and prints their latencies.
 //! - `BENCH_KEEP_DB=1`: keep the database (the Postgres schema) and the service logs.
 //! - `BENCH_ENFORCE=1`: exit 1 when a target (15,000 events/s, p99 < 20 ms, delivery keeping
 //!   up) is missed. Lost events, non-202 answers or an unclean exit (of any instance) always
@@ -102,6 +108,7 @@ struct Settings {
     no_delivery: bool,
     database: Database,
     instances: usize,
+    prefill: u64,
     supabase_source: bool,
 }
 
@@ -216,6 +223,7 @@ impl Settings {
             no_delivery: env_flag("BENCH_NO_DELIVERY"),
             database,
             instances: env_or("BENCH_INSTANCES", 1usize).max(1),
+            prefill: env_or("BENCH_PREFILL", 0u64),
         }
     }
 }
@@ -906,6 +914,152 @@ fn sample(t0: Instant, load: &Load, graph: &GraphStandIn) -> Sample {
 }
 
 // ---------------------------------------------------------------------------------------------
+// A large event log (BENCH_PREFILL).
+
+/// Writes `settings.prefill` delivered events by SQL, a million per statement, into the
+/// migrated (fresh) database, and the kept counts for them; then `analyze`.
+async fn prefill(
+    settings: &Settings,
+    dir: &Path,
+    schema: Option<&PgSchema>,
+) -> Result<Duration, String> {
+    const DAY: i64 = 24 * 60 * 60 * 1000;
+    const SLICE: i64 = 1_000_000;
+    let started = Instant::now();
+    let total = i64::try_from(settings.prefill).map_err(|e| e.to_string())?;
+    let now = i64::try_from(unix_now()).map_err(|e| e.to_string())? * 1000;
+    // Received over the 30 days before the last minute, oldest first.
+    let first = now - 30 * DAY;
+    let step = ((30 * DAY - 60_000) / total).max(1);
+    let (url, prefix, series) = match (&settings.database, schema) {
+        (Database::Postgres { url }, Some(schema)) => (
+            url.clone(),
+            format!("\"{}\".", schema.name),
+            "generate_series(FROM::int8, TO::int8) as g(i)",
+        ),
+        _ => (
+            format!("sqlite://{}", dir.join("capi-bridge.db").display()),
+            String::new(),
+            "(with recursive g(i) as (select FROM union all select i + 1 from g where i < TO)
+              select i from g) as g",
+        ),
+    };
+    // The service's own migrations, applied here first.
+    let store = capi_bridge::store::open(&url, schema.map_or("capi_bridge", |s| s.name.as_str()))
+        .await
+        .map_err(|e| e.to_string())?;
+    drop(store);
+    let mut statements = Vec::new();
+    let mut from = 1;
+    while from <= total {
+        let to = (from + SLICE - 1).min(total);
+        statements.push(format!(
+            "insert into {prefix}event (pixel_id, event_id, event_name, state, attempts,
+                 next_attempt_at, deadline_at, received_at, updated_at, delivered_at, source)
+             select '{PIXEL}', 'prefill-' || i, 'Lead', 'delivered', 1, t, t, t, t + 200,
+                 t + 200, 'api'
+             from (select i, {first} + i * {step} as t from {series}) as s",
+            series = series
+                .replace("FROM", &from.to_string())
+                .replace("TO", &to.to_string())
+        ));
+        from = to + 1;
+    }
+    let tally = format!("{prefix}event_tally");
+    let event = format!("{prefix}event");
+    statements.push(format!(
+        "insert into {tally} (bucket, pixel_id, state, shard, n)
+         select 0, pixel_id, state, 0, count(*) from {event} group by pixel_id, state"
+    ));
+    statements.push(format!(
+        "insert into {tally} (bucket, pixel_id, state, shard, n)
+         select received_at - received_at % 300000, '', 'accepted', 0, count(*) from {event}
+         group by 1"
+    ));
+    statements.push(format!(
+        "insert into {tally} (bucket, pixel_id, state, shard, n)
+         select delivered_at - delivered_at % 300000, '', 'delivered', 0, count(*) from {event}
+         where state = 'delivered' group by 1"
+    ));
+    statements.push(format!(
+        "analyze {}",
+        if prefix.is_empty() {
+            String::new()
+        } else {
+            event.clone()
+        }
+    ));
+    if schema.is_some() {
+        for sql in &statements {
+            psql(&url, sql)?;
+        }
+    } else {
+        use sqlx::{Connection, Executor};
+        let mut conn = sqlx::SqliteConnection::connect(&url)
+            .await
+            .map_err(|e| e.to_string())?;
+        for sql in &statements {
+            conn.execute(sql.as_str())
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        conn.execute("pragma wal_checkpoint(truncate)")
+            .await
+            .map_err(|e| e.to_string())?;
+        conn.close().await.map_err(|e| e.to_string())?;
+    }
+    Ok(started.elapsed())
+}
+
+/// Every 1.1 s until `until`: how long `GET /readyz` and `GET /metrics` take, and the store
+/// reads of the dashboard's overview (through a store of its own on the same database).
+async fn probe_health(
+    store: Arc<dyn capi_bridge::store::Store>,
+    addr: SocketAddr,
+    until: Instant,
+) -> Vec<(&'static str, Vec<Duration>)> {
+    const FIVE_MINUTES: i64 = 5 * 60 * 1000;
+    const HOUR: i64 = 60 * 60 * 1000;
+    let http = reqwest::Client::new();
+    let mut readyz = Vec::new();
+    let mut metrics = Vec::new();
+    let mut overview = Vec::new();
+    while Instant::now() + Duration::from_millis(1100) < until {
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        for (path, times) in [("/readyz", &mut readyz), ("/metrics", &mut metrics)] {
+            let started = Instant::now();
+            let ok = http
+                .get(format!("http://{addr}{path}"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            if ok {
+                times.push(started.elapsed());
+            }
+        }
+        let now = i64::try_from(unix_now()).unwrap_or(0) * 1000;
+        let started = Instant::now();
+        let read = async {
+            store.stats().await?;
+            let hour_start = (now.div_euclid(FIVE_MINUTES) - 11) * FIVE_MINUTES;
+            store.activity(hour_start, FIVE_MINUTES, 12).await?;
+            store
+                .activity((now.div_euclid(HOUR) - 23) * HOUR, HOUR, 24)
+                .await?;
+            store.recent_errors(10).await
+        };
+        if read.await.is_ok() {
+            overview.push(started.elapsed());
+        }
+    }
+    vec![
+        ("GET /readyz", readyz),
+        ("GET /metrics", metrics),
+        ("overview reads", overview),
+    ]
+}
+
+// ---------------------------------------------------------------------------------------------
 // The run.
 
 fn percentile(sorted: &[u32], p: f64) -> f64 {
@@ -1005,6 +1159,19 @@ async fn run(settings: &Settings, graph: &GraphStandIn) -> i32 {
             }
         },
     };
+    if settings.prefill > 0 {
+        match prefill(settings, dir.path(), schema.as_ref()).await {
+            Ok(took) => println!(
+                "prefilled {} delivered events in {:.1} s",
+                settings.prefill,
+                took.as_secs_f64()
+            ),
+            Err(e) => {
+                eprintln!("load: prefill: {e}");
+                return 1;
+            }
+        }
+    }
     let mut services: Vec<Service> = (0..settings.instances)
         .map(|k| start_service(settings, graph, dir.path(), schema.as_ref(), k))
         .collect();
@@ -1067,6 +1234,19 @@ async fn run(settings: &Settings, graph: &GraphStandIn) -> i32 {
         .pool_max_idle_per_host(settings.connections)
         .build()
         .expect("reqwest client");
+    let probes = if settings.prefill > 0 {
+        let url = match &settings.database {
+            Database::Postgres { url } => url.clone(),
+            Database::Sqlite => format!("sqlite://{}", dir.path().join("capi-bridge.db").display()),
+        };
+        let name = schema.as_ref().map_or("capi_bridge", |s| s.name.as_str());
+        let store = capi_bridge::store::open(&url, name)
+            .await
+            .expect("probe store");
+        Some(tokio::spawn(probe_health(store, addrs[0], t0 + duration)))
+    } else {
+        None
+    };
     // Connection k goes to instance k mod N.
     let workers: Vec<_> = (0..settings.connections)
         .map(|k| {
@@ -1097,6 +1277,10 @@ async fn run(settings: &Settings, graph: &GraphStandIn) -> i32 {
         stats.samples.extend(s.samples);
     }
     let t_end = Instant::now();
+    let probed = match probes {
+        Some(task) => Some(task.await.expect("health probes")),
+        None => None,
+    };
     let delivered_at_end = graph.accepted_count() as u64;
     let cpu1 = cpu_snapshot(&pids, schema.is_some());
     let load_secs = t_end.duration_since(t0).as_secs_f64();
@@ -1355,6 +1539,21 @@ async fn run(settings: &Settings, graph: &GraphStandIn) -> i32 {
             String::new()
         }
     ));
+    if let Some(probed) = &probed {
+        for (what, times) in probed {
+            let mut sorted: Vec<u32> = times
+                .iter()
+                .map(|d| u32::try_from(d.as_micros()).unwrap_or(u32::MAX))
+                .collect();
+            sorted.sort_unstable();
+            line(format!(
+                "  {what:<22}{} probes during the load: p50 {:.2}  max {:.2} ms",
+                sorted.len(),
+                percentile(&sorted, 50.0),
+                percentile(&sorted, 100.0)
+            ));
+        }
+    }
     line(format!(
         "  latency ms            p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
         percentile(&lat, 50.0),

@@ -140,6 +140,7 @@ impl App {
             collect_limits,
             inbox_wake: inbox_wake.clone(),
             meta_quality: crate::quality::MetaQuality::new(),
+            store_snapshots: Arc::default(),
         };
         Ok(Self {
             listener,
@@ -281,6 +282,8 @@ async fn prune_periodically(
                 delivered = pruned.delivered,
                 dead = pruned.dead,
                 match_keys = pruned.match_keys,
+                parked = pruned.parked,
+                counts = pruned.counts,
                 "pruned past retention"
             ),
             Err(err) => tracing::warn!(error = %err, "could not prune past retention"),

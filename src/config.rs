@@ -179,6 +179,7 @@ struct FileConfig {
     log_format: Option<String>,
     retention_delivered_days: Option<u64>,
     retention_dead_days: Option<u64>,
+    retention_counts_days: Option<u64>,
     match_key_memory_days: Option<u64>,
     tls_cert_file: Option<String>,
     tls_key_file: Option<String>,
@@ -624,7 +625,16 @@ pub fn load(env: &Env, config_path: Option<&Path>) -> Result<Config, Vec<String>
             Retention::default().dead_ms,
             &mut problems,
         ),
+        counts_ms: days(
+            "RETENTION_COUNTS_DAYS",
+            file.retention_counts_days,
+            Retention::default().counts_ms,
+            &mut problems,
+        ),
     };
+    if retention.counts_ms < DAY_MS {
+        problems.push("RETENTION_COUNTS_DAYS must be at least 1".to_owned());
+    }
     if retention.delivered_ms < 2 * DAY_MS || retention.dead_ms < 2 * DAY_MS {
         problems.push(
             "RETENTION_DELIVERED_DAYS and RETENTION_DEAD_DAYS must be at least 2 (Meta's 48-hour dedup window)"

@@ -28,13 +28,8 @@ pub(super) async fn scrape(
             return Err(ApiError::Unauthorized);
         }
     }
-    let stats = match state.store.stats().await {
-        Ok(stats) => Some(stats),
-        Err(err) => {
-            tracing::warn!(error = %err, "metrics: cannot read queue stats");
-            None
-        }
-    };
+    // Shared with /readyz: read at most once a second, however often either is asked.
+    let stats = state.store_snapshots.get(state.store.as_ref()).await.stats;
     let pixels: Vec<PixelStatus> = state.delivery.iter().map(Delivery::status).collect();
     let body = crate::metrics::render(stats.as_ref(), &pixels, now_ms());
     Ok((

@@ -33,6 +33,7 @@ use crate::ingest::Ingestor;
 use crate::store::Store;
 pub use collect::Limits as CollectLimits;
 pub use error::ApiError;
+pub use health::StoreSnapshots;
 
 /// What handlers share.
 #[derive(Clone)]
@@ -59,6 +60,8 @@ pub struct AppState {
     pub inbox_wake: Arc<tokio::sync::Notify>,
     /// Meta's Event Match Quality answers, cached for a few minutes.
     pub meta_quality: crate::quality::MetaQuality,
+    /// What `/readyz` and `/metrics` read from the store, at most once a second.
+    pub store_snapshots: Arc<StoreSnapshots>,
 }
 
 /// Shared by every request: one `Arc` clone per request, nothing else copied.

@@ -272,6 +272,17 @@ pub(crate) fn fill_buckets(
     out
 }
 
+/// The activity grid as counted: `since` down to a whole bucket, `bucket_ms` up to a multiple
+/// of it; and where the last bucket ends.
+pub(crate) fn activity_grid(since: i64, bucket_ms: i64, buckets: usize) -> (i64, i64, i64) {
+    let since = super::activity_bucket(since);
+    let step = super::ACTIVITY_BUCKET_MS;
+    let bucket_ms = (bucket_ms.max(1).saturating_add(step - 1) / step) * step;
+    let until =
+        since.saturating_add(bucket_ms.saturating_mul(i64::try_from(buckets).unwrap_or(i64::MAX)));
+    (since, bucket_ms, until)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -314,16 +314,23 @@ pub struct AttemptView {
 pub struct Retention {
     /// Delivered and dry-run events, after delivery (or receipt for dry-run), in ms.
     pub delivered_ms: i64,
-    /// Dead events, after they died, in ms. Longer: people replay them after a fix.
+    /// Dead events, after they died, in ms. Longer: people replay them after a fix. Parked
+    /// (invalid) inbox payloads are kept as long, after they were parked.
     pub dead_ms: i64,
+    /// Counters by day or time bucket (match quality, the dashboard's activity), in ms.
+    pub counts_ms: i64,
 }
+
+/// One day in ms.
+pub(crate) const DAY_MS: i64 = 24 * 60 * 60 * 1000;
 
 impl Default for Retention {
     fn default() -> Self {
-        const DAY_MS: i64 = 24 * 60 * 60 * 1000;
         Self {
             delivered_ms: 30 * DAY_MS,
             dead_ms: 90 * DAY_MS,
+            // The longest match-quality report (`/v1/quality?days=366`).
+            counts_ms: 366 * DAY_MS,
         }
     }
 }
@@ -339,6 +346,79 @@ pub struct Pruned {
     pub dead: u64,
     /// Expired match keys.
     pub match_keys: u64,
+    /// Parked (invalid) inbox payloads.
+    pub parked: u64,
+    /// Counter rows past `counts_ms`: match quality by day, activity by five minutes.
+    pub counts: u64,
+}
+
+/// A query that `/readyz`, `/metrics` or the dashboard's overview run on every call, with
+/// parameters to explain it with: the tests check on a large table that none reads the
+/// event table beyond an index seek.
+#[doc(hidden)]
+#[derive(Debug, Clone)]
+pub struct HotQuery {
+    /// Which store method runs it.
+    pub name: &'static str,
+    /// The SQL as run.
+    pub sql: String,
+    /// Values for its parameters, in order.
+    pub params: Vec<i64>,
+}
+
+/// The hot queries' parameters for a time near `now`: activity over a day in hours, the
+/// latest ten errors.
+pub(crate) fn hot_query_params(name: &str, now: i64) -> Vec<i64> {
+    const HOUR: i64 = 60 * 60 * 1000;
+    let since = activity_bucket(now - 23 * HOUR);
+    match name {
+        "activity" => vec![since, HOUR, since + 24 * HOUR],
+        "recent_errors" => vec![10],
+        _ => Vec::new(),
+    }
+}
+
+/// The length of the dashboard's activity buckets as they are counted (`event_tally`):
+/// five minutes of UTC. [`Store::activity`] answers in multiples of it.
+pub const ACTIVITY_BUCKET_MS: i64 = 5 * 60 * 1000;
+
+/// The activity bucket holding `at`.
+pub(crate) fn activity_bucket(at: i64) -> i64 {
+    at - at.rem_euclid(ACTIVITY_BUCKET_MS)
+}
+
+/// Changes to `event_tally` made by one transaction: `(bucket, pixel_id, state)` → how much
+/// to add (see the migration). Sorted, so every transaction takes the rows in one order.
+#[derive(Debug, Default)]
+pub(crate) struct Tally(pub(crate) BTreeMap<(i64, String, String), i64>);
+
+impl Tally {
+    /// Adds `n` to the events of `pixel_id` now in `state`.
+    pub(crate) fn state(&mut self, pixel_id: &str, state: &str, n: i64) {
+        self.add(0, pixel_id, state, n);
+    }
+
+    /// Adds `n` to what happened (`accepted`, `delivered`, `dead`) in the bucket holding `at`.
+    pub(crate) fn activity(&mut self, at: i64, what: &str, n: i64) {
+        self.add(activity_bucket(at), "", what, n);
+    }
+
+    fn add(&mut self, bucket: i64, pixel_id: &str, state: &str, n: i64) {
+        if n != 0 {
+            *self
+                .0
+                .entry((bucket, pixel_id.to_owned(), state.to_owned()))
+                .or_default() += n;
+        }
+    }
+
+    /// The rows to upsert, zero sums left out.
+    pub(crate) fn rows(&self) -> impl Iterator<Item = (i64, &str, &str, i64)> {
+        self.0
+            .iter()
+            .filter(|(_, n)| **n != 0)
+            .map(|((b, p, s), n)| (*b, p.as_str(), s.as_str(), *n))
+    }
 }
 
 /// A webhook source's payload to queue.
@@ -646,13 +726,15 @@ pub trait Store: Send + Sync + 'static {
     /// Queues dead events again; returns how many.
     async fn requeue_dead(&self, filter: &ReplayFilter, now: i64) -> Result<u64, StoreError>;
 
-    /// Counts by state.
+    /// Counts by state. Read from counts kept as events change and one index seek per pixel
+    /// with a queue: cheap however many events are kept.
     async fn stats(&self) -> Result<QueueStats, StoreError>;
 
     /// Deletes what is past its retention: dedup keys older than the 48-hour window (they can
     /// no longer match anything), delivered and dry-run events older than
     /// `retention.delivered_ms`, dead events older than `retention.dead_ms`, and expired match
-    /// keys. Queued events are never pruned.
+    /// keys; parked inbox payloads older than `retention.dead_ms`, and match-quality and
+    /// activity counts older than `retention.counts_ms`. Queued events are never pruned.
     async fn prune(&self, now: i64, retention: &Retention) -> Result<Pruned, StoreError>;
 
     /// Releases the leases that no live worker can hold, at start, so that what a killed
@@ -745,7 +827,11 @@ pub trait Store: Send + Sync + 'static {
     async fn parked_payloads(&self, limit: usize) -> Result<Vec<ParkedPayload>, StoreError>;
 
     /// Events accepted, delivered and dead in `buckets` consecutive buckets of `bucket_ms`
-    /// starting at `since` (unix ms), oldest first; empty buckets included.
+    /// starting at `since` (unix ms), oldest first; empty buckets included. Counted as it
+    /// happens per [`ACTIVITY_BUCKET_MS`], so `since` is taken down to a multiple of it and
+    /// `bucket_ms` up to one (the returned buckets say where they start); kept for
+    /// `retention.counts_ms`, whatever became of the events since (only a replay takes a dead
+    /// event off the bucket it died in).
     async fn activity(
         &self,
         since: i64,

@@ -27,7 +27,7 @@ use sqlx::postgres::{PgArguments, PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::query::Query;
 use sqlx::{Connection, Executor, PgConnection, PgPool, Postgres, QueryBuilder, Row, Transaction};
 
-use super::dashboard::{event_list_query, fill_buckets, DashboardRow};
+use super::dashboard::{activity_grid, event_list_query, fill_buckets, DashboardRow};
 use super::{
     newest_match_keys, ActivityBucket, AttemptRecord, AttemptView, ClaimedEvent, EventDetail,
     EventQuery, EventRow, EventSummary, EventUpdate, InboxItem, InsertOutcome, Inserted,
@@ -35,7 +35,7 @@ use super::{
     RecentError, ReplayFilter, Retention, Settlement, SourceCount, SourcePayload, SourceStat,
     Store, StoreError, DEDUP_WINDOW_MS,
 };
-use super::{DropCount, QualityCount, WriteHealth};
+use super::{DropCount, QualityCount, Tally, WriteHealth};
 
 /// Connections per instance. Several instances (and the user's own tools) share the server's
 /// `max_connections`, so the pool is bounded; group commit keeps ingest to one writer anyway.
@@ -54,6 +54,10 @@ const TRANSACTION_POOLER_PORT: u16 = 6543;
 /// Rows deleted per statement when pruning, so ingest never waits long behind a clean-up.
 const DELETE_SLICE: i64 = 2000;
 
+/// The `event_tally` shard a statement adds to: one per server connection (see the
+/// migration), so concurrent transactions rarely share a row and never wait long.
+const TALLY_SHARD: &str = "(pg_backend_pid() % 16)";
+
 /// The schema-qualified, quoted names of capi-bridge's tables.
 #[derive(Debug, Clone)]
 struct Tables {
@@ -68,6 +72,7 @@ struct Tables {
     match_quality: String,
     match_quality_drop: String,
     write_probe: String,
+    tally: String,
     /// `NOTIFY` channel of `enqueue()` for this schema.
     inbox_channel: String,
     /// `NOTIFY` channel for events any instance may claim.
@@ -89,6 +94,7 @@ impl Tables {
             match_quality: name("match_quality"),
             match_quality_drop: name("match_quality_drop"),
             write_probe: name("write_probe"),
+            tally: name("event_tally"),
             inbox_channel: format!("capi_bridge_inbox_{schema}"),
             queue_channel: format!("capi_bridge_queue_{schema}"),
         }
@@ -263,6 +269,26 @@ impl PostgresStore {
         })
     }
 
+    /// The queries `/readyz`, `/metrics` and the dashboard's overview run on every call, for
+    /// the tables of `schema`.
+    #[doc(hidden)]
+    #[must_use]
+    pub fn hot_queries(schema: &str, now: i64) -> Vec<super::HotQuery> {
+        let tables = Tables::new(schema);
+        [
+            ("stats", stats_sql(&tables)),
+            ("activity", activity_sql(&tables)),
+            ("recent_errors", recent_errors_sql(&tables)),
+        ]
+        .into_iter()
+        .map(|(name, sql)| super::HotQuery {
+            name,
+            sql,
+            params: super::hot_query_params(name, now),
+        })
+        .collect()
+    }
+
     /// A query, prepared under a name (and cached) unless behind a transaction-mode pooler.
     fn query<'q>(&self, sql: &'q str) -> Query<'q, Postgres, PgArguments> {
         sqlx::query(sql).persistent(!self.transaction_pooler)
@@ -332,6 +358,118 @@ impl PostgresStore {
             }
         }
     }
+}
+
+impl PostgresStore {
+    /// [`PostgresStore::delete_in_slices`] for events: the same statement also takes the
+    /// deleted events off the counts (`event_tally`), so counts and rows change together.
+    async fn delete_events_in_slices(
+        &self,
+        condition: &str,
+        before: i64,
+    ) -> Result<u64, StoreError> {
+        let Tables { event, tally, .. } = &self.tables;
+        let sql = format!(
+            "with doomed as materialized (
+                 select id from {event} where {condition}
+                 limit {DELETE_SLICE}
+                 for update skip locked
+             ),
+             gone as (
+                 delete from {event} as t using doomed where t.id = doomed.id
+                 returning t.pixel_id, t.state
+             ),
+             counted as (
+                 insert into {tally} as c (bucket, pixel_id, state, shard, n)
+                 select 0, pixel_id, state, {TALLY_SHARD}, -count(*) from gone
+                 group by pixel_id, state
+                 order by pixel_id collate \"C\", state collate \"C\"
+                 on conflict (bucket, pixel_id, state, shard) do update set n = c.n + excluded.n
+             )
+             select count(*) from gone"
+        );
+        let mut total = 0;
+        loop {
+            let mut conn = self.conn().await?;
+            let n: i64 = self
+                .query(&sql)
+                .bind(before)
+                .fetch_one(&mut *conn)
+                .await?
+                .try_get(0)?;
+            conn.finish().await?;
+            total += u64::try_from(n).unwrap_or(0);
+            if n == 0 {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Adds `tally` to `event_tally` in this connection's shard, inside the caller's
+    /// transaction (rows in `Tally` order, the one every transaction follows).
+    async fn add_tally(&self, conn: &mut PgConnection, tally: &Tally) -> Result<(), sqlx::Error> {
+        let rows: Vec<_> = tally.rows().collect();
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let sql = format!(
+            "insert into {} as t (bucket, pixel_id, state, shard, n)
+             select bucket, pixel_id, state, {TALLY_SHARD}, n
+             from unnest($1::int8[], $2::text[], $3::text[], $4::int8[]) with ordinality
+                 as d(bucket, pixel_id, state, n, ord)
+             order by ord
+             on conflict (bucket, pixel_id, state, shard) do update set n = t.n + excluded.n",
+            self.tables.tally
+        );
+        self.query(&sql)
+            .bind(rows.iter().map(|r| r.0).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.1).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.2).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.3).collect::<Vec<_>>())
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
+    }
+}
+
+/// `Store::stats`: counts from `event_tally`, kept as events change; the oldest waiting event
+/// of each pixel with a queue is one seek in `event_queued_oldest`. Nothing here reads more
+/// rows than there are pixels (times shards).
+fn stats_sql(tables: &Tables) -> String {
+    let Tables { event, tally, .. } = tables;
+    format!(
+        "select t.state, t.pixel_id, t.n,
+                 case when t.state = 'queued' then
+                     (select min(e.received_at) from {event} as e
+                      where e.state = 'queued' and e.pixel_id = t.pixel_id)
+                 end as oldest
+             from (select pixel_id, state, sum(n)::int8 as n from {tally} where bucket = 0
+                   group by pixel_id, state having sum(n) <> 0) as t"
+    )
+}
+
+/// `Store::activity`: counted as it happens, per five minutes (`event_tally`), so a day is 288
+/// rows per shard however many events it had.
+fn activity_sql(tables: &Tables) -> String {
+    format!(
+        "select case state when 'accepted' then 0::int8 when 'delivered' then 1 else 2 end,
+                 (bucket - $1) / $2, sum(n)::int8
+             from {}
+             where bucket >= $1 and bucket < $3 and bucket > 0 and pixel_id = ''
+             group by 1, 2",
+        tables.tally
+    )
+}
+
+/// `Store::recent_errors`: the newest attempts by id, each joined to its event by key.
+fn recent_errors_sql(tables: &Tables) -> String {
+    let Tables { event, attempt, .. } = tables;
+    format!(
+        "select e.event_id, e.event_name, e.pixel_id, a.attempted_at, a.outcome,
+                a.http_status, a.code, a.subcode, a.fbtrace_id, a.error_title, a.error_message
+             from {attempt} as a join {event} as e on e.id = a.event_row_id
+             order by a.id desc limit $1"
+    )
 }
 
 /// Creates the schema and applies the migrations, in one transaction. Instances starting
@@ -405,6 +543,7 @@ impl Store for PostgresStore {
             event,
             payload,
             dedup,
+            tally,
             ..
         } = &self.tables;
         let cutoff = now - DEDUP_WINDOW_MS;
@@ -467,12 +606,23 @@ impl Store for PostgresStore {
                      i.source
                  from input as i join fresh using (pixel_id, event_name, event_id)
                  order by i.ord
-                 returning id, pixel_id, event_name, event_id
+                 returning id, pixel_id, event_name, event_id, state
              ),
              payloads as (
                  insert into {payload} (event_row_id, payload)
                  select stored.id, input.payload
                  from stored join input using (pixel_id, event_name, event_id)
+             ),
+             counted as (
+                 insert into {tally} as t (bucket, pixel_id, state, shard, n)
+                 select bucket, pixel_id, state, {TALLY_SHARD}, n from (
+                     select 0::int8 as bucket, pixel_id, state, count(*) as n from stored
+                     group by pixel_id, state
+                     union all
+                     select $14::int8, '', 'accepted', count(*) from stored having count(*) > 0
+                 ) as c
+                 order by bucket, pixel_id collate \"C\", state collate \"C\"
+                 on conflict (bucket, pixel_id, state, shard) do update set n = t.n + excluded.n
              )
              select id, pixel_id, event_name, event_id from stored"
         );
@@ -510,6 +660,7 @@ impl Store for PostgresStore {
                     .map(|(_, e)| e.source.as_deref())
                     .collect::<Vec<_>>(),
             )
+            .bind(super::activity_bucket(now))
             .fetch_all(&mut *conn)
             .await?;
         // Events nobody has leased: tell every instance, so an idle one claims them at once.
@@ -709,6 +860,7 @@ impl Store for PostgresStore {
         }
         let Tables { event, attempt, .. } = &self.tables;
         let mut tx = self.begin().await?;
+        let mut tally = Tally::default();
         // Three statements whatever the batch size: attempts, deliveries, everything else.
         // The delivering attempt is recorded on the event row itself (see the migration).
         let attempts: Vec<(i64, &AttemptRecord)> = updates
@@ -784,14 +936,22 @@ impl Store for PostgresStore {
                  set state = 'delivered', leased_until = null, last_error = null,
                      delivered_at = $3, updated_at = $3, delivered_fbtrace_id = d.fbtrace_id
                  from unnest($1::int8[], $2::text[]) as d(id, fbtrace_id)
-                 where e.id = d.id and e.state = 'queued'"
+                 where e.id = d.id and e.state = 'queued'
+                 returning e.pixel_id"
             );
-            self.query(&sql)
+            let rows = self
+                .query(&sql)
                 .bind(delivered.iter().map(|d| d.0).collect::<Vec<_>>())
                 .bind(delivered.iter().map(|d| d.1).collect::<Vec<_>>())
                 .bind(now)
-                .execute(&mut *tx)
+                .fetch_all(&mut *tx)
                 .await?;
+            for row in rows {
+                let pixel_id: String = row.try_get(0)?;
+                tally.state(&pixel_id, "queued", -1);
+                tally.state(&pixel_id, "delivered", 1);
+                tally.activity(now, "delivered", 1);
+            }
         }
         // The rest in one statement. A row listed twice takes its last settlement (SQLite
         // applies them in turn, so there the last one wins too, unless an earlier one was
@@ -838,17 +998,31 @@ impl Store for PostgresStore {
                      updated_at = $5
                  from unnest($1::int8[], $2::text[], $3::int8[], $4::text[])
                      as u(id, kind, next_attempt_at, reason)
-                 where e.id = u.id and e.state = 'queued'"
+                 where e.id = u.id and e.state = 'queued'
+                 returning e.pixel_id, u.kind"
             );
-            self.query(&sql)
+            let rows = self
+                .query(&sql)
                 .bind(rest.iter().map(|r| r.0).collect::<Vec<_>>())
                 .bind(rest.iter().map(|r| r.1).collect::<Vec<_>>())
                 .bind(rest.iter().map(|r| r.2).collect::<Vec<_>>())
                 .bind(rest.iter().map(|r| r.3).collect::<Vec<_>>())
                 .bind(now)
-                .execute(&mut *tx)
+                .fetch_all(&mut *tx)
                 .await?;
+            for row in rows {
+                let pixel_id: String = row.try_get(0)?;
+                let kind: String = row.try_get(1)?;
+                if kind == "dead" {
+                    tally.state(&pixel_id, "queued", -1);
+                    tally.state(&pixel_id, "dead", 1);
+                    tally.activity(now, "dead", 1);
+                }
+            }
         }
+        // The counts last: every transaction takes its tally rows after its event rows, in
+        // one order, so tallies never take part in a deadlock.
+        self.add_tally(&mut tx, &tally).await?;
         // Released events (a paused instance giving them back) are claimable by any instance:
         // tell them, in the same transaction (delivered at commit).
         if updates
@@ -943,16 +1117,13 @@ impl Store for PostgresStore {
     }
 
     async fn requeue_dead(&self, filter: &ReplayFilter, now: i64) -> Result<u64, StoreError> {
+        let event = &self.tables.event;
+        // The rows are locked first (a concurrent replay's rows are re-checked after it
+        // commits and skipped if no longer dead); the update returns each one's pixel and the
+        // time it died, which come off the counts in the same transaction.
         let mut query = QueryBuilder::new(format!(
-            "update {} set state = 'queued', leased_until = null, attempts = 0, next_attempt_at = ",
-            self.tables.event
+            "with doomed as (select id, pixel_id, updated_at from {event} where state = 'dead'"
         ));
-        query.push_bind(now);
-        query.push(", updated_at = ");
-        query.push_bind(now);
-        // A replayed event gets a fresh 7-day window only if its event_time allows it; the
-        // deadline stays, so an event Meta would refuse as too old dies again at once.
-        query.push(" where state = 'dead'");
         if !filter.event_ids.is_empty() {
             query.push(" and event_id = any(");
             query.push_bind(filter.event_ids.as_slice());
@@ -972,21 +1143,41 @@ impl Store for PostgresStore {
             query.push(" and coalesce(last_error, '') = ");
             query.push_bind(reason);
         }
-        let mut conn = self.conn().await?;
-        let result = query
+        query.push(format!(
+            " for update)
+             update {event} as e set state = 'queued', leased_until = null, attempts = 0,
+                 next_attempt_at = "
+        ));
+        query.push_bind(now);
+        query.push(", updated_at = ");
+        query.push_bind(now);
+        // A replayed event gets a fresh 7-day window only if its event_time allows it; the
+        // deadline stays, so an event Meta would refuse as too old dies again at once.
+        query.push(
+            " from doomed where e.id = doomed.id and e.state = 'dead'
+             returning doomed.pixel_id, doomed.updated_at",
+        );
+        let mut tx = self.begin().await?;
+        let rows = query
             .build()
             .persistent(!self.transaction_pooler)
-            .execute(&mut *conn)
+            .fetch_all(&mut *tx)
             .await?;
-        conn.finish().await?;
-        Ok(result.rows_affected())
+        let mut tally = Tally::default();
+        for row in &rows {
+            let pixel_id: String = row.try_get(0)?;
+            let died_at: i64 = row.try_get(1)?;
+            tally.state(&pixel_id, "dead", -1);
+            tally.state(&pixel_id, "queued", 1);
+            tally.activity(died_at, "dead", -1);
+        }
+        self.add_tally(&mut tx, &tally).await?;
+        tx.commit().await?;
+        Ok(rows.len() as u64)
     }
 
     async fn stats(&self) -> Result<QueueStats, StoreError> {
-        let sql = format!(
-            "select state, pixel_id, count(*) as n, min(received_at) as oldest from {} group by state, pixel_id",
-            self.tables.event
-        );
+        let sql = stats_sql(&self.tables);
         let mut conn = self.conn().await?;
         let rows = self.query(&sql).fetch_all(&mut *conn).await?;
         conn.finish().await?;
@@ -1006,9 +1197,12 @@ impl Store for PostgresStore {
 
     async fn prune(&self, now: i64, retention: &Retention) -> Result<Pruned, StoreError> {
         let Tables {
-            event,
             dedup,
             match_key,
+            inbox,
+            match_quality,
+            match_quality_drop,
+            tally,
             ..
         } = &self.tables;
         let dedup_keys = self
@@ -1030,25 +1224,16 @@ impl Store for PostgresStore {
         // Payloads and attempts go with their event (on delete cascade).
         let delivered_before = now - retention.delivered_ms;
         let delivered = self
-            .delete_in_slices(
-                event,
-                &["id"],
+            .delete_events_in_slices(
                 "state = 'delivered' and delivered_at < $1",
                 delivered_before,
             )
             .await?
             + self
-                .delete_in_slices(
-                    event,
-                    &["id"],
-                    "state = 'dry_run' and received_at < $1",
-                    delivered_before,
-                )
+                .delete_events_in_slices("state = 'dry_run' and received_at < $1", delivered_before)
                 .await?;
         let dead = self
-            .delete_in_slices(
-                event,
-                &["id"],
+            .delete_events_in_slices(
                 "state = 'dead' and updated_at < $1",
                 now - retention.dead_ms,
             )
@@ -1056,11 +1241,47 @@ impl Store for PostgresStore {
         let match_keys = self
             .delete_in_slices(match_key, &["identity", "field"], "expires_at <= $1", now)
             .await?;
+        let parked = self
+            .delete_in_slices(
+                inbox,
+                &["id"],
+                "state = 'invalid' and updated_at < $1",
+                now - retention.dead_ms,
+            )
+            .await?;
+        let counts_before = now - retention.counts_ms;
+        let day = counts_before.div_euclid(super::DAY_MS);
+        let counts = self
+            .delete_in_slices(
+                match_quality,
+                &["day", "pixel_id", "event_name"],
+                "day < $1",
+                day,
+            )
+            .await?
+            + self
+                .delete_in_slices(
+                    match_quality_drop,
+                    &["day", "pixel_id", "event_name", "field", "reason"],
+                    "day < $1",
+                    day,
+                )
+                .await?
+            + self
+                .delete_in_slices(
+                    tally,
+                    &["bucket", "pixel_id", "state", "shard"],
+                    "bucket > 0 and bucket < $1",
+                    counts_before,
+                )
+                .await?;
         Ok(Pruned {
             dedup_keys,
             delivered,
             dead,
             match_keys,
+            parked,
+            counts,
         })
     }
 
@@ -1453,23 +1674,14 @@ impl Store for PostgresStore {
         bucket_ms: i64,
         buckets: usize,
     ) -> Result<Vec<ActivityBucket>, StoreError> {
-        let event = &self.tables.event;
-        // Each count walks an index on its own time column (received, delivered, died).
-        let sql = format!(
-            "select 0::bigint, (received_at - $1) / $2, count(*) from {event}
-             where received_at >= $1 group by 2
-             union all
-             select 1::bigint, (delivered_at - $1) / $2, count(*) from {event}
-             where state = 'delivered' and delivered_at >= $1 group by 2
-             union all
-             select 2::bigint, (updated_at - $1) / $2, count(*) from {event}
-             where state = 'dead' and updated_at >= $1 group by 2"
-        );
+        let (since, bucket_ms, until) = activity_grid(since, bucket_ms, buckets);
+        let sql = activity_sql(&self.tables);
         let mut conn = self.conn().await?;
         let rows = self
             .query(&sql)
             .bind(since)
-            .bind(bucket_ms.max(1))
+            .bind(bucket_ms)
+            .bind(until)
             .fetch_all(&mut *conn)
             .await?;
         conn.finish().await?;
@@ -1519,13 +1731,7 @@ impl Store for PostgresStore {
     }
 
     async fn recent_errors(&self, limit: usize) -> Result<Vec<RecentError>, StoreError> {
-        let Tables { event, attempt, .. } = &self.tables;
-        let sql = format!(
-            "select e.event_id, e.event_name, e.pixel_id, a.attempted_at, a.outcome,
-                a.http_status, a.code, a.subcode, a.fbtrace_id, a.error_title, a.error_message
-             from {attempt} as a join {event} as e on e.id = a.event_row_id
-             order by a.id desc limit $1"
-        );
+        let sql = recent_errors_sql(&self.tables);
         let mut conn = self.conn().await?;
         let rows = self
             .query(&sql)

@@ -6,21 +6,48 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{QueryBuilder, Row, SqlitePool};
+use sqlx::{QueryBuilder, Row, SqliteConnection, SqlitePool};
 
-use super::dashboard::{event_list_query, fill_buckets, DashboardRow};
+use super::dashboard::{activity_grid, event_list_query, fill_buckets, DashboardRow};
 use super::sqlite_write::WriteTx;
 use super::{
     newest_match_keys, ActivityBucket, AttemptRecord, AttemptView, ClaimedEvent, EventDetail,
     EventQuery, EventRow, EventSummary, EventUpdate, InboxItem, InsertOutcome, Inserted,
     MatchKeyRow, NewEventRecord, ParkedPayload, Pruned, QueueStats, ReasonCount, RecentError,
     ReplayFilter, Retention, Settlement, SourceCount, SourcePayload, SourceStat, Store, StoreError,
-    DEDUP_WINDOW_MS,
+    Tally, DEDUP_WINDOW_MS,
 };
 use super::{DropCount, QualityCount, WriteHealth};
 
 /// Rows per multi-row statement (9 parameters each stays far below SQLite's limit).
 const ROWS_PER_STATEMENT: usize = 100;
+
+/// `Store::stats`: counts from `event_tally`, kept as events change; the oldest waiting event
+/// of each pixel with a queue is one seek in `event_queued_oldest`. Nothing here reads more
+/// rows than there are pixels.
+const STATS_SQL: &str = "select t.state, t.pixel_id, t.n,
+                 case when t.state = 'queued' then
+                     (select min(e.received_at) from event as e
+                      where e.state = 'queued' and e.pixel_id = t.pixel_id)
+                 end as oldest
+             from (select pixel_id, state, sum(n) as n from event_tally where bucket = 0
+                   group by pixel_id, state having sum(n) <> 0) as t";
+
+/// `Store::activity`: counted as it happens, per five minutes (`event_tally`), so a day is 288
+/// rows however many events it had.
+const ACTIVITY_SQL: &str =
+    "select case state when 'accepted' then 0 when 'delivered' then 1 else 2 end,
+                 (bucket - ?1) / ?2, sum(n)
+             from event_tally
+             where bucket >= ?1 and bucket < ?3 and bucket > 0 and pixel_id = ''
+             group by 1, 2";
+
+/// `Store::recent_errors`: the newest attempts by id, each joined to its event by key.
+const RECENT_ERRORS_SQL: &str =
+    "select e.event_id, e.event_name, e.pixel_id, a.attempted_at, a.outcome,
+                a.http_status, a.code, a.subcode, a.fbtrace_id, a.error_title, a.error_message
+             from attempt as a join event as e on e.id = a.event_row_id
+             order by a.id desc limit ?1";
 
 /// [`Store`] over a SQLite file.
 #[derive(Debug, Clone)]
@@ -36,22 +63,49 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
-    /// Deletes the events `select_ids` (one `?1` parameter) returns, a slice at a time.
+    /// Deletes the events `select_ids` (one `?1` parameter) returns, a slice at a time, each
+    /// slice in a transaction that also takes its events off the counts (`event_tally`).
     async fn delete_in_slices(&self, select_ids: &str, before: i64) -> Result<u64, StoreError> {
-        let sql =
-            format!("delete from event where id in (select id from ({select_ids}) limit 2000)");
+        let sql = format!(
+            "delete from event where id in (select id from ({select_ids}) limit 2000)
+             returning pixel_id, state"
+        );
         let mut total = 0;
         loop {
-            let n = sqlx::query(&sql)
-                .bind(before)
-                .execute(&self.writer)
-                .await?
-                .rows_affected();
-            total += n;
-            if n == 0 {
+            let mut tx = WriteTx::begin(&self.writer, &self.health).await?;
+            let rows = sqlx::query(&sql).bind(before).fetch_all(&mut *tx).await?;
+            if rows.is_empty() {
+                tx.commit().await?;
                 return Ok(total);
             }
+            let mut tally = Tally::default();
+            for row in &rows {
+                let pixel_id: String = row.try_get(0)?;
+                let state: String = row.try_get(1)?;
+                tally.state(&pixel_id, &state, -1);
+            }
+            add_tally(&mut tx, &tally).await?;
+            tx.commit().await?;
+            total += rows.len() as u64;
         }
+    }
+
+    /// The queries `/readyz`, `/metrics` and the dashboard's overview run on every call.
+    #[doc(hidden)]
+    #[must_use]
+    pub fn hot_queries(now: i64) -> Vec<super::HotQuery> {
+        [
+            ("stats", STATS_SQL),
+            ("activity", ACTIVITY_SQL),
+            ("recent_errors", RECENT_ERRORS_SQL),
+        ]
+        .into_iter()
+        .map(|(name, sql)| super::HotQuery {
+            name,
+            sql: sql.to_owned(),
+            params: super::hot_query_params(name, now),
+        })
+        .collect()
     }
 
     /// Opens (creating if needed) the database at `url` and applies migrations.
@@ -136,11 +190,15 @@ impl Store for SqliteStore {
             .await?;
         let mut results = Vec::with_capacity(events.len());
         let mut fresh = Vec::with_capacity(events.len());
+        let mut tally = Tally::default();
         for e in events {
             let key = (e.pixel_id.clone(), e.event_name.clone(), e.event_id.clone());
             // `remove`: a key repeated within this batch is fresh only the first time.
             if fresh_keys.remove(&key) {
                 fresh.push((next_id, e));
+                let state = if e.dry_run { "dry_run" } else { "queued" };
+                tally.state(&e.pixel_id, state, 1);
+                tally.activity(now, "accepted", 1);
                 results.push(Inserted {
                     outcome: if e.dry_run {
                         InsertOutcome::DryRun
@@ -190,6 +248,7 @@ impl Store for SqliteStore {
             });
             query.build().execute(&mut *tx).await?;
         }
+        add_tally(&mut tx, &tally).await?;
         tx.commit().await?;
         Ok(results)
     }
@@ -357,6 +416,7 @@ impl Store for SqliteStore {
             });
             query.build().execute(&mut *tx).await?;
         }
+        let mut tally = Tally::default();
         let mut delivered: BTreeMap<Option<&str>, Vec<i64>> = BTreeMap::new();
         for update in updates {
             if update.settlement == Settlement::Delivered {
@@ -379,7 +439,13 @@ impl Store for SqliteStore {
                 query.push_bind(*trace);
                 query.push(" where state = 'queued' and id in ");
                 push_id_list(&mut query, chunk);
-                query.build().execute(&mut *tx).await?;
+                query.push(" returning pixel_id");
+                for row in query.build().fetch_all(&mut *tx).await? {
+                    let pixel_id: String = row.try_get(0)?;
+                    tally.state(&pixel_id, "queued", -1);
+                    tally.state(&pixel_id, "delivered", 1);
+                    tally.activity(now, "delivered", 1);
+                }
             }
         }
         for update in updates {
@@ -397,14 +463,26 @@ impl Store for SqliteStore {
                 .bind(now)
                 .bind(next_attempt_at)
                 .bind(reason),
-                Settlement::Dead { reason } => sqlx::query(
-                    "update event set state = 'dead', leased_until = null, last_error = ?3,
-                        updated_at = ?2
-                     where id = ?1 and state = 'queued'",
-                )
-                .bind(update.row_id)
-                .bind(now)
-                .bind(reason),
+                Settlement::Dead { reason } => {
+                    let died = sqlx::query(
+                        "update event set state = 'dead', leased_until = null, last_error = ?3,
+                            updated_at = ?2
+                         where id = ?1 and state = 'queued'
+                         returning pixel_id",
+                    )
+                    .bind(update.row_id)
+                    .bind(now)
+                    .bind(reason)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    if let Some(row) = died {
+                        let pixel_id: String = row.try_get(0)?;
+                        tally.state(&pixel_id, "queued", -1);
+                        tally.state(&pixel_id, "dead", 1);
+                        tally.activity(now, "dead", 1);
+                    }
+                    continue;
+                }
                 Settlement::Release { reason } => sqlx::query(
                     "update event set leased_until = null, attempts = max(attempts - 1, 0),
                         next_attempt_at = ?2, last_error = ?3, updated_at = ?2
@@ -428,6 +506,7 @@ impl Store for SqliteStore {
             };
             query.execute(&mut *tx).await?;
         }
+        add_tally(&mut tx, &tally).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -498,6 +577,22 @@ impl Store for SqliteStore {
     }
 
     async fn requeue_dead(&self, filter: &ReplayFilter, now: i64) -> Result<u64, StoreError> {
+        let mut tx = WriteTx::begin(&self.writer, &self.health).await?;
+        // What leaves the dead counts (and the activity bucket each event died in) is read
+        // first, in the same transaction as the update: the writer is alone, so both see the
+        // same rows.
+        let mut query = QueryBuilder::new("select pixel_id, updated_at, count(*) from event");
+        push_replay_filter(&mut query, filter);
+        query.push(" group by pixel_id, updated_at");
+        let mut tally = Tally::default();
+        for row in query.build().fetch_all(&mut *tx).await? {
+            let pixel_id: String = row.try_get(0)?;
+            let died_at: i64 = row.try_get(1)?;
+            let n: i64 = row.try_get(2)?;
+            tally.state(&pixel_id, "dead", -n);
+            tally.state(&pixel_id, "queued", n);
+            tally.activity(died_at, "dead", -n);
+        }
         let mut query = QueryBuilder::new(
             "update event set state = 'queued', leased_until = null, attempts = 0, next_attempt_at = ",
         );
@@ -506,38 +601,15 @@ impl Store for SqliteStore {
         query.push_bind(now);
         // A replayed event gets a fresh 7-day window only if its event_time allows it; the
         // deadline stays, so an event Meta would refuse as too old dies again at once.
-        query.push(" where state = 'dead'");
-        if !filter.event_ids.is_empty() {
-            query.push(" and event_id in (");
-            let mut ids = query.separated(", ");
-            for id in &filter.event_ids {
-                ids.push_bind(id);
-            }
-            query.push(")");
-        }
-        if let Some(name) = &filter.event_name {
-            query.push(" and event_name = ");
-            query.push_bind(name);
-        }
-        if let Some(text) = &filter.reason_contains {
-            query.push(" and instr(coalesce(last_error, ''), ");
-            query.push_bind(text);
-            query.push(") > 0");
-        }
-        if let Some(reason) = &filter.reason {
-            query.push(" and coalesce(last_error, '') = ");
-            query.push_bind(reason);
-        }
-        let result = query.build().execute(&self.writer).await?;
+        push_replay_filter(&mut query, filter);
+        let result = query.build().execute(&mut *tx).await?;
+        add_tally(&mut tx, &tally).await?;
+        tx.commit().await?;
         Ok(result.rows_affected())
     }
 
     async fn stats(&self) -> Result<QueueStats, StoreError> {
-        let rows = sqlx::query(
-            "select state, pixel_id, count(*) as n, min(received_at) as oldest from event group by state, pixel_id",
-        )
-        .fetch_all(&self.reader)
-        .await?;
+        let rows = sqlx::query(STATS_SQL).fetch_all(&self.reader).await?;
         let counts = rows
             .iter()
             .map(|row| {
@@ -580,6 +652,28 @@ impl Store for SqliteStore {
                 now - retention.dead_ms,
             )
             .await?;
+        let parked = sqlx::query("delete from inbox where state = 'invalid' and updated_at < ?1")
+            .bind(now - retention.dead_ms)
+            .execute(&self.writer)
+            .await?
+            .rows_affected();
+        let counts_before = now - retention.counts_ms;
+        let day = counts_before.div_euclid(super::DAY_MS);
+        let counts = sqlx::query("delete from match_quality where day < ?1")
+            .bind(day)
+            .execute(&self.writer)
+            .await?
+            .rows_affected()
+            + sqlx::query("delete from match_quality_drop where day < ?1")
+                .bind(day)
+                .execute(&self.writer)
+                .await?
+                .rows_affected()
+            + sqlx::query("delete from event_tally where bucket > 0 and bucket < ?1")
+                .bind(counts_before)
+                .execute(&self.writer)
+                .await?
+                .rows_affected();
         let mut match_keys = 0;
         loop {
             let n = sqlx::query(
@@ -600,6 +694,8 @@ impl Store for SqliteStore {
             delivered,
             dead,
             match_keys,
+            parked,
+            counts,
         })
     }
 
@@ -882,21 +978,13 @@ impl Store for SqliteStore {
         bucket_ms: i64,
         buckets: usize,
     ) -> Result<Vec<ActivityBucket>, StoreError> {
-        // Each count walks an index on its own time column (received, delivered, died).
-        let rows = sqlx::query(
-            "select 0, (received_at - ?1) / ?2, count(*) from event
-             where received_at >= ?1 group by 2
-             union all
-             select 1, (delivered_at - ?1) / ?2, count(*) from event
-             where state = 'delivered' and delivered_at >= ?1 group by 2
-             union all
-             select 2, (updated_at - ?1) / ?2, count(*) from event
-             where state = 'dead' and updated_at >= ?1 group by 2",
-        )
-        .bind(since)
-        .bind(bucket_ms.max(1))
-        .fetch_all(&self.reader)
-        .await?;
+        let (since, bucket_ms, until) = activity_grid(since, bucket_ms, buckets);
+        let rows = sqlx::query(ACTIVITY_SQL)
+            .bind(since)
+            .bind(bucket_ms)
+            .bind(until)
+            .fetch_all(&self.reader)
+            .await?;
         let rows = rows
             .into_iter()
             .map(|row| Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)))
@@ -935,15 +1023,10 @@ impl Store for SqliteStore {
     }
 
     async fn recent_errors(&self, limit: usize) -> Result<Vec<RecentError>, StoreError> {
-        let rows = sqlx::query(
-            "select e.event_id, e.event_name, e.pixel_id, a.attempted_at, a.outcome,
-                a.http_status, a.code, a.subcode, a.fbtrace_id, a.error_title, a.error_message
-             from attempt as a join event as e on e.id = a.event_row_id
-             order by a.id desc limit ?1",
-        )
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_all(&self.reader)
-        .await?;
+        let rows = sqlx::query(RECENT_ERRORS_SQL)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.reader)
+            .await?;
         Ok(rows
             .iter()
             .map(DashboardRow::recent_error)
@@ -1028,6 +1111,55 @@ impl Store for SqliteStore {
             }
         }
         Ok(())
+    }
+}
+
+/// Adds `tally` to `event_tally` (shard 0: SQLite has one writer), inside the caller's
+/// transaction.
+async fn add_tally(conn: &mut SqliteConnection, tally: &Tally) -> Result<(), sqlx::Error> {
+    let rows: Vec<_> = tally.rows().collect();
+    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+        let mut query =
+            QueryBuilder::new("insert into event_tally (bucket, pixel_id, state, shard, n) ");
+        query.push_values(chunk, |mut row, (bucket, pixel_id, state, n)| {
+            row.push_bind(*bucket)
+                .push_bind(*pixel_id)
+                .push_bind(*state)
+                .push_bind(0_i64)
+                .push_bind(*n);
+        });
+        query.push(
+            " on conflict (bucket, pixel_id, state, shard)
+             do update set n = event_tally.n + excluded.n",
+        );
+        query.build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// ` where state = 'dead' and …`: the dead events `filter` selects.
+fn push_replay_filter<'q>(query: &mut QueryBuilder<'q, sqlx::Sqlite>, filter: &'q ReplayFilter) {
+    query.push(" where state = 'dead'");
+    if !filter.event_ids.is_empty() {
+        query.push(" and event_id in (");
+        let mut ids = query.separated(", ");
+        for id in &filter.event_ids {
+            ids.push_bind(id);
+        }
+        query.push(")");
+    }
+    if let Some(name) = &filter.event_name {
+        query.push(" and event_name = ");
+        query.push_bind(name);
+    }
+    if let Some(text) = &filter.reason_contains {
+        query.push(" and instr(coalesce(last_error, ''), ");
+        query.push_bind(text);
+        query.push(") > 0");
+    }
+    if let Some(reason) = &filter.reason {
+        query.push(" and coalesce(last_error, '') = ");
+        query.push_bind(reason);
     }
 }
 

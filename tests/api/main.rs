@@ -25,6 +25,7 @@ mod pixels;
 mod postgres;
 mod process;
 mod quality;
+mod scale;
 mod sockets;
 mod sources;
 mod storage_faults;

@@ -3,7 +3,7 @@
 //! database `TEST_DATABASE_URL` names (default: the local CI server). Postgres tests fail, never
 //! skip, when that server is not reachable.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use capi_bridge::store::{
@@ -47,7 +47,7 @@ async fn sqlite() -> (Arc<dyn Store>, tempfile::TempDir) {
     (store::open(&url, "capi_bridge").await.expect("open"), dir)
 }
 
-fn postgres_url() -> String {
+pub(crate) fn postgres_url() -> String {
     std::env::var("TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
 }
@@ -60,15 +60,15 @@ fn pooler_url() -> String {
 
 /// A Postgres schema of its own for one test, dropped with everything in it when the test ends
 /// (passed or failed), so tests run in parallel on one database.
-struct PostgresSchema {
+pub(crate) struct PostgresSchema {
     url: String,
-    name: String,
+    pub(crate) name: String,
 }
 
 impl PostgresSchema {
     /// Checks that the server answers (failing the test with a clear message if not) and
     /// picks a fresh schema name; the store creates the schema when it opens.
-    async fn new(url: String) -> Self {
+    pub(crate) async fn new(url: String) -> Self {
         let conn = PgConnection::connect(&url).await.unwrap_or_else(|e| {
             panic!(
                 "Postgres is not reachable at {url} ({e}). The store contract runs against a real \
@@ -82,7 +82,7 @@ impl PostgresSchema {
         Self { url, name }
     }
 
-    async fn open(&self) -> Arc<dyn Store> {
+    pub(crate) async fn open(&self) -> Arc<dyn Store> {
         store::open(&self.url, &self.name)
             .await
             .expect("open the Postgres store")
@@ -492,6 +492,7 @@ async fn check_retention_prunes_finished_events_and_expired_dedup_keys(store: &d
     let retention = Retention {
         delivered_ms: 30 * DAY,
         dead_ms: 90 * DAY,
+        counts_ms: 366 * DAY,
     };
     let mut dry = record("p-dry");
     dry.dry_run = true;
@@ -1007,22 +1008,24 @@ async fn check_dashboard_queries_count_list_group_and_replay(store: &dyn Store) 
     // One more, two buckets later.
     insert(store, &[record("d6")], T0 + 2 * FIVE_MIN + 1).await;
 
+    // Counted per five minutes of UTC: the answer starts at the bucket holding T0.
+    let start = T0 - T0.rem_euclid(FIVE_MIN);
     let activity = store.activity(T0, FIVE_MIN, 3).await.expect("activity");
     assert_eq!(
         activity,
         [
             ActivityBucket {
-                start: T0,
+                start,
                 accepted: 5,
                 delivered: 1,
                 dead: 2
             },
             ActivityBucket {
-                start: T0 + FIVE_MIN,
+                start: start + FIVE_MIN,
                 ..ActivityBucket::default()
             },
             ActivityBucket {
-                start: T0 + 2 * FIVE_MIN,
+                start: start + 2 * FIVE_MIN,
                 accepted: 1,
                 delivered: 0,
                 dead: 0
@@ -1222,6 +1225,455 @@ async fn check_dashboard_queries_count_list_group_and_replay(store: &dyn Store) 
     );
 }
 
+const DAY_MS: i64 = 24 * 60 * 60 * 1000;
+
+/// Per pixel `[queued, delivered, dead, dry_run]` and the oldest queued `received_at`, counted
+/// row by row from the event list (the rows themselves, not the kept counts).
+async fn counted_rows(store: &dyn Store, now: i64) -> BTreeMap<String, ([i64; 4], Option<i64>)> {
+    let rows = store
+        .list_events(
+            &EventQuery {
+                limit: 100_000,
+                ..EventQuery::default()
+            },
+            now,
+        )
+        .await
+        .expect("list");
+    let mut counted: BTreeMap<String, ([i64; 4], Option<i64>)> = BTreeMap::new();
+    for row in rows {
+        let entry = counted.entry(row.pixel_id).or_default();
+        let index = match row.state.as_str() {
+            "queued" | "delivering" | "failed" => 0,
+            "delivered" => 1,
+            "dead" => 2,
+            _ => 3,
+        };
+        entry.0[index] += 1;
+        if index == 0 {
+            entry.1 = Some(entry.1.map_or(row.received_at, |o| o.min(row.received_at)));
+        }
+    }
+    counted
+}
+
+/// `Store::stats` (kept counts) agrees with the rows, in total and per pixel, and the totals
+/// are `expected` (queued, delivered, dead, dry_run).
+async fn assert_counts(store: &dyn Store, now: i64, expected: (i64, i64, i64, i64), step: &str) {
+    let stats = store.stats().await.expect("stats");
+    let rows = counted_rows(store, now).await;
+    let total = |i: usize| rows.values().map(|(c, _)| c[i]).sum::<i64>();
+    assert_eq!(
+        (total(0), total(1), total(2), total(3)),
+        expected,
+        "{step}: the rows"
+    );
+    assert_eq!(
+        (stats.queued, stats.delivered, stats.dead, stats.dry_run),
+        expected,
+        "{step}: the counts"
+    );
+    assert_eq!(
+        stats.oldest_queued_at,
+        rows.values().filter_map(|(_, oldest)| *oldest).min(),
+        "{step}: oldest"
+    );
+    let from_stats: Vec<PixelQueue> = stats
+        .by_pixel
+        .into_iter()
+        .filter(|p| p.queued != 0 || p.dead != 0)
+        .collect();
+    let from_rows: Vec<PixelQueue> = rows
+        .into_iter()
+        .filter(|(_, (c, _))| c[0] != 0 || c[2] != 0)
+        .map(|(pixel_id, (c, oldest))| PixelQueue {
+            pixel_id,
+            queued: c[0],
+            dead: c[2],
+            oldest_queued_at: oldest,
+        })
+        .collect();
+    assert_eq!(from_stats, from_rows, "{step}: per pixel");
+}
+
+/// The counts `stats` and `activity` answer from are kept as events change: every transition
+/// (insert, duplicate, leased insert, delivered, dead, retry, release, a stale settlement of a
+/// row that is no longer queued, replay, retry now, pruning) leaves them equal to the rows.
+async fn check_counts_stay_exact_through_every_transition(store: &dyn Store) {
+    const FIVE_MIN: i64 = 5 * 60 * 1000;
+    let mut other = record("c-b1");
+    other.pixel_id = "999".to_owned();
+    let mut dry = record("c-dry");
+    dry.dry_run = true;
+    dry.pixel_id = String::new();
+    let outcomes = insert(
+        store,
+        &[
+            record("c-a1"),
+            record("c-a2"),
+            record("c-a3"),
+            record("c-a4"),
+            other,
+            record("c-a1"),
+            dry,
+        ],
+        T0,
+    )
+    .await;
+    assert_eq!(outcomes[5], InsertOutcome::Duplicate);
+    assert_eq!(
+        insert(store, &[record("c-a2")], T0 + 5).await,
+        [InsertOutcome::Duplicate]
+    );
+    assert_counts(store, T0, (5, 0, 0, 1), "inserted").await;
+    let mut leased = record("c-l1");
+    leased.lease_until = Some(T0 + 1000);
+    let leased_row = store
+        .insert_events(&[leased], T0 + 10)
+        .await
+        .expect("insert leased")[0]
+        .row_id
+        .expect("row");
+    assert_counts(store, T0 + 20, (6, 0, 0, 1), "inserted leased").await;
+
+    let claimed = store
+        .claim_due(PIXEL, 10, T0 + 20, T0 + 1000)
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), 4);
+    let id = |event_id: &str| {
+        claimed
+            .iter()
+            .find(|c| c.event_id == event_id)
+            .map(|c| c.row_id)
+            .expect("claimed")
+    };
+    let dead = |row_id: i64| EventUpdate {
+        row_id,
+        settlement: Settlement::Dead {
+            reason: "meta error 100: bad".to_owned(),
+        },
+        attempt: None,
+    };
+    let delivered = |row_id: i64| EventUpdate {
+        row_id,
+        settlement: Settlement::Delivered,
+        attempt: None,
+    };
+    let updates = vec![
+        delivered(id("c-a1")),
+        dead(id("c-a2")),
+        EventUpdate {
+            row_id: id("c-a3"),
+            settlement: Settlement::Retry {
+                next_attempt_at: T0 + 5000,
+                reason: "http 500".to_owned(),
+            },
+            attempt: None,
+        },
+        EventUpdate {
+            row_id: id("c-a4"),
+            settlement: Settlement::Release {
+                reason: "pixel paused".to_owned(),
+            },
+            attempt: None,
+        },
+    ];
+    store.settle(&updates, T0 + 100).await.expect("settle");
+    assert_counts(store, T0 + 200, (4, 1, 1, 1), "settled").await;
+    // A worker whose lease ran out settles rows that are no longer queued: nothing changes.
+    store
+        .settle(&[dead(id("c-a1")), delivered(id("c-a2"))], T0 + 150)
+        .await
+        .expect("stale settle");
+    assert_counts(store, T0 + 200, (4, 1, 1, 1), "stale settlement").await;
+    store
+        .settle(&[delivered(leased_row)], T0 + 160)
+        .await
+        .expect("settle the handed-off one");
+    assert_counts(store, T0 + 200, (3, 2, 1, 1), "handed-off delivered").await;
+    let bucket = |at: i64| async move {
+        store
+            .activity(at, FIVE_MIN, 1)
+            .await
+            .expect("activity")
+            .remove(0)
+    };
+    let first = bucket(T0).await;
+    assert_eq!((first.accepted, first.delivered, first.dead), (7, 2, 1));
+
+    // Replays: a filter matching nothing, then the dashboard's replay by exact reason.
+    let none = ReplayFilter {
+        event_name: Some("Purchase".to_owned()),
+        ..ReplayFilter::default()
+    };
+    assert_eq!(
+        store.requeue_dead(&none, T0 + 300).await.expect("replay"),
+        0
+    );
+    assert_counts(store, T0 + 300, (3, 2, 1, 1), "replay of nothing").await;
+    let exact = ReplayFilter {
+        reason: Some("meta error 100: bad".to_owned()),
+        ..ReplayFilter::default()
+    };
+    assert_eq!(
+        store.requeue_dead(&exact, T0 + 300).await.expect("replay"),
+        1
+    );
+    assert_counts(store, T0 + 300, (4, 2, 0, 1), "replayed").await;
+    assert_eq!(
+        bucket(T0).await.dead,
+        0,
+        "a replayed event is no longer dead"
+    );
+    assert_eq!(
+        store.retry_now("c-a3", T0 + 400).await.expect("retry now"),
+        1
+    );
+    assert_counts(store, T0 + 400, (4, 2, 0, 1), "retried now").await;
+
+    // It dies again, later.
+    let later = T0 + 3 * FIVE_MIN;
+    let again = store
+        .claim_due(PIXEL, 10, later, later + 1000)
+        .await
+        .expect("claim");
+    let a2 = again
+        .iter()
+        .find(|c| c.event_id == "c-a2")
+        .expect("replayed one claimed");
+    store
+        .settle(&[dead(a2.row_id)], later)
+        .await
+        .expect("settle");
+    assert_eq!(bucket(later).await.dead, 1);
+    let released: Vec<EventUpdate> = again
+        .iter()
+        .filter(|c| c.event_id != "c-a2")
+        .map(|c| EventUpdate {
+            row_id: c.row_id,
+            settlement: Settlement::Release {
+                reason: "pixel paused".to_owned(),
+            },
+            attempt: None,
+        })
+        .collect();
+    store.settle(&released, later).await.expect("release");
+    assert_counts(store, later, (3, 2, 1, 1), "dead again").await;
+
+    // Pruning: delivered and dry-run first, then the dead; the queued stay.
+    let retention = Retention {
+        delivered_ms: 2 * DAY_MS,
+        dead_ms: 10 * DAY_MS,
+        counts_ms: 366 * DAY_MS,
+    };
+    let pruned = store
+        .prune(T0 + 3 * DAY_MS, &retention)
+        .await
+        .expect("prune");
+    assert_eq!((pruned.delivered, pruned.dead), (3, 0));
+    assert_counts(store, T0 + 3 * DAY_MS, (3, 0, 1, 0), "pruned delivered").await;
+    let pruned = store
+        .prune(T0 + 11 * DAY_MS, &retention)
+        .await
+        .expect("prune");
+    assert_eq!(pruned.dead, 1);
+    assert_counts(store, T0 + 11 * DAY_MS, (3, 0, 0, 0), "pruned dead").await;
+    // What happened stays counted in its bucket until the counts' own retention.
+    assert_eq!(bucket(T0).await.accepted, 7);
+}
+
+/// Match-quality counts, activity counts and parked payloads do not grow without bound: they
+/// are pruned per `retention.counts_ms` (and parked payloads per `retention.dead_ms`).
+async fn check_retention_prunes_old_counts_and_parked_payloads(store: &dyn Store) {
+    let retention = Retention {
+        counts_ms: 30 * DAY_MS,
+        ..Retention::default()
+    };
+    let today = T0.div_euclid(DAY_MS);
+    let count = |day: i64| QualityCount {
+        day,
+        pixel_id: PIXEL.to_owned(),
+        event_name: "Lead".to_owned(),
+        events: 1,
+        ..QualityCount::default()
+    };
+    let drop = |day: i64| DropCount {
+        day,
+        pixel_id: PIXEL.to_owned(),
+        event_name: "Lead".to_owned(),
+        field: "ph".to_owned(),
+        reason: "not a valid phone number".to_owned(),
+        count: 1,
+    };
+    store
+        .count_match_quality(
+            &[count(today - 40), count(today - 29), count(today)],
+            &[drop(today - 40), drop(today)],
+        )
+        .await
+        .expect("count");
+    // An event accepted 40 days ago (still queued: events waiting are never pruned).
+    let old = T0 - 40 * DAY_MS;
+    insert(store, &[record("old-1")], old).await;
+    let accepted_then = || async move {
+        store
+            .activity(old, 5 * 60 * 1000, 1)
+            .await
+            .expect("activity")[0]
+            .accepted
+    };
+    assert_eq!(accepted_then().await, 1);
+    // Two payloads parked: 100 days ago and yesterday.
+    let mut parked = Vec::new();
+    for at in [T0 - 100 * DAY_MS, T0 - DAY_MS] {
+        let id = store
+            .enqueue_inbox("sql", &serde_json::json!({"event_name": "Lead"}), at)
+            .await
+            .expect("enqueue");
+        store.claim_inbox(10, at, at + 1000).await.expect("claim");
+        store
+            .finish_inbox(&[], &[(id, serde_json::json!([]))], at)
+            .await
+            .expect("park");
+        parked.push(id);
+    }
+
+    let pruned = store.prune(T0, &retention).await.expect("prune");
+    assert_eq!(pruned.parked, 1);
+    assert!(pruned.counts >= 3, "{pruned:?}");
+    let (counts, drops) = store.match_quality(0).await.expect("quality");
+    assert_eq!(
+        counts.iter().map(|c| c.day).collect::<Vec<_>>(),
+        [today - 29, today]
+    );
+    assert_eq!(drops.iter().map(|d| d.day).collect::<Vec<_>>(), [today]);
+    assert_eq!(accepted_then().await, 0);
+    assert!(store.find_event("old-1", T0).await.expect("find").is_some());
+    let kept: Vec<i64> = store
+        .parked_payloads(10)
+        .await
+        .expect("parked")
+        .into_iter()
+        .map(|p| p.id)
+        .collect();
+    assert_eq!(kept, [parked[1]]);
+}
+
+/// Three instances (three stores on one schema) insert overlapping events (so some are
+/// duplicates across instances), claim, settle with every outcome, replay and prune at the
+/// same time: the kept counts end equal to the rows, counted by SQL.
+async fn check_counts_stay_exact_under_concurrent_instances(url: String) {
+    let schema = PostgresSchema::new(url.clone()).await;
+    let stores = [
+        schema.open().await,
+        schema.open().await,
+        schema.open().await,
+    ];
+    let worker = |n: usize, store: Arc<dyn Store>| {
+        tokio::spawn(async move {
+            for round in 0..8 {
+                let now = T0 + i64::try_from(round).expect("small") * 1000;
+                // Instance n shares half of its ids with instance n + 1.
+                let records: Vec<_> = (0..40)
+                    .map(|i| {
+                        let mut r = record(&format!("k-{}-{}", (n * 40 + i) / 2, round));
+                        if i % 7 == 0 {
+                            r.pixel_id = "999".to_owned();
+                        }
+                        r
+                    })
+                    .collect();
+                store.insert_events(&records, now).await.expect("insert");
+                for pixel in [PIXEL, "999"] {
+                    let claimed = store
+                        .claim_due(pixel, 15, now, now + 60_000)
+                        .await
+                        .expect("claim");
+                    let updates: Vec<EventUpdate> = claimed
+                        .iter()
+                        .enumerate()
+                        .map(|(i, c)| EventUpdate {
+                            row_id: c.row_id,
+                            settlement: match i % 4 {
+                                0 | 1 => Settlement::Delivered,
+                                2 => Settlement::Dead {
+                                    reason: "meta error 100: bad".to_owned(),
+                                },
+                                _ => Settlement::Release {
+                                    reason: "pixel paused".to_owned(),
+                                },
+                            },
+                            attempt: None,
+                        })
+                        .collect();
+                    store.settle(&updates, now + 10).await.expect("settle");
+                }
+                if round % 3 == n % 3 {
+                    store
+                        .requeue_dead(&ReplayFilter::default(), now + 20)
+                        .await
+                        .expect("replay");
+                }
+                if round == 6 {
+                    let retention = Retention {
+                        delivered_ms: 2 * DAY_MS,
+                        ..Retention::default()
+                    };
+                    // Only events delivered in the first rounds are old enough.
+                    store
+                        .prune(T0 + 2 * DAY_MS + 3500, &retention)
+                        .await
+                        .expect("prune");
+                }
+            }
+        })
+    };
+    let tasks: Vec<_> = stores
+        .iter()
+        .enumerate()
+        .map(|(n, s)| worker(n, s.clone()))
+        .collect();
+    for task in tasks {
+        task.await.expect("worker");
+    }
+    let mut conn = PgConnection::connect(&url).await.expect("connect");
+    let rows: Vec<(String, String, i64)> = sqlx::query_as(&format!(
+        "select pixel_id, state, count(*) from \"{}\".event group by 1, 2",
+        schema.name
+    ))
+    .fetch_all(&mut conn)
+    .await
+    .expect("count rows");
+    conn.close().await.expect("close");
+    let total = |state: &str| -> i64 { rows.iter().filter(|r| r.1 == state).map(|r| r.2).sum() };
+    let stats = stores[0].stats().await.expect("stats");
+    assert!(total("delivered") > 0 && total("queued") > 0, "{rows:?}");
+    assert_eq!(
+        (stats.queued, stats.delivered, stats.dead, stats.dry_run),
+        (
+            total("queued"),
+            total("delivered"),
+            total("dead"),
+            total("dry_run")
+        ),
+        "{rows:?}"
+    );
+    for pixel in &stats.by_pixel {
+        let of = |state: &str| -> i64 {
+            rows.iter()
+                .filter(|r| r.0 == pixel.pixel_id && r.1 == state)
+                .map(|r| r.2)
+                .sum()
+        };
+        assert_eq!(
+            (pixel.queued, pixel.dead),
+            (of("queued"), of("dead")),
+            "{rows:?}"
+        );
+    }
+}
+
 macro_rules! store_contract {
     ($($check:ident),* $(,)?) => {
         mod sqlite_store {
@@ -1247,6 +1699,12 @@ macro_rules! store_contract {
             async fn concurrent_claims_from_two_instances_take_each_event_once() {
                 super::check_concurrent_claims_take_each_event_once(super::postgres_url()).await;
             }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn counts_stay_exact_under_concurrent_instances() {
+                super::check_counts_stay_exact_under_concurrent_instances(super::postgres_url())
+                    .await;
+            }
         }
 
         /// The same suite through a transaction-mode pooler, where named prepared statements
@@ -1264,6 +1722,12 @@ macro_rules! store_contract {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn concurrent_claims_from_two_instances_take_each_event_once() {
                 super::check_concurrent_claims_take_each_event_once(super::pooler_url()).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn counts_stay_exact_under_concurrent_instances() {
+                super::check_counts_stay_exact_under_concurrent_instances(super::pooler_url())
+                    .await;
             }
         }
     };
@@ -1284,4 +1748,6 @@ store_contract!(
     check_expired_match_keys_are_not_recalled_and_are_pruned,
     check_dashboard_queries_count_list_group_and_replay,
     check_match_quality_counts_add_up_per_day_pixel_and_name,
+    check_counts_stay_exact_through_every_transition,
+    check_retention_prunes_old_counts_and_parked_payloads,
 );
