@@ -1096,8 +1096,12 @@ impl Store for SqliteStore {
             let probe = async {
                 let mut tx = WriteTx::begin(&self.writer, &self.health).await?;
                 sqlx::query(
-                    "insert into write_probe (id, written_at) values (1, ?1)
-                     on conflict (id) do update set written_at = excluded.written_at",
+                    // 64 KiB, about what a commit of a few requests writes: a write of a few
+                    // bytes can fit in WAL space SQLite already holds while real commits fail.
+                    "insert into write_probe (id, written_at, padding)
+                     values (1, ?1, randomblob(65536))
+                     on conflict (id) do update
+                     set written_at = excluded.written_at, padding = excluded.padding",
                 )
                 .bind(chrono::Utc::now().timestamp_millis())
                 .execute(&mut *tx)
